@@ -1,0 +1,70 @@
+"""Quickstart: a PyTorch MLP on scikit-learn's digits, quantized after training,
+compiled to an encrypted circuit, checked in the simulator and run encrypted.
+
+Run: python examples/quickstart_torch.py [--n-bits 4] [--samples 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+
+from fhe_quant.torch import compile_torch_model
+
+
+def train_mlp(x: np.ndarray, y: np.ndarray, epochs: int = 60, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(x.shape[1], 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 10),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(xt)).split(64):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[batch]), yt[batch]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n-bits", type=int, default=4)
+    parser.add_argument("--samples", type=int, default=3, help="samples to run encrypted")
+    args = parser.parse_args()
+
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0)
+    scaler = StandardScaler().fit(x_train)
+    x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
+
+    model = train_mlp(x_train, y_train)
+    start = time.perf_counter()
+    qm = compile_torch_model(model, x_train, n_bits=args.n_bits, verbose=True)
+    print(f"compiled in {time.perf_counter() - start:.1f} s")
+    print(qm.report(x_test, y_test, fhe="simulate"))
+
+    print(f"\nkey generation: {qm.keygen(verbose=True):.1f} s")
+    clear = qm.forward(x_test[: args.samples], fhe="disable").argmax(1)
+    for i in range(args.samples):
+        start = time.perf_counter()
+        out = qm.forward(x_test[i : i + 1], fhe="execute")
+        elapsed = time.perf_counter() - start
+        print(
+            f"sample {i}: encrypted prediction {out.argmax(1)[0]} (clear {clear[i]}, "
+            f"label {y_test[i]}) in {elapsed:.2f} s"
+        )
+
+
+if __name__ == "__main__":
+    main()

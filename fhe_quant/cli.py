@@ -1,0 +1,100 @@
+"""The ``fhe-quant`` command line.
+
+``fhe-quant report`` quantizes a PyTorch model (a module class named by its import path
+plus a ``torch.save``'d state dict) on calibration data from a ``.npy`` file, compiles
+it, and prints its report: accuracy in clear, quantized and simulated FHE (when labels
+are given), bits per layer and PBS count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fhe_quant import __version__
+from fhe_quant.errors import FHEQuantError
+
+__all__ = ["main", "build_parser"]
+
+
+def _load_module(spec: str, state: str | None, kwargs: Sequence[str]) -> Any:
+    import torch
+
+    if ":" not in spec:
+        raise SystemExit(f"--module must look like 'package.module:ClassName', got {spec!r}")
+    module_name, attr = spec.split(":", 1)
+    sys.path.insert(0, ".")
+    factory = getattr(importlib.import_module(module_name), attr)
+    parsed = {}
+    for item in kwargs:
+        key, _, value = item.partition("=")
+        parsed[key] = int(value) if value.lstrip("-").isdigit() else value
+    model = factory(**parsed)
+    if state:
+        # NOTE: weights_only=True reads tensors only: no code from the file runs.
+        model.load_state_dict(torch.load(state, weights_only=True))
+    return model.eval()
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fhe_quant.torch import compile_torch_model
+
+    model = _load_module(args.module, args.state, args.kwarg)
+    x = np.load(args.calib)
+    qm = compile_torch_model(
+        model, x, n_bits=args.n_bits, rounding_bits=args.rounding_bits, verbose=not args.quiet
+    )
+    x_eval = np.load(args.data) if args.data else x
+    y = np.load(args.labels) if args.labels else None
+    report = qm.report(
+        x_eval if y is not None else None, y, fhe="disable" if args.no_simulate else "simulate"
+    )
+    print(report)
+    if args.program:
+        print("\n" + report.program)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fhe-quant", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--version", action="version", version=f"fhe-quant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rep = sub.add_parser("report", help="quantize + compile a torch model and print its report")
+    rep.add_argument(
+        "--module", required=True, help="import path of the module class or factory, 'pkg.mod:Name'"
+    )
+    rep.add_argument(
+        "--kwarg", action="append", default=[], help="constructor argument key=value (repeatable)"
+    )
+    rep.add_argument("--state", help="state dict saved with torch.save(model.state_dict())")
+    rep.add_argument("--calib", required=True, help=".npy calibration inputs (N, ...)")
+    rep.add_argument("--data", help=".npy evaluation inputs (defaults to --calib)")
+    rep.add_argument("--labels", help=".npy labels of the evaluation inputs")
+    rep.add_argument("--n-bits", type=int, default=6)
+    rep.add_argument("--rounding-bits", type=int, default=None)
+    rep.add_argument("--no-simulate", action="store_true", help="skip the FHE simulation")
+    rep.add_argument("--program", action="store_true", help="print the integer program")
+    rep.add_argument("--quiet", action="store_true", help="no progress bars")
+    rep.set_defaults(func=_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``fhe-quant`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FHEQuantError as exc:
+        print(f"fhe-quant: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,64 @@
+"""Errors raised by fhe_quant: one type per kind of mistake.
+
+Every message says what is wrong, where (the layer or parameter), what was expected
+and what was received, so that a user can fix the call without reading our code.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "FHEQuantError",
+    "UnsupportedOpError",
+    "TraceError",
+    "NotFittedError",
+    "NotCompiledError",
+    "InputError",
+    "RangeError",
+    "ParameterError",
+]
+
+
+class FHEQuantError(Exception):
+    """Base class of every error fhe_quant raises on purpose."""
+
+
+class UnsupportedOpError(FHEQuantError, NotImplementedError):
+    """An operation or layer option that fhe_quant cannot compile.
+
+    Args:
+        op: the operation's name (e.g. ``"torch.nn.LSTM"`` or ``"padding_mode='reflect'"``).
+        where: where it sits in the model (module path or traced node name).
+        hint: how to get around it, if there is a way.
+    """
+
+    def __init__(self, op: str, where: str, hint: str = "") -> None:
+        self.op = op
+        self.where = where
+        message = f"Unsupported operation {op!r} at {where!r}."
+        if hint:
+            message += f" {hint}"
+        super().__init__(message)
+
+
+class TraceError(FHEQuantError):
+    """The model could not be traced into a graph (dynamic control flow, bad module)."""
+
+
+class NotFittedError(FHEQuantError, ValueError):
+    """A model was used before it was fitted or calibrated."""
+
+
+class NotCompiledError(FHEQuantError, RuntimeError):
+    """An FHE mode that needs a circuit was asked for before ``compile``."""
+
+
+class InputError(FHEQuantError, ValueError):
+    """Input data with the wrong shape, dtype, or with NaN/inf values."""
+
+
+class RangeError(FHEQuantError, ValueError):
+    """A proven integer range does not fit where it must (table input, field, ...)."""
+
+
+class ParameterError(FHEQuantError, ValueError):
+    """A user-facing parameter out of its allowed set of values."""

@@ -1,0 +1,469 @@
+"""PyTorch frontend: trace a ``torch.nn.Module`` with torch.fx into a float :class:`Graph`.
+
+Only this module (and the public :mod:`fhe_quant.torch`) imports torch. The module is
+traced symbolically (``torch.fx.symbolic_trace``), shapes are propagated with one
+calibration sample, and every traced node is translated by one of three small tables
+below (modules, functions, methods). Anything else raises
+:class:`~fhe_quant.errors.UnsupportedOpError` with the node's place in the model, before
+anything is compiled. The translated graph is then checked against the module's own
+eval-mode output, so that a mistranslation can never pass silently.
+"""
+
+from __future__ import annotations
+
+import copy
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from fhe_quant.errors import TraceError, UnsupportedOpError
+from fhe_quant.ir import Graph, Node
+
+__all__ = ["trace_module"]
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+# --------------------------------------------------------------------- module translations
+# Each returns (op, attrs, params) for the traced call of a module instance.
+
+ModuleRule = Callable[[Any], tuple[str, dict[str, Any], dict[str, np.ndarray]]]
+
+
+def _linear(m: nn.Linear) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+    params = {"weight": _np(m.weight)}
+    if m.bias is not None:
+        params["bias"] = _np(m.bias)
+    return "linear", {}, params
+
+
+def _batchnorm(m: nn.BatchNorm1d) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+    if m.running_mean is None or m.running_var is None:
+        raise ValueError("track_running_stats=False")
+    scale = _np(m.weight) if m.weight is not None else np.ones(m.num_features)
+    shift = _np(m.bias) if m.bias is not None else np.zeros(m.num_features)
+    scale = scale / np.sqrt(_np(m.running_var) + m.eps)
+    shift = shift - _np(m.running_mean) * scale
+    return "affine", {}, {"scale": scale, "shift": shift}
+
+
+_MODULES: dict[type, ModuleRule] = {
+    nn.Linear: _linear,
+    nn.BatchNorm1d: _batchnorm,
+    nn.Identity: lambda m: ("identity", {}, {}),
+    nn.Dropout: lambda m: ("identity", {}, {}),
+    nn.Flatten: lambda m: ("reshape", {}, {}),
+    nn.Unflatten: lambda m: ("reshape", {}, {}),
+    nn.ReLU: lambda m: ("relu", {}, {}),
+    nn.ReLU6: lambda m: ("relu6", {}, {}),
+    nn.LeakyReLU: lambda m: ("leaky_relu", {"negative_slope": float(m.negative_slope)}, {}),
+    nn.PReLU: lambda m: ("prelu", {}, {"weight": _np(m.weight)}),
+    nn.Sigmoid: lambda m: ("sigmoid", {}, {}),
+    nn.Tanh: lambda m: ("tanh", {}, {}),
+    nn.GELU: lambda m: ("gelu", {"approximate": m.approximate}, {}),
+    nn.SiLU: lambda m: ("silu", {}, {}),
+    nn.Hardtanh: lambda m: (
+        "hardtanh",
+        {"min_val": float(m.min_val), "max_val": float(m.max_val)},
+        {},
+    ),
+    nn.Hardswish: lambda m: ("hardswish", {}, {}),
+    nn.Hardsigmoid: lambda m: ("hardsigmoid", {}, {}),
+    nn.ELU: lambda m: ("elu", {"alpha": float(m.alpha)}, {}),
+    nn.Softplus: lambda m: (
+        "softplus",
+        {"beta": float(m.beta), "threshold": float(m.threshold)},
+        {},
+    ),
+}
+# NOTE: nn.ReLU6 subclasses nn.Hardtanh; lookups use the exact type, so order is irrelevant.
+
+# Functions and tensor methods that are activations, with the kwargs we read and defaults.
+_ACTIVATION_FUNCTIONS: dict[Any, tuple[str, dict[str, Any]]] = {
+    F.relu: ("relu", {}),
+    torch.relu: ("relu", {}),
+    F.relu6: ("relu6", {}),
+    F.leaky_relu: ("leaky_relu", {"negative_slope": 0.01}),
+    torch.sigmoid: ("sigmoid", {}),
+    F.sigmoid: ("sigmoid", {}),
+    torch.tanh: ("tanh", {}),
+    F.tanh: ("tanh", {}),
+    F.gelu: ("gelu", {"approximate": "none"}),
+    F.silu: ("silu", {}),
+    F.hardtanh: ("hardtanh", {"min_val": -1.0, "max_val": 1.0}),
+    F.hardswish: ("hardswish", {}),
+    F.hardsigmoid: ("hardsigmoid", {}),
+    F.elu: ("elu", {"alpha": 1.0}),
+    F.softplus: ("softplus", {"beta": 1.0, "threshold": 20.0}),
+}
+_ACTIVATION_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "relu": ("relu", {}),
+    "sigmoid": ("sigmoid", {}),
+    "tanh": ("tanh", {}),
+}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
+_RESHAPE_METHODS = {"view", "reshape", "flatten"}
+_IDENTITY_FUNCTIONS = {F.dropout}
+_IDENTITY_METHODS = {"contiguous", "clone", "detach"}
+_ARITHMETIC = {
+    operator.add: "add",
+    torch.add: "add",
+    operator.sub: "sub",
+    torch.sub: "sub",
+    operator.mul: "mul",
+    torch.mul: "mul",
+    operator.truediv: "div",
+    torch.div: "div",
+    operator.neg: "neg",
+    torch.neg: "neg",
+}
+_ARITHMETIC_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "neg": "neg"}
+# Nodes that only compute shapes for a reshape (x.size(0), x.shape[1], ...).
+_SHAPE_ONLY_METHODS = {"size", "dim"}
+
+
+def _where(node: torch.fx.Node, module: nn.Module) -> str:
+    if node.op == "call_module":
+        sub = module.get_submodule(str(node.target))
+        return f"{node.target} ({type(sub).__name__})"
+    target = getattr(node.target, "__name__", str(node.target))
+    return f"{node.name} ({node.op} {target})"
+
+
+class _Translator:
+    """Walks the fx graph once and builds our nodes."""
+
+    def __init__(self, module: nn.Module, gm: torch.fx.GraphModule) -> None:
+        self.module = module
+        self.gm = gm
+        self.nodes: list[Node] = []
+        self.names: dict[torch.fx.Node, str] = {}  # fx node -> our node producing its tensor
+        self.constants: dict[torch.fx.Node, Any] = {}  # fx nodes that are clear constants
+
+    # -- helpers
+    def add(
+        self,
+        fx_node: torch.fx.Node,
+        op: str,
+        inputs: tuple[torch.fx.Node, ...],
+        attrs: dict[str, Any] | None = None,
+        params: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        where = _where(fx_node, self.module)
+        node = Node(
+            fx_node.name, op, tuple(self.names[i] for i in inputs), attrs or {}, params or {}, where
+        )
+        self.nodes.append(node)
+        self.names[fx_node] = node.name
+
+    def out_shape(self, fx_node: torch.fx.Node) -> tuple[int, ...]:
+        meta = fx_node.meta.get("tensor_meta")
+        if meta is None or not hasattr(meta, "shape"):
+            raise UnsupportedOpError(
+                str(fx_node.target),
+                _where(fx_node, self.module),
+                "Its output is not a single tensor.",
+            )
+        return tuple(int(d) for d in meta.shape)
+
+    def is_tensor(self, arg: Any) -> bool:
+        return isinstance(arg, torch.fx.Node) and arg in self.names
+
+    def constant_value(self, arg: Any) -> np.ndarray | None:
+        if isinstance(arg, (int, float)) and not isinstance(arg, bool):
+            return np.array(float(arg))
+        if isinstance(arg, torch.fx.Node) and arg in self.constants:
+            return np.asarray(self.constants[arg], dtype=np.float64)
+        return None
+
+    # -- translation of each fx node
+    def translate(self, fx_node: torch.fx.Node) -> None:
+        where = _where(fx_node, self.module)
+        if fx_node.op == "placeholder":
+            if self.nodes:
+                raise UnsupportedOpError(
+                    "a second model input", where, "Models must take exactly one tensor."
+                )
+            self.nodes.append(Node(fx_node.name, "input", (), {}, {}, where))
+            self.names[fx_node] = fx_node.name
+        elif fx_node.op == "get_attr":
+            value: Any = self.gm
+            for part in str(fx_node.target).split("."):
+                value = getattr(value, part)
+            self.constants[fx_node] = _np(value) if isinstance(value, torch.Tensor) else value
+        elif fx_node.op == "call_module":
+            self.translate_module(fx_node, where)
+        elif fx_node.op in ("call_function", "call_method"):
+            self.translate_call(fx_node, where)
+        elif fx_node.op == "output":
+            pass
+        else:  # pragma: no cover - fx has no other node kinds
+            raise UnsupportedOpError(fx_node.op, where)
+
+    def translate_module(self, fx_node: torch.fx.Node, where: str) -> None:
+        sub = self.module.get_submodule(str(fx_node.target))
+        rule = _MODULES.get(type(sub))
+        if rule is None:
+            raise UnsupportedOpError(
+                f"torch.nn.{type(sub).__name__}", where, _hint_for(type(sub).__name__)
+            )
+        try:
+            op, attrs, params = rule(sub)
+        except ValueError as exc:
+            raise UnsupportedOpError(f"{type(sub).__name__}({exc})", where) from None
+        inputs = self.tensor_args(fx_node, where)
+        if op == "reshape":
+            attrs = {"shape": self.out_shape(fx_node)[1:]}
+        if op == "affine":
+            self.add_affine(fx_node, inputs[0], params["scale"], params["shift"])
+            return
+        self.add(fx_node, op, inputs, attrs, params)
+
+    def add_affine(
+        self, fx_node: torch.fx.Node, source: torch.fx.Node, scale: np.ndarray, shift: np.ndarray
+    ) -> None:
+        # NOTE: a per-channel affine map (batch norm) along axis 1, as mul then add.
+        ndim = len(self.out_shape(fx_node))
+        shape = (-1,) + (1,) * (ndim - 2)
+        mul = Node(
+            f"{fx_node.name}_scale",
+            "mul_const",
+            (self.names[source],),
+            {},
+            {"constant": scale.reshape(shape)},
+            _where(fx_node, self.module),
+        )
+        self.nodes.append(mul)
+        add = Node(
+            fx_node.name,
+            "add_const",
+            (mul.name,),
+            {},
+            {"constant": shift.reshape(shape)},
+            _where(fx_node, self.module),
+        )
+        self.nodes.append(add)
+        self.names[fx_node] = add.name
+
+    def tensor_args(self, fx_node: torch.fx.Node, where: str) -> tuple[torch.fx.Node, ...]:
+        tensors = tuple(a for a in fx_node.args if self.is_tensor(a))
+        if len(tensors) != 1:
+            raise UnsupportedOpError(
+                str(fx_node.target), where, f"Expected one tensor input, got {len(tensors)}."
+            )
+        return tensors
+
+    def translate_call(self, fx_node: torch.fx.Node, where: str) -> None:
+        target = fx_node.target
+        is_method = fx_node.op == "call_method"
+        args = fx_node.args
+        if (is_method and target in _SHAPE_ONLY_METHODS) or target is getattr:
+            return  # x.size(0), x.shape: only feed reshapes, whose shapes come from ShapeProp
+        if not any(self.is_tensor(a) for a in args):
+            self.translate_constant_call(fx_node, where)
+            return
+        if (not is_method and target in _ACTIVATION_FUNCTIONS) or (
+            is_method and target in _ACTIVATION_METHODS
+        ):
+            op, defaults = (
+                _ACTIVATION_METHODS[target]
+                if is_method  # type: ignore[index]
+                else _ACTIVATION_FUNCTIONS[target]
+            )
+            attrs = dict(defaults)
+            names = list(defaults)
+            for i, value in enumerate(args[1 : len(names) + 1]):
+                attrs[names[i]] = value
+            for key in names:
+                if key in fx_node.kwargs:
+                    attrs[key] = fx_node.kwargs[key]
+            attrs = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in attrs.items()}
+            self.add(fx_node, op, (args[0],), attrs)  # type: ignore[arg-type]
+        elif (not is_method and target in _RESHAPE_FUNCTIONS) or (
+            is_method and target in _RESHAPE_METHODS
+        ):
+            shape = self.out_shape(fx_node)
+            source = args[0]
+            if not self.is_tensor(source) or not shape or shape[0] != self.batch_dim(source):
+                raise UnsupportedOpError(
+                    str(target), where, "Reshapes must keep the batch dimension first."
+                )
+            self.add(fx_node, "reshape", (source,), {"shape": shape[1:]})  # type: ignore[arg-type]
+        elif (not is_method and target in _IDENTITY_FUNCTIONS) or (
+            is_method and target in _IDENTITY_METHODS
+        ):
+            self.add(fx_node, "identity", (args[0],))  # type: ignore[arg-type]
+        elif (not is_method and target in _ARITHMETIC) or (
+            is_method and target in _ARITHMETIC_METHODS
+        ):
+            kind = _ARITHMETIC_METHODS[target] if is_method else _ARITHMETIC[target]  # type: ignore[index]
+            self.translate_arithmetic(fx_node, kind, where)
+        elif target == F.linear:
+            weight = self.constant_value(args[1] if len(args) > 1 else fx_node.kwargs["weight"])
+            bias_arg = args[2] if len(args) > 2 else fx_node.kwargs.get("bias")
+            bias = None if bias_arg is None else self.constant_value(bias_arg)
+            if weight is None or (bias_arg is not None and bias is None):
+                raise UnsupportedOpError("F.linear with an encrypted weight", where)
+            params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+            self.add(fx_node, "linear", (args[0],), {}, params)  # type: ignore[arg-type]
+        else:
+            name = target if isinstance(target, str) else getattr(target, "__name__", target)
+            raise UnsupportedOpError(str(name), where, _hint_for(str(name)))
+
+    def batch_dim(self, fx_node: torch.fx.Node) -> int:
+        return self.out_shape(fx_node)[0]
+
+    def translate_constant_call(self, fx_node: torch.fx.Node, where: str) -> None:
+        # Calls on constants or shapes only (x.size(0), weight * 2): evaluated now when
+        # they are constants, skipped when they only feed reshapes.
+        if fx_node.target is operator.getitem:
+            return
+        values = [
+            self.constants.get(a, a) if isinstance(a, torch.fx.Node) else a for a in fx_node.args
+        ]
+        fn = fx_node.target
+        try:
+            tensors = [torch.as_tensor(v) if isinstance(v, np.ndarray) else v for v in values]
+            result = getattr(tensors[0], fn)(*tensors[1:]) if isinstance(fn, str) else fn(*tensors)  # type: ignore[operator]
+        except Exception as exc:
+            raise UnsupportedOpError(str(fn), where, f"Could not fold a constant: {exc}") from None
+        self.constants[fx_node] = _np(result) if isinstance(result, torch.Tensor) else result
+
+    def translate_arithmetic(self, fx_node: torch.fx.Node, kind: str, where: str) -> None:
+        args = list(fx_node.args)
+        if kind == "neg":
+            self.add(fx_node, "mul_const", (args[0],), {}, {"constant": np.array(-1.0)})
+            return
+        if len(args) != 2:
+            raise UnsupportedOpError(kind, where)
+        tensor_first = self.is_tensor(args[0])
+        tensor_arg, other = (args[0], args[1]) if tensor_first else (args[1], args[0])
+        value = self.constant_value(other)
+        if value is None:
+            raise UnsupportedOpError(
+                f"{kind} of two encrypted tensors",
+                where,
+                "Residual connections and products of two activations are not supported "
+                "yet; only a constant operand is.",
+            )
+        alpha = fx_node.kwargs.get("alpha", 1)
+        if kind == "add":
+            op, constant = "add_const", value * alpha
+        elif kind == "sub" and tensor_first:
+            op, constant = "add_const", -value * alpha
+        elif kind == "mul":
+            op, constant = "mul_const", value
+        elif kind == "div" and tensor_first:
+            op, constant = "mul_const", 1.0 / value
+        else:  # constant - x or constant / x
+            if kind == "sub":
+                mul = Node(
+                    f"{fx_node.name}_neg",
+                    "mul_const",
+                    (self.names[tensor_arg],),
+                    {},
+                    {"constant": np.array(-1.0)},
+                    where,
+                )
+                self.nodes.append(mul)
+                self.nodes.append(
+                    Node(fx_node.name, "add_const", (mul.name,), {}, {"constant": value}, where)
+                )
+                self.names[fx_node] = fx_node.name
+                return
+            raise UnsupportedOpError("division by an encrypted tensor", where)
+        self.add(fx_node, op, (tensor_arg,), {}, {"constant": constant})
+
+
+def _hint_for(name: str) -> str:
+    if "Conv" in name or "Pool" in name or "BatchNorm2d" in name:
+        return "Convolutional layers are not supported yet (only fully connected networks)."
+    if "Softmax" in name or "softmax" in name:
+        return (
+            "Remove the softmax from the module: argmax of the logits is the same, and "
+            "the client can apply softmax after decryption."
+        )
+    return "See the supported layers in the fhe_quant.frontends.torch module documentation."
+
+
+def trace_module(module: nn.Module, sample: np.ndarray) -> Graph:
+    """Trace ``module`` into a float :class:`Graph`.
+
+    Args:
+        module: a trained ``torch.nn.Module`` with one tensor input. It is not modified
+            (a copy is traced in eval mode).
+        sample: a float batch of inputs of shape ``(N, *input_shape)``, used to
+            propagate shapes and to check the translation.
+
+    Returns:
+        The float graph, checked to agree with the module's eval-mode output.
+
+    Raises:
+        TraceError: the module cannot be traced symbolically.
+        UnsupportedOpError: a layer or function is not supported (named, with its place).
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"Expected a torch.nn.Module, got {type(module).__name__}.")
+    model = copy.deepcopy(module).eval().double()
+    try:
+        gm = torch.fx.symbolic_trace(model)
+    except Exception as exc:
+        raise TraceError(
+            f"torch.fx could not trace {type(module).__name__}: {exc}. Models with "
+            "data-dependent control flow must be rewritten without it."
+        ) from exc
+    x = torch.as_tensor(np.asarray(sample[:2], dtype=np.float64))
+    try:
+        ShapeProp(gm).propagate(x)
+    except Exception as exc:
+        root: BaseException = exc
+        while root.__cause__ is not None:
+            root = root.__cause__
+        raise TraceError(
+            f"Running {type(module).__name__} on calibration data of shape {sample.shape} "
+            f"failed: {root}. Check that the data has the shape the model expects."
+        ) from exc
+    translator = _Translator(model, gm)
+    output: Any = None
+    for fx_node in gm.graph.nodes:
+        translator.translate(fx_node)
+        if fx_node.op == "output":
+            output = fx_node.args[0]
+    if not isinstance(output, torch.fx.Node) or output not in translator.names:
+        raise UnsupportedOpError(
+            "a non-tensor or multiple outputs", "output", "The model must return a single tensor."
+        )
+    graph = Graph(
+        tuple(translator.nodes),
+        translator.nodes[0].name,
+        translator.names[output],
+        tuple(sample.shape[1:]),
+    )
+    _check_translation(model, graph, sample)
+    return graph
+
+
+def _check_translation(model: nn.Module, graph: Graph, sample: np.ndarray) -> None:
+    x = np.asarray(sample[:64], dtype=np.float64)
+    with torch.no_grad():
+        expected = model(torch.as_tensor(x)).numpy()
+    got = graph(x)
+    if got.shape != expected.shape:
+        difference = f"shape {got.shape} instead of {expected.shape}"
+    elif not np.allclose(got, expected, rtol=1e-6, atol=1e-8):
+        difference = f"max abs difference {np.max(np.abs(got - expected)):.3g}"
+    else:
+        return
+    raise TraceError(
+        f"The traced graph does not reproduce the module's output ({difference}); an "
+        "operation was translated wrongly. Please report this with your model."
+    )

@@ -1,0 +1,226 @@
+"""The compiled model every frontend returns: client pre/post-processing around an
+integer program and its Concrete circuit.
+
+The pipeline, top to bottom (:func:`build_quantized_module`)::
+
+    Graph --simplify--> Graph --quantize_graph--> QuantizedGraph --lower--> IntegerProgram
+          --compile_program--> FHECircuit
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fhe_quant.errors import InputError, NotCompiledError, ParameterError
+from fhe_quant.fhe import FHECircuit, check_fhe_mode, compile_program
+from fhe_quant.ir import Graph, Node
+from fhe_quant.lower import IntegerProgram, LinearStep, TableStep, lower
+from fhe_quant.passes import simplify
+from fhe_quant.quant.config import QuantConfig
+from fhe_quant.quant.ptq import QuantizedGraph, check_calibration_data, quantize_graph
+
+__all__ = ["QuantizedModule", "build_quantized_module", "make_config", "MAX_INPUTSET"]
+
+#: Calibration samples handed to Concrete for tracing (bit widths come from proofs).
+MAX_INPUTSET = 32
+
+
+def make_config(n_bits: Any, **kwargs: Any) -> QuantConfig:
+    """A :class:`QuantConfig` from user arguments; errors become :class:`ParameterError`."""
+    try:
+        return QuantConfig.from_n_bits(n_bits, **kwargs)
+    except ValueError as exc:
+        raise ParameterError(str(exc)) from None
+
+
+def _run_chain(nodes: tuple[Node, ...], value: np.ndarray) -> np.ndarray:
+    for node in nodes:
+        value = node.evaluate(value)
+    return value
+
+
+class QuantizedModule:
+    """A quantized, compiled model.
+
+    ``forward(x, fhe=...)`` takes float inputs and returns float outputs; in between,
+    the client quantizes (clipping to the calibrated range), the integer program runs
+    in clear, in Concrete's simulator, or encrypted, and the client dequantizes the last
+    layer's accumulator and applies any elementwise operations after it.
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        quantized: QuantizedGraph,
+        program: IntegerProgram,
+        circuit: FHECircuit | None = None,
+    ) -> None:
+        self.graph = graph
+        self.quantized = quantized
+        self.program = program
+        self._circuit = circuit
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one float input sample."""
+        return self.graph.input_shape
+
+    @property
+    def fhe_circuit(self) -> FHECircuit:
+        if self._circuit is None:
+            raise NotCompiledError(
+                "This model has no FHE circuit yet: call compile() before using "
+                "fhe='simulate' or fhe='execute' (fhe='disable' works without it)."
+            )
+        return self._circuit
+
+    @property
+    def circuit(self) -> Any:
+        """The ``concrete.fhe.Circuit``."""
+        return self.fhe_circuit.circuit
+
+    @property
+    def statistics(self) -> dict[str, Any]:
+        """PBS count, max bit width, and per-layer accumulator and table widths."""
+        layers = []
+        for step in self.program.steps:
+            if isinstance(step, LinearStep):
+                layers.append(
+                    {
+                        "layer": step.name,
+                        "accumulator_bits": step.acc_bits,
+                        "accumulator_max": int(step.acc_max.max()),
+                    }
+                )
+            elif isinstance(step, TableStep):
+                layers[-1].update(
+                    {
+                        "truncated_bits": step.lsbs,
+                        "table_input_bits": step.index_bits,
+                        "table_output_bits": step.out_bits,
+                        "lookups": int(step.table.shape[0]),
+                    }
+                )
+        stats: dict[str, Any] = {"layers": layers, "input_bits": self.program.input_bits}
+        if self._circuit is not None:
+            s = self._circuit.statistics
+            stats.update(
+                pbs_count=s.pbs_count,
+                max_bit_width=s.max_bit_width,
+                pbs_per_precision=dict(s.pbs_per_precision),
+                compile_seconds=s.compile_seconds,
+                keygen_seconds=s.keygen_seconds,
+                complexity=s.complexity,
+            )
+        return stats
+
+    # ------------------------------------------------------------------ client side
+    def check_input(self, x: Any, what: str = "input") -> np.ndarray:
+        """Validate a float batch ``(N, *input_shape)``; returns it as float64."""
+        if hasattr(x, "detach") and hasattr(x, "numpy"):  # a torch tensor
+            x = x.detach().cpu().numpy()
+        array = np.asarray(x)
+        if array.dtype.kind not in "biuf":
+            raise InputError(f"The {what} must hold numbers; got dtype {array.dtype} instead.")
+        return check_calibration_data(array, self.input_shape, what)
+
+    def quantize_input(self, x: Any) -> np.ndarray:
+        """Client side: float batch -> unsigned integers in ``[0, qmax]`` (clipped)."""
+        x = self.check_input(x)
+        values = _run_chain(self.quantized.pre, x)
+        return self.program.input_quantizer.quantize(values).astype(np.int64)
+
+    def dequantize_output(self, acc: np.ndarray) -> np.ndarray:
+        """Client side: last accumulator -> float output (with the post-processing)."""
+        real = self.program.output_step.dequantize(acc)
+        return _run_chain(self.quantized.post, real)
+
+    # ------------------------------------------------------------------ inference
+    def forward(self, x: Any, fhe: str = "disable", verbose: bool = False) -> np.ndarray:
+        """Float in, float out, through the integer program in the given ``fhe`` mode."""
+        check_fhe_mode(fhe)
+        q = self.quantize_input(x)
+        if fhe == "disable":
+            acc = np.asarray(self.program(q), dtype=np.int64)
+        else:
+            acc = self.fhe_circuit.run(q, fhe, verbose=verbose)
+        return self.dequantize_output(acc)
+
+    __call__ = forward
+
+    def forward_integers(self, x: Any, fhe: str = "disable", verbose: bool = False) -> np.ndarray:
+        """The raw integer output (last accumulator) of the program for float inputs."""
+        check_fhe_mode(fhe)
+        q = self.quantize_input(x)
+        if fhe == "disable":
+            return np.asarray(self.program(q), dtype=np.int64)
+        return self.fhe_circuit.run(q, fhe, verbose=verbose)
+
+    def float_forward(self, x: Any) -> np.ndarray:
+        """The float model (as traced) on ``x``."""
+        return self.graph(self.check_input(x))
+
+    # ------------------------------------------------------------------ compilation
+    def compile(
+        self,
+        x_calib: Any,
+        *,
+        p_error: float | None = None,
+        global_p_error: float | None = None,
+        verbose: bool = False,
+    ) -> FHECircuit:
+        """Compile the integer program with Concrete (replaces any previous circuit)."""
+        q = self.quantize_input(x_calib)[:MAX_INPUTSET]
+        self._circuit = compile_program(
+            self.program, q, p_error=p_error, global_p_error=global_p_error, verbose=verbose
+        )
+        return self._circuit
+
+    def keygen(self, verbose: bool = False) -> float:
+        """Generate keys now (else the first ``fhe="execute"`` does); returns seconds."""
+        with tqdm(total=1, desc="Key generation", disable=not verbose, leave=False) as bar:
+            seconds = self.fhe_circuit.keygen()
+            bar.update(1)
+        return seconds
+
+    def report(
+        self, x: Any = None, y: Any = None, *, fhe: str = "simulate", metric: str | None = None
+    ) -> Any:
+        """A :class:`~fhe_quant.report.Report`: accuracy (when given data), bits, PBS."""
+        from fhe_quant.report import build_report
+
+        return build_report(self, x, y, fhe=fhe, metric=metric)
+
+
+def build_quantized_module(
+    graph: Graph,
+    x_calib: np.ndarray,
+    config: QuantConfig,
+    *,
+    compile: bool = True,
+    p_error: float | None = None,
+    global_p_error: float | None = None,
+    verbose: bool = False,
+) -> QuantizedModule:
+    """Run the whole pipeline on a float graph (see the module docstring)."""
+    stages = ["simplify", "quantize", "lower"] + (["compile"] if compile else [])
+    with tqdm(total=len(stages), desc="fhe_quant", disable=not verbose, leave=False) as bar:
+        bar.set_postfix_str("simplify")
+        graph = simplify(graph)
+        bar.update(1)
+        bar.set_postfix_str("quantize")
+        quantized = quantize_graph(graph, x_calib, config)
+        bar.update(1)
+        bar.set_postfix_str("lower")
+        program = lower(quantized)
+        bar.update(1)
+        module = QuantizedModule(graph, quantized, program)
+        if compile:
+            bar.set_postfix_str("compile")
+            module.compile(x_calib, p_error=p_error, global_p_error=global_p_error, verbose=False)
+            bar.update(1)
+    return module

@@ -1,0 +1,125 @@
+"""Float graph passes, each a pure ``Graph -> Graph`` function, run in the order of
+:data:`FLOAT_PASSES` before quantization.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from fhe_quant.errors import UnsupportedOpError
+from fhe_quant.ir import Graph, Node
+
+__all__ = [
+    "remove_identities",
+    "fold_affine_into_linear",
+    "check_chain",
+    "FLOAT_PASSES",
+    "simplify",
+]
+
+
+def _rewire(nodes: list[Node], old: str, new: str) -> list[Node]:
+    return [
+        Node(
+            n.name,
+            n.op,
+            tuple(new if i == old else i for i in n.inputs),
+            n.attrs,
+            n.params,
+            n.source,
+        )
+        if old in n.inputs
+        else n
+        for n in nodes
+    ]
+
+
+def remove_identities(graph: Graph) -> Graph:
+    """Drop identity nodes (dropout, ``nn.Identity``) and reshapes that change nothing."""
+    nodes = list(graph.nodes)
+    output = graph.output_name
+    shapes = {name: value.shape[1:] for name, value in graph.run(_probe(graph)).items()}
+    for original in graph.nodes:
+        node = next(n for n in nodes if n.name == original.name)  # inputs may be rewired
+        same_shape = node.op == "reshape" and shapes[node.name] == shapes[node.inputs[0]]
+        if node.op == "identity" or same_shape:
+            nodes = _rewire([n for n in nodes if n.name != node.name], node.name, node.inputs[0])
+            if output == node.name:
+                output = node.inputs[0]
+    return graph.replace(nodes, output)
+
+
+def _per_output_constant(constant: np.ndarray, n_out: int) -> np.ndarray | None:
+    """The constant as a vector over a linear layer's outputs, if it broadcasts that way."""
+    if constant.size == 1:
+        return np.full(n_out, constant.item())
+    if constant.ndim >= 1 and constant.shape[-1] == n_out and constant.size == n_out:
+        return constant.reshape(n_out)
+    return None
+
+
+def fold_affine_into_linear(graph: Graph) -> Graph:
+    """Fold ``mul_const`` / ``add_const`` (batch norm, scalings) into the linear layer
+    before them, when that layer feeds only them and the constant is per output."""
+    nodes = list(graph.nodes)
+    output = graph.output_name
+    changed = True
+    while changed:
+        changed = False
+        by_name = {n.name: n for n in nodes}
+        for node in nodes:
+            if node.op not in ("mul_const", "add_const"):
+                continue
+            prev = by_name[node.inputs[0]]
+            users = [n for n in nodes if prev.name in n.inputs]
+            if prev.op != "linear" or len(users) != 1 or prev.name == output:
+                continue
+            weight = prev.params["weight"]
+            n_out = weight.shape[0]
+            vector = _per_output_constant(node.params["constant"], n_out)
+            if vector is None:
+                continue
+            bias = prev.params.get("bias", np.zeros(n_out))
+            if node.op == "mul_const":
+                params = {"weight": weight * vector[:, None], "bias": bias * vector}
+            else:
+                params = {"weight": weight, "bias": bias + vector}
+            merged = Node(node.name, "linear", prev.inputs, prev.attrs, params, prev.source)
+            nodes = [merged if n.name == node.name else n for n in nodes if n.name != prev.name]
+            changed = True
+            break
+    return graph.replace(nodes, output)
+
+
+def check_chain(graph: Graph) -> Graph:
+    """Refuse graphs that are not a single chain (branches come with residual support)."""
+    for node in graph.nodes:
+        users = graph.users(node.name)
+        if len(users) > 1:
+            raise UnsupportedOpError(
+                f"a tensor read by {len(users)} operations",
+                node.source or node.name,
+                "Branching graphs (residual connections) are not supported yet.",
+            )
+    return graph
+
+
+def _probe(graph: Graph) -> np.ndarray:
+    return np.zeros((1,) + graph.input_shape)
+
+
+#: The float passes, in the order they run.
+FLOAT_PASSES: tuple[Callable[[Graph], Graph], ...] = (
+    remove_identities,
+    fold_affine_into_linear,
+    check_chain,
+)
+
+
+def simplify(graph: Graph) -> Graph:
+    """Run :data:`FLOAT_PASSES` in order; the result computes the same function."""
+    for graph_pass in FLOAT_PASSES:
+        graph = graph_pass(graph)
+    return graph

@@ -1,0 +1,224 @@
+"""Quantization settings: bit widths per tensor role, calibration and rounding options.
+
+Examples:
+    >>> config = QuantConfig.from_n_bits({"weights": 4, "activations": 5})
+    >>> (config.n_bits_inputs, config.n_bits_weights, config.n_bits_activations,
+    ...  config.n_bits_outputs)
+    (5, 4, 5, 5)
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+
+from fhe_quant.quant.calibrate import CALIBRATION_METHODS
+from fhe_quant.quant.quantizer import MAX_BITS
+
+__all__ = ["MAX_ROUNDING_BITS", "ROLES", "QuantConfig"]
+
+#: Tensor roles that get their own bit width, in the order of the ``n_bits_*`` fields.
+ROLES = ("inputs", "weights", "activations", "outputs")
+
+#: Widest table input allowed for ``rounding_bits``.
+MAX_ROUNDING_BITS = 16
+
+_OWNER = "QuantConfig"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_)
+
+
+def _check_bits(value: Any, name: str, high: int = MAX_BITS) -> int:
+    if not _is_int(value) or not 1 <= int(value) <= high:
+        raise ValueError(
+            f"The {name!r} parameter of {_OWNER} must be an int in [1, {high}]. "
+            f"Got {value!r} instead."
+        )
+    return int(value)
+
+
+def _check_bool(value: Any, name: str) -> bool:
+    if not isinstance(value, bool | np.bool_):
+        raise ValueError(
+            f"The {name!r} parameter of {_OWNER} must be a bool. Got {value!r} instead."
+        )
+    return bool(value)
+
+
+def _n_bits_error(value: Any) -> ValueError:
+    keys = "{" + ", ".join(repr(role) for role in ROLES) + "}"
+    return ValueError(
+        f"The 'n_bits' parameter must be an int in [1, {MAX_BITS}] or a dict with keys "
+        f"{keys}. Got {value!r} instead."
+    )
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How a model is quantized.
+
+    Attributes:
+        n_bits_inputs: bits of the quantized model inputs (1 to 8).
+        n_bits_weights: bits of the weights of every linear layer but the last (1 to 8).
+        n_bits_activations: bits of the activations between layers (1 to 8).
+        n_bits_outputs: bits of the final layer's weights, which set the precision of
+            the model outputs (1 to 8).
+        per_channel: one weight scale per output channel (instead of one per layer).
+        per_channel_activations: one scale and range per feature for every tensor that
+            enters a linear layer (the scales fold into that layer's weights, and the
+            tables produce per-feature codes at no extra cost in FHE).
+        calibration: how activation ranges are calibrated, one of
+            :data:`~fhe_quant.quant.calibrate.CALIBRATION_METHODS`.
+        rounding_bits: input width of every table lookup, 1 to 16; the accumulator's
+            low bits are rounded away down to it. ``None`` chooses it automatically.
+        rounding_exact: round exactly (``True``) or allow the cheaper approximate
+            rounding (``False``).
+
+    Examples:
+        >>> QuantConfig().n_bits_outputs
+        8
+        >>> QuantConfig(n_bits_weights=9)
+        Traceback (most recent call last):
+        ...
+        ValueError: The 'n_bits_weights' parameter of QuantConfig must be an int in [1, 8]. \
+Got 9 instead.
+    """
+
+    n_bits_inputs: int = 6
+    n_bits_weights: int = 6
+    n_bits_activations: int = 6
+    n_bits_outputs: int = 8
+    per_channel: bool = True
+    per_channel_activations: bool = True
+    calibration: str = "minmax"
+    rounding_bits: int | None = None
+    rounding_exact: bool = True
+
+    def __post_init__(self) -> None:
+        for role in ROLES:
+            name = f"n_bits_{role}"
+            object.__setattr__(self, name, _check_bits(getattr(self, name), name))
+        object.__setattr__(self, "per_channel", _check_bool(self.per_channel, "per_channel"))
+        object.__setattr__(
+            self,
+            "per_channel_activations",
+            _check_bool(self.per_channel_activations, "per_channel_activations"),
+        )
+        if not isinstance(self.calibration, str) or self.calibration not in CALIBRATION_METHODS:
+            raise ValueError(
+                f"The 'calibration' parameter of {_OWNER} must be one of "
+                f"{', '.join(repr(m) for m in CALIBRATION_METHODS)}. "
+                f"Got {self.calibration!r} instead."
+            )
+        if self.rounding_bits is not None:
+            object.__setattr__(
+                self,
+                "rounding_bits",
+                _check_bits(self.rounding_bits, "rounding_bits", MAX_ROUNDING_BITS),
+            )
+        object.__setattr__(
+            self, "rounding_exact", _check_bool(self.rounding_exact, "rounding_exact")
+        )
+
+    def n_bits(self, role: str) -> int:
+        """The bit width of a role in :data:`ROLES`.
+
+        Examples:
+            >>> QuantConfig().n_bits("outputs")
+            8
+        """
+        if role not in ROLES:
+            raise ValueError(
+                f"The 'role' parameter must be one of {', '.join(map(repr, ROLES))}. "
+                f"Got {role!r} instead."
+            )
+        return int(getattr(self, f"n_bits_{role}"))
+
+    @classmethod
+    def from_n_bits(cls, n_bits: int | Mapping[str, int], **kwargs: Any) -> QuantConfig:
+        """A config from user-facing ``n_bits`` plus the other fields.
+
+        Args:
+            n_bits: an int sets all four roles; a dict with keys from :data:`ROLES` sets
+                those roles, and the missing ones take the dict's ``"activations"`` value
+                if present, else the field defaults.
+            **kwargs: the other fields (``per_channel``, ``calibration``,
+                ``rounding_bits``, ``rounding_exact``).
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ValueError: ``n_bits`` of the wrong type or out of range, an unknown dict key,
+                an unknown or ``n_bits_*`` keyword, or an invalid field.
+
+        Examples:
+            >>> QuantConfig.from_n_bits(4).n_bits_outputs
+            4
+            >>> QuantConfig.from_n_bits({"weights": 3}).n_bits_outputs
+            8
+        """
+        other = [f.name for f in fields(cls) if not f.name.startswith("n_bits_")]
+        unknown = sorted(key for key in kwargs if key not in other)
+        if unknown:
+            raise ValueError(
+                f"QuantConfig.from_n_bits got unexpected keyword arguments {unknown}; "
+                f"valid ones are {other} (bit widths go in 'n_bits')."
+            )
+        if isinstance(n_bits, Mapping):
+            bad = [key for key in n_bits if key not in ROLES]
+            if bad:
+                raise ValueError(
+                    f"The 'n_bits' parameter has an unknown key {bad[0]!r}; valid keys are "
+                    f"{', '.join(repr(role) for role in ROLES)}."
+                )
+            for role, value in n_bits.items():
+                if not _is_int(value) or not 1 <= int(value) <= MAX_BITS:
+                    raise ValueError(
+                        f"The 'n_bits' parameter's {role!r} entry must be an int in "
+                        f"[1, {MAX_BITS}]. Got {value!r} instead."
+                    )
+            values = {role: int(value) for role, value in n_bits.items()}
+            if "activations" in values:
+                values = {role: values.get(role, values["activations"]) for role in ROLES}
+        elif _is_int(n_bits) and 1 <= int(n_bits) <= MAX_BITS:
+            values = dict.fromkeys(ROLES, int(n_bits))
+        else:
+            raise _n_bits_error(n_bits)
+        return cls(**{f"n_bits_{role}": value for role, value in values.items()}, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields as a JSON-serialisable dict.
+
+        Examples:
+            >>> QuantConfig().to_dict()["calibration"]
+            'minmax'
+        """
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> QuantConfig:
+        """Rebuild a config from :meth:`to_dict` output; missing keys take the defaults.
+
+        Raises:
+            ValueError: unknown keys or invalid values.
+
+        Examples:
+            >>> QuantConfig.from_dict(QuantConfig(per_channel=False).to_dict()).per_channel
+            False
+        """
+        if not isinstance(data, Mapping):
+            raise ValueError(f"QuantConfig.from_dict needs a dict. Got {data!r} instead.")
+        names = [f.name for f in fields(cls)]
+        unknown = sorted(str(key) for key in data if key not in names)
+        if unknown:
+            raise ValueError(
+                f"QuantConfig.from_dict got unknown keys {unknown}; valid keys are {names}."
+            )
+        return cls(**dict(data))

@@ -1,0 +1,165 @@
+"""What a compiled model costs and how accurate it is: float vs quantized vs FHE.
+
+The report compares, on data the user passes:
+
+* ``float``: the traced float model;
+* ``quantized (full tables)``: the integer program with tables over the whole
+  accumulator, i.e. quantization alone;
+* ``quantized``: the integer program as compiled (``fhe="disable"``), which adds the
+  effect of dropping accumulator bits before each table;
+* ``simulate`` (or ``execute``): Concrete's circuit, which must equal ``quantized``.
+
+The estimated latency multiplies the circuit's lookups by per-lookup costs measured on
+a 2-core machine with concrete-python 2.11 (many lookups per circuit); it is a guide,
+``benchmarks/`` holds measurements.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fhe_quant.errors import InputError, ParameterError
+
+if TYPE_CHECKING:
+    from fhe_quant.model import QuantizedModule
+
+__all__ = ["Report", "build_report", "estimate_latency", "score", "PBS_SECONDS"]
+
+#: Seconds per lookup by input bit width, measured with 64 lookups per circuit on a
+#: 2-core machine (concrete-python 2.11); 1-bit entries are the exact bit drops.
+PBS_SECONDS: dict[int, float] = {
+    1: 0.011,
+    2: 0.008,
+    3: 0.008,
+    4: 0.009,
+    5: 0.011,
+    6: 0.045,
+    7: 0.110,
+    8: 0.340,
+}
+
+
+def estimate_latency(pbs_per_precision: dict[int, int]) -> float:
+    """Estimated seconds per sample from lookups per bit width.
+
+    Examples:
+        >>> round(estimate_latency({1: 10, 5: 2}), 3)
+        0.132
+    """
+    total = 0.0
+    for bits, count in pbs_per_precision.items():
+        per = PBS_SECONDS.get(bits, PBS_SECONDS[8] * 3.0 ** max(0, bits - 8))
+        total += per * count
+    return total
+
+
+def score(output: np.ndarray, y: np.ndarray, metric: str) -> float:
+    """``accuracy`` (argmax, or threshold 0 for one column) or ``r2``."""
+    y = np.asarray(y)
+    if metric == "accuracy":
+        pred = (
+            (output.reshape(len(output), -1)[:, 0] > 0).astype(int)
+            if output.reshape(len(output), -1).shape[1] == 1
+            else output.argmax(axis=1)
+        )
+        return float(np.mean(pred == y.reshape(-1)))
+    if metric == "r2":
+        out = output.reshape(y.shape)
+        ss_res = float(np.sum((y - out) ** 2))
+        ss_tot = float(np.sum((y - y.mean(axis=0)) ** 2))
+        return 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")
+    raise ParameterError(f"The 'metric' parameter must be 'accuracy' or 'r2'. Got {metric!r}.")
+
+
+@dataclass
+class Report:
+    """A compiled model's accuracy and cost (see the module docstring)."""
+
+    metric: str | None
+    scores: dict[str, float]
+    layers: list[dict[str, Any]]
+    input_bits: int
+    pbs_count: int | None
+    max_bit_width: int | None
+    pbs_per_precision: dict[int, int] = field(default_factory=dict)
+    estimated_latency_seconds: float | None = None
+    program: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def __str__(self) -> str:
+        lines = ["fhe_quant report", "================"]
+        if self.metric:
+            lines.append(f"{self.metric}:")
+            for name, value in self.scores.items():
+                lines.append(f"  {name:<26}{value:.4f}")
+        lines.append(f"input bits: {self.input_bits}")
+        header = (
+            f"{'layer':<20}{'acc bits':>9}{'dropped':>9}{'table in':>9}{'table out':>10}"
+            f"{'lookups':>9}"
+        )
+        lines += ["", header, "-" * len(header)]
+        for layer in self.layers:
+            lines.append(
+                f"{layer['layer'][:19]:<20}{layer['accumulator_bits']:>9}"
+                f"{layer.get('truncated_bits', '-'):>9}{layer.get('table_input_bits', '-'):>9}"
+                f"{layer.get('table_output_bits', '-'):>10}{layer.get('lookups', 0):>9}"
+            )
+        lines.append("(last layer: accumulator decrypted and dequantized by the client)")
+        if self.pbs_count is not None:
+            lines += [
+                "",
+                f"PBS per sample: {self.pbs_count}  (by width: "
+                f"{dict(sorted(self.pbs_per_precision.items()))})",
+                f"max bit width: {self.max_bit_width}",
+                f"estimated latency: {self.estimated_latency_seconds:.2f} s/sample (2 cores)",
+            ]
+        return "\n".join(lines)
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython
+        printer.text(str(self))
+
+
+def build_report(
+    model: QuantizedModule,
+    x: Any = None,
+    y: Any = None,
+    *,
+    fhe: str = "simulate",
+    metric: str | None = None,
+) -> Report:
+    """Build the :class:`Report` of ``model``; scores need ``x`` and ``y``."""
+    stats = model.statistics
+    scores: dict[str, float] = {}
+    if (x is None) != (y is None):
+        raise InputError("report() needs both x and y to compute scores, or neither.")
+    if x is not None:
+        x = model.check_input(x)
+        y = np.asarray(y)
+        if len(y) != len(x):
+            raise InputError(f"x has {len(x)} samples but y has {len(y)}.")
+        if metric is None:
+            metric = "accuracy" if y.dtype.kind in "iub" else "r2"
+        scores["float"] = score(model.float_forward(x), y, metric)
+        q = model.quantize_input(x)
+        full = model.program.run_without_rounding(q)
+        scores["quantized (full tables)"] = score(model.dequantize_output(full), y, metric)
+        scores["quantized"] = score(model.forward(x, fhe="disable"), y, metric)
+        if fhe != "disable" and model._circuit is not None:
+            scores[fhe] = score(model.forward(x, fhe=fhe), y, metric)
+    per_precision = stats.get("pbs_per_precision", {})
+    return Report(
+        metric=metric,
+        scores=scores,
+        layers=stats["layers"],
+        input_bits=stats["input_bits"],
+        pbs_count=stats.get("pbs_count"),
+        max_bit_width=stats.get("max_bit_width"),
+        pbs_per_precision=per_precision,
+        estimated_latency_seconds=estimate_latency(per_precision) if per_precision else None,
+        program=model.program.source(),
+    )

@@ -1,0 +1,83 @@
+"""Public PyTorch API: post-training quantization and compilation of a ``torch.nn.Module``.
+
+Examples:
+    >>> import numpy as np, torch
+    >>> from fhe_quant.torch import compile_torch_model
+    >>> _ = torch.manual_seed(0)
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> x = np.random.default_rng(0).normal(size=(100, 4))
+    >>> qm = compile_torch_model(net, x, n_bits=4, compile=False)
+    >>> qm.forward(x[:3], fhe="disable").shape
+    (3, 2)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from fhe_quant.frontends.torch import trace_module
+from fhe_quant.model import QuantizedModule, build_quantized_module, make_config
+from fhe_quant.quant.ptq import check_calibration_data
+
+__all__ = ["compile_torch_model", "QuantizedModule"]
+
+
+def compile_torch_model(
+    module: Any,
+    X_calib: Any,
+    n_bits: int | dict[str, int] = 6,
+    *,
+    rounding_bits: int | None = None,
+    per_channel: bool = True,
+    calibration: str = "minmax",
+    p_error: float | None = None,
+    global_p_error: float | None = None,
+    compile: bool = True,
+    verbose: bool = False,
+) -> QuantizedModule:
+    """Quantize a trained module after training and compile it for encrypted inference.
+
+    Args:
+        module: a trained ``torch.nn.Module`` taking one tensor (not modified).
+        X_calib: representative inputs ``(N, *input_shape)`` (NumPy or torch); they set
+            the quantization ranges, and inputs outside them are clipped.
+        n_bits: bits for every role, or a dict with keys ``inputs``, ``weights``,
+            ``activations``, ``outputs`` (the last layer's weights).
+        rounding_bits: width of every table's input; the accumulator's low bits are
+            dropped exactly down to it. ``None`` picks a width per layer from its output
+            bits (see :func:`fhe_quant.lower.auto_table_bits`).
+        per_channel: per-output-channel weight scales (no extra cost in FHE).
+        calibration: ``"minmax"``, ``"percentile"``, ``"ema"`` or ``"mse"``.
+        p_error: error probability of each table lookup (``None``: Concrete's default).
+        global_p_error: error probability of the whole circuit.
+        compile: compile with Concrete now (else only ``fhe="disable"`` works until
+            ``.compile(X)`` is called).
+        verbose: show progress bars.
+
+    Returns:
+        A :class:`~fhe_quant.model.QuantizedModule`.
+
+    Raises:
+        UnsupportedOpError: a layer is not supported (named, with its place).
+        TraceError: the module cannot be traced.
+        InputError: calibration data with NaN/inf or of the wrong shape.
+        ParameterError: ``n_bits`` or another parameter out of range.
+    """
+    config = make_config(
+        n_bits, rounding_bits=rounding_bits, per_channel=per_channel, calibration=calibration
+    )
+    if hasattr(X_calib, "detach"):
+        X_calib = X_calib.detach().cpu().numpy()
+    x = check_calibration_data(np.asarray(X_calib), None)
+    graph = trace_module(module, x)
+    return build_quantized_module(
+        graph,
+        x,
+        config,
+        compile=compile,
+        p_error=p_error,
+        global_p_error=global_p_error,
+        verbose=verbose,
+    )
