@@ -52,7 +52,8 @@ class CircuitStatistics:
         pbs_count: programmable bootstraps (table lookups, including the ones Concrete
             uses to drop low bits exactly) per sample.
         max_bit_width: the widest encrypted integer in the circuit.
-        pbs_per_precision: bootstraps by the bit width of the lookup they serve.
+        pbs_per_precision: bootstraps by the input width of the lookup they serve, as the
+            program plans them (width 1: the exact dropping of accumulator bits).
         compile_seconds: time Concrete took to compile.
         keygen_seconds: time key generation took (``None`` until keys exist).
         complexity: Concrete's cost estimate for one run.
@@ -76,26 +77,14 @@ class _ConcreteBackend:
     def truncate(self, x: Any, lsbs: int) -> Any:
         return fhe.truncate_bit_pattern(x, lsbs_to_remove=lsbs)
 
+    def round(self, x: Any, lsbs: int) -> Any:
+        return fhe.round_bit_pattern(x, lsbs_to_remove=lsbs, exactness=fhe.Exactness.APPROXIMATE)
+
     def lookup(self, fn: Any, x: Any) -> Any:
         return fhe.univariate(fn)(x)
 
 
 CONCRETE = _ConcreteBackend()
-
-
-def _pbs_per_precision(circuit: Any) -> dict[int, int]:
-    counts: dict[int, int] = {}
-    for node in circuit.graph.query_nodes():
-        name = node.properties.get("name", "")
-        if node.converted_to_table_lookup or name in ("round_bit_pattern", "truncate_bit_pattern"):
-            width = node.inputs[0].dtype.bit_width
-            size = int(np.prod(node.output.shape)) if node.output.shape else 1
-            if name in ("round_bit_pattern", "truncate_bit_pattern"):
-                lsbs = node.properties["kwargs"]["lsbs_to_remove"]
-                counts[1] = counts.get(1, 0) + size * lsbs
-            else:
-                counts[width] = counts.get(width, 0) + size
-    return counts
 
 
 class FHECircuit:
@@ -108,7 +97,7 @@ class FHECircuit:
         self.statistics = CircuitStatistics(
             pbs_count=int(circuit.programmable_bootstrap_count),
             max_bit_width=int(circuit.graph.maximum_integer_bit_width()),
-            pbs_per_precision=_pbs_per_precision(circuit),
+            pbs_per_precision=program.lookups_by_width(),
             compile_seconds=compile_seconds,
             complexity=float(stats.get("complexity", 0.0)),
         )

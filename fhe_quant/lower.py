@@ -57,6 +57,8 @@ class Backend(Protocol):
 
     def truncate(self, x: Any, lsbs: int) -> Any: ...
 
+    def round(self, x: Any, lsbs: int) -> Any: ...
+
     def lookup(self, fn: Any, x: Any) -> Any: ...
 
 
@@ -68,6 +70,10 @@ class _NumpyBackend:
 
     def truncate(self, x: Any, lsbs: int) -> Any:
         return (np.asarray(x) >> lsbs) << lsbs
+
+    def round(self, x: Any, lsbs: int) -> Any:
+        # NOTE: round half up, as Concrete's round_bit_pattern does in clear.
+        return ((np.asarray(x) + (1 << (lsbs - 1))) >> lsbs) << lsbs
 
     def lookup(self, fn: Any, x: Any) -> Any:
         return fn(x)
@@ -132,10 +138,16 @@ class TableStep:
 
     ``table[j, i]`` is the output for element ``j`` (flat index within one sample) when
     the accumulator's high bits are ``i``. Output values are in ``[0, 2**out_bits)``.
+
+    With ``exact_rounding`` the low bits are truncated exactly (one small bootstrap per
+    dropped bit in FHE); without it they are rounded approximately by the table lookup
+    itself (no extra bootstrap), which in FHE may land one cell off near a cell border,
+    so ``simulate``/``execute`` may then differ from ``disable`` by one table entry.
     """
 
     name: str
     lsbs: int
+    exact_rounding: bool
     index_max: np.ndarray
     table: np.ndarray
     out_bits: int
@@ -150,16 +162,18 @@ class TableStep:
 
     def lookup(self, acc: np.ndarray) -> np.ndarray:
         acc = np.asarray(acc)
-        index = np.clip(acc >> self.lsbs, 0, self.table.shape[1] - 1)
+        index = np.clip(acc >> self.lsbs, 0, self.table.shape[1] - 1)  # clip: Concrete
+        # evaluates the lookup on every value of the input's width, reachable or not
         flat = index.reshape(index.shape[0], -1)
         out = self.table[np.arange(flat.shape[1]), flat]
         return out.reshape(acc.shape)
 
     def __call__(self, acc: Any, backend: Backend) -> Any:
         if self.lsbs:
-            # NOTE: the hint matters: Concrete sizes the table from the truncated value's
+            dropped = (backend.truncate if self.exact_rounding else backend.round)(acc, self.lsbs)
+            # NOTE: the hint matters: Concrete sizes the table from the rounded value's
             # width, which it would otherwise take from the inputset, not from the proof.
-            acc = backend.hint(backend.truncate(acc, self.lsbs), self.index_bits + self.lsbs)
+            acc = backend.hint(dropped, self.index_bits + self.lsbs)
         out = backend.hint(backend.lookup(self.lookup, acc), self.out_bits)
         return out.reshape((out.shape[0],) + self.out_shape)
 
@@ -196,6 +210,18 @@ class IntegerProgram:
             value = step(value, backend)
         return value
 
+    def lookups_by_width(self) -> dict[int, int]:
+        """Table lookups per sample by input width; width 1 counts the exactly dropped
+        accumulator bits (Concrete drops each with a one-bit bootstrap)."""
+        counts: dict[int, int] = {}
+        for step in self.steps:
+            if isinstance(step, TableStep):
+                n = int(step.table.shape[0])
+                counts[step.index_bits] = counts.get(step.index_bits, 0) + n
+                if step.exact_rounding and step.lsbs:
+                    counts[1] = counts.get(1, 0) + n * step.lsbs
+        return counts
+
     def run_without_rounding(self, q: np.ndarray) -> np.ndarray:
         """The program with every table applied to the full accumulator (no dropped
         bits); the difference to ``self(q)`` is the effect of the table width."""
@@ -219,8 +245,9 @@ class IntegerProgram:
                 )
             else:
                 if step.lsbs:
+                    how = "truncate" if step.exact_rounding else "round (approximate)"
                     lines.append(
-                        f"    acc = truncate_bit_pattern(acc, lsbs_to_remove={step.lsbs})"
+                        f"    acc = {how}_bit_pattern(acc, lsbs_to_remove={step.lsbs})"
                         f"  # table reads {step.index_bits} bits"
                     )
                 lines.append(
@@ -266,16 +293,24 @@ def _chain(nodes: tuple[Node, ...], value: np.ndarray) -> np.ndarray:
     return value
 
 
-def _lower_table(segment: Segment, linear: LinearStep, table_bits: int) -> TableStep:
+def _lower_table(
+    segment: Segment, linear: LinearStep, table_bits: int, exact_rounding: bool
+) -> TableStep:
     out_q = segment.output_quantizer
     assert out_q is not None
     acc_bits = linear.acc_bits
     lsbs = max(0, acc_bits - table_bits)
-    index_max = linear.acc_max >> lsbs
+    if exact_rounding or lsbs == 0:
+        # Truncation: index i holds accumulators i*2^lsbs ... i*2^lsbs + 2^lsbs - 1;
+        # the table evaluates the layer at the centre of that cell.
+        index_max = linear.acc_max >> lsbs
+        centre_shift = (2**lsbs - 1) / 2
+    else:
+        # Rounding to nearest: index i holds the accumulators nearest to i*2^lsbs.
+        index_max = (linear.acc_max + 2 ** (lsbs - 1)) >> lsbs
+        centre_shift = 0.0
     n_index = int(index_max.max()) + 1
-    # The accumulator values that share index i are i*2^lsbs ... i*2^lsbs + 2^lsbs - 1;
-    # the table evaluates the layer at the centre of that cell.
-    centres = np.arange(n_index, dtype=np.float64) * 2**lsbs + (2**lsbs - 1) / 2
+    centres = np.arange(n_index, dtype=np.float64) * 2**lsbs + centre_shift
     acc_grid = centres.reshape((n_index,) + (1,) * (linear.scale.ndim - 1))
     real = linear.scale[0] * (acc_grid - linear.zero[0]) + linear.bias[0]
     out = _chain(segment.chain, real)
@@ -294,6 +329,7 @@ def _lower_table(segment: Segment, linear: LinearStep, table_bits: int) -> Table
     return TableStep(
         f"{linear.name}",
         lsbs,
+        exact_rounding or lsbs == 0,
         index_max,
         table,
         bits_for(out_q.qmax),
@@ -335,7 +371,7 @@ def lower(quantized: QuantizedGraph, table_bits: int | None = None) -> IntegerPr
                 f"The table after layer {linear.name!r} would read {bits} bits; Concrete "
                 f"accepts at most {MAX_TABLE_BITS}. Lower rounding_bits."
             )
-        table = _lower_table(segment, linear, bits)
+        table = _lower_table(segment, linear, bits, quantized.config.rounding_exact)
         steps.append(table)
         lower_b, upper_b = table.out_min, table.out_max
     return IntegerProgram(input_q, input_shape, tuple(steps))

@@ -17,11 +17,20 @@ from typing import Any
 
 import numpy as np
 
+from fhe_quant.errors import ParameterError
 from fhe_quant.frontends.torch import trace_module
 from fhe_quant.model import QuantizedModule, build_quantized_module, make_config
 from fhe_quant.quant.ptq import check_calibration_data
 
 __all__ = ["compile_torch_model", "QuantizedModule"]
+
+
+def _rounding_exact(rounding: Any) -> bool:
+    if rounding not in ("exact", "approximate"):
+        raise ParameterError(
+            f"The 'rounding' parameter must be 'exact' or 'approximate'. Got {rounding!r}."
+        )
+    return rounding == "exact"
 
 
 def compile_torch_model(
@@ -30,6 +39,7 @@ def compile_torch_model(
     n_bits: int | dict[str, int] = 6,
     *,
     rounding_bits: int | None = None,
+    rounding: str = "exact",
     per_channel: bool = True,
     calibration: str = "minmax",
     p_error: float | None = None,
@@ -48,6 +58,10 @@ def compile_torch_model(
         rounding_bits: width of every table's input; the accumulator's low bits are
             dropped exactly down to it. ``None`` picks a width per layer from its output
             bits (see :func:`fhe_quant.lower.auto_table_bits`).
+        rounding: ``"exact"`` drops the low bits exactly (one small bootstrap per bit;
+            ``disable``, ``simulate`` and ``execute`` agree bit for bit) or
+            ``"approximate"`` lets the table lookup round (no extra bootstrap, much
+            faster, but a value near a cell border may land one cell off in FHE).
         per_channel: per-output-channel weight scales (no extra cost in FHE).
         calibration: ``"minmax"``, ``"percentile"``, ``"ema"`` or ``"mse"``.
         p_error: error probability of each table lookup (``None``: Concrete's default).
@@ -66,7 +80,11 @@ def compile_torch_model(
         ParameterError: ``n_bits`` or another parameter out of range.
     """
     config = make_config(
-        n_bits, rounding_bits=rounding_bits, per_channel=per_channel, calibration=calibration
+        n_bits,
+        rounding_bits=rounding_bits,
+        rounding_exact=_rounding_exact(rounding),
+        per_channel=per_channel,
+        calibration=calibration,
     )
     if hasattr(X_calib, "detach"):
         X_calib = X_calib.detach().cpu().numpy()

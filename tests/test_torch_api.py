@@ -108,8 +108,33 @@ def test_one_table_per_hidden_activation_plus_dropped_bits() -> None:
     qm = compile_torch_model(model, x, n_bits=3)
     layers = qm.statistics["layers"]
     expected = sum(layer["lookups"] * (1 + layer["truncated_bits"]) for layer in layers[:-1])
-    assert qm.statistics["pbs_count"] == expected
+    assert qm.statistics["pbs_count"] == expected == sum(qm.program.lookups_by_width().values())
     assert "lookups" not in layers[-1]  # no bootstrap after the last matmul
+
+
+def test_approximate_rounding_needs_no_extra_bootstrap_and_stays_accurate(
+    digits, digits_mlp
+) -> None:
+    x_train, x_test, _, y_test = digits
+    exact = compile_torch_model(digits_mlp, x_train, n_bits=4, compile=False)
+    approx = compile_torch_model(digits_mlp, x_train, n_bits=4, rounding="approximate")
+    lookups = sum(layer.get("lookups", 0) for layer in approx.statistics["layers"])
+    assert approx.statistics["pbs_count"] == lookups == 128
+    assert approx.statistics["pbs_per_precision"] == {5: 128}
+    assert "round (approximate)" in approx.program.source()
+    report = approx.report(x_test[:120], y_test[:120], fhe="simulate")
+    assert report.scores["simulate"] >= report.scores["quantized"] - 0.05
+    # the exact program truncates the same bits: same widths, one bootstrap per bit more
+    assert [s.index_bits for s in exact.program.steps[1::2]] == [5, 5]
+    assert exact.program.lookups_by_width()[1] == sum(
+        64 * s.lsbs for s in exact.program.steps[1::2]
+    )
+
+
+def test_bad_rounding_mode(small) -> None:
+    model, x = small
+    with pytest.raises(ParameterError, match=r"'rounding'.*'nearest'"):
+        compile_torch_model(model, x, rounding="nearest", compile=False)
 
 
 def test_digits_mlp_6_bits_within_2_points_of_float(digits, digits_mlp) -> None:

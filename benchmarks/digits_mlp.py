@@ -1,0 +1,135 @@
+"""Digits MLP (64-64-10, ReLU) post-training quantized at several bit widths.
+
+For each ``n_bits``: float / quantized (``disable``) / simulated test accuracy, PBS
+count, max bit width, compile time, key-generation time and encrypted latency per
+sample. Writes ``benchmarks/results/digits_mlp.json`` and prints a Markdown table.
+
+Run: python benchmarks/digits_mlp.py [--bits 3 4 5 6] [--execute-samples 2]
+     [--rounding exact|approximate]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+
+from fhe_quant.torch import compile_torch_model
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def train_mlp(x: np.ndarray, y: np.ndarray, epochs: int = 40, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 10),
+    )
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    for _ in range(epochs):
+        for batch in torch.randperm(len(xt)).split(64):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(xt[batch]), yt[batch]).backward()
+            optimizer.step()
+    return model.eval()
+
+
+def run(bits: list[int], execute_samples: int, rounding: str) -> list[dict]:
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0)
+    scaler = StandardScaler().fit(x_train)
+    x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
+    model = train_mlp(x_train, y_train)
+    rows = []
+    for n_bits in bits:
+        qm = compile_torch_model(model, x_train, n_bits=n_bits, rounding=rounding)
+        report = qm.report(x_test, y_test, fhe="simulate")
+        stats = qm.statistics
+        row = {
+            "n_bits": n_bits,
+            "rounding": rounding,
+            "float_accuracy": report.scores["float"],
+            "full_tables_accuracy": report.scores["quantized (full tables)"],
+            "disable_accuracy": report.scores["quantized"],
+            "simulate_accuracy": report.scores["simulate"],
+            "pbs_count": stats["pbs_count"],
+            "pbs_per_precision": {str(k): v for k, v in stats["pbs_per_precision"].items()},
+            "max_bit_width": stats["max_bit_width"],
+            "table_input_bits": [layer.get("table_input_bits") for layer in stats["layers"]],
+            "accumulator_bits": [layer["accumulator_bits"] for layer in stats["layers"]],
+            "compile_seconds": stats["compile_seconds"],
+            "estimated_latency_seconds": report.estimated_latency_seconds,
+        }
+        if execute_samples:
+            row["keygen_seconds"] = qm.keygen()
+            clear = qm.forward_integers(x_test[:execute_samples], fhe="disable")
+            latencies, equal = [], True
+            for i in range(execute_samples):
+                start = time.perf_counter()
+                out = qm.forward_integers(x_test[i : i + 1], fhe="execute")
+                latencies.append(time.perf_counter() - start)
+                equal &= bool(np.array_equal(out, clear[i : i + 1]))
+            row["execute_seconds_per_sample"] = float(np.mean(latencies))
+            row["execute_equals_disable"] = equal
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| n_bits | float | disable | simulate | PBS | max bits | table in | compile s "
+        "| keygen s | latency s |"
+    )
+    lines = [head, "|---" * 10 + "|"]
+    for r in rows:
+        lines.append(
+            f"| {r['n_bits']} | {r['float_accuracy']:.4f} | {r['disable_accuracy']:.4f} "
+            f"| {r['simulate_accuracy']:.4f} | {r['pbs_count']} | {r['max_bit_width']} "
+            f"| {r['table_input_bits'][0]} | {r['compile_seconds']:.1f} "
+            f"| {r.get('keygen_seconds', float('nan')):.1f} "
+            f"| {r.get('execute_seconds_per_sample', float('nan')):.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--bits", type=int, nargs="+", default=[3, 4, 5, 6])
+    parser.add_argument("--execute-samples", type=int, default=2)
+    parser.add_argument("--rounding", default="exact", choices=["exact", "approximate"])
+    parser.add_argument("--out", default=str(RESULTS / "digits_mlp.json"))
+    args = parser.parse_args()
+    rows = run(args.bits, args.execute_samples, args.rounding)
+    RESULTS.mkdir(exist_ok=True)
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.exists() else {"rows": []}
+    keep = [
+        r
+        for r in previous["rows"]
+        if (r["n_bits"], r["rounding"]) not in {(x["n_bits"], x["rounding"]) for x in rows}
+    ]
+    merged = sorted(keep + rows, key=lambda r: (r["rounding"], r["n_bits"]))
+    out.write_text(
+        json.dumps(
+            {"machine": platform.platform(), "cpus": torch.get_num_threads(), "rows": merged},
+            indent=2,
+        )
+    )
+    print(table(merged))
+
+
+if __name__ == "__main__":
+    main()
