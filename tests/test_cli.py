@@ -1,0 +1,96 @@
+"""The fhe-quant command line: report on a saved torch model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fhe_quant.cli import main
+
+MODULE_SOURCE = """
+import torch
+
+def make(hidden=8):
+    return torch.nn.Sequential(torch.nn.Linear(4, hidden), torch.nn.ReLU(),
+                               torch.nn.Linear(hidden, 3))
+"""
+
+
+@pytest.fixture
+def saved_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    (tmp_path / "tiny_cli_model.py").write_text(MODULE_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("tiny_cli_model", None)
+    import tiny_cli_model  # type: ignore[import-not-found]
+
+    torch.manual_seed(0)
+    model = tiny_cli_model.make(hidden=6)
+    torch.save(model.state_dict(), tmp_path / "state.pt")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 4))
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", rng.integers(0, 3, size=40))
+    return {
+        "state": str(tmp_path / "state.pt"),
+        "x": str(tmp_path / "x.npy"),
+        "y": str(tmp_path / "y.npy"),
+    }
+
+
+def test_report_prints_scores_bits_and_program(saved_model, capsys) -> None:
+    code = main(
+        [
+            "report",
+            "--module",
+            "tiny_cli_model:make",
+            "--kwarg",
+            "hidden=6",
+            "--state",
+            saved_model["state"],
+            "--calib",
+            saved_model["x"],
+            "--labels",
+            saved_model["y"],
+            "--n-bits",
+            "3",
+            "--program",
+            "--quiet",
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "simulate" in out and "PBS per sample" in out
+    assert "def program(q)" in out and "truncate_bit_pattern" in out
+
+
+def test_report_error_is_a_clean_message(saved_model, capsys) -> None:
+    code = main(
+        [
+            "report",
+            "--module",
+            "tiny_cli_model:make",
+            "--kwarg",
+            "hidden=6",
+            "--state",
+            saved_model["state"],
+            "--calib",
+            saved_model["x"],
+            "--n-bits",
+            "12",
+            "--quiet",
+        ]
+    )
+    assert code == 2
+    assert "n_bits" in capsys.readouterr().err
+
+
+def test_version(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert "fhe-quant" in capsys.readouterr().out
