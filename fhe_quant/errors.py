@@ -15,6 +15,7 @@ __all__ = [
     "InputError",
     "RangeError",
     "ParameterError",
+    "DeploymentError",
 ]
 
 
@@ -62,3 +63,7 @@ class RangeError(FHEQuantError, ValueError):
 
 class ParameterError(FHEQuantError, ValueError):
     """A user-facing parameter out of its allowed set of values."""
+
+
+class DeploymentError(FHEQuantError, ValueError):
+    """A deployment artifact or message that cannot be used (version, tampering, bytes)."""

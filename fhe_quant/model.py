@@ -22,7 +22,8 @@ from fhe_quant.passes import simplify
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.ptq import QuantizedGraph, check_calibration_data, quantize_graph
 
-__all__ = ["QuantizedModule", "build_quantized_module", "make_config", "MAX_INPUTSET"]
+__all__ = ["QuantizedModule", "build_quantized_module", "make_config", "run_chain",
+           "MAX_INPUTSET"]
 
 #: Calibration samples handed to Concrete for tracing (bit widths come from proofs).
 MAX_INPUTSET = 32
@@ -36,7 +37,8 @@ def make_config(n_bits: Any, **kwargs: Any) -> QuantConfig:
         raise ParameterError(str(exc)) from None
 
 
-def _run_chain(nodes: tuple[Node, ...], value: np.ndarray) -> np.ndarray:
+def run_chain(nodes: tuple[Node, ...], value: np.ndarray) -> np.ndarray:
+    """Evaluate elementwise/reshape nodes in order, in float (client-side processing)."""
     for node in nodes:
         value = node.evaluate(value)
     return value
@@ -131,13 +133,13 @@ class QuantizedModule:
     def quantize_input(self, x: Any) -> np.ndarray:
         """Client side: float batch -> unsigned integers in ``[0, qmax]`` (clipped)."""
         x = self.check_input(x)
-        values = _run_chain(self.quantized.pre, x)
+        values = run_chain(self.quantized.pre, x)
         return self.program.input_quantizer.quantize(values).astype(np.int64)
 
     def dequantize_output(self, acc: np.ndarray) -> np.ndarray:
         """Client side: last accumulator -> float output (with the post-processing)."""
         real = self.program.output_step.dequantize(acc)
-        return _run_chain(self.quantized.post, real)
+        return run_chain(self.quantized.post, real)
 
     # ------------------------------------------------------------------ inference
     def forward(self, x: Any, fhe: str = "disable", verbose: bool = False) -> np.ndarray:
