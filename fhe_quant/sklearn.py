@@ -1,0 +1,685 @@
+"""scikit-learn estimators that compile to encrypted inference.
+
+Each estimator takes the constructor parameters of the scikit-learn class it wraps
+(same names, same defaults) plus ``n_bits``, ``rounding_bits``, ``p_error`` and
+``verbose``. ``fit`` trains the scikit-learn model (kept as ``sklearn_model_``) and
+quantizes it with the training data as calibration data (``quantized_module_``);
+``compile`` builds the Concrete circuit; ``predict`` and friends take
+``fhe="disable" | "simulate" | "execute"``. What runs encrypted is the integer
+program up to the last linear layer's accumulator; the client decrypts it and applies
+the rest in float (inverse link, sigmoid, softmax, threshold or argmax).
+
+Examples:
+    >>> from sklearn.datasets import load_breast_cancer
+    >>> from sklearn.preprocessing import StandardScaler
+    >>> x, y = load_breast_cancer(return_X_y=True)
+    >>> x = StandardScaler().fit_transform(x)
+    >>> model = LogisticRegression(n_bits=8).fit(x, y)
+    >>> circuit = model.compile(x)
+    >>> bool((model.predict(x[:20], fhe="simulate") == model.predict(x[:20])).all())
+    True
+    >>> model.quantized_module_.statistics["pbs_count"]
+    0
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from dataclasses import replace
+from numbers import Integral, Real
+from typing import Any, ClassVar
+
+import numpy as np
+import sklearn.exceptions
+from sklearn import linear_model as _linear_model
+from sklearn import neural_network as _neural_network
+from sklearn import svm as _svm
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.metrics import accuracy_score, d2_tweedie_score, r2_score
+from sklearn.utils import get_tags
+from sklearn.utils._param_validation import Interval, InvalidParameterError
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from fhe_quant import errors
+from fhe_quant.fhe import check_fhe_mode
+from fhe_quant.frontends.sklearn import (
+    OUTPUT_FUNCTIONS,
+    SklearnGraph,
+    check_translation,
+    converter_for,
+    sklearn_to_graph,
+)
+from fhe_quant.lower import lower
+from fhe_quant.model import QuantizedModule, build_quantized_module, make_config
+from fhe_quant.passes import simplify
+from fhe_quant.quant.config import MAX_ROUNDING_BITS, QuantConfig
+from fhe_quant.quant.ptq import QuantizedGraph, QuantizedLinear, Segment
+from fhe_quant.quant.quantizer import MAX_BITS
+from fhe_quant.report import Report
+
+__all__ = [
+    "LinearRegression",
+    "Ridge",
+    "Lasso",
+    "ElasticNet",
+    "LogisticRegression",
+    "LinearSVC",
+    "LinearSVR",
+    "SGDClassifier",
+    "SGDRegressor",
+    "PoissonRegressor",
+    "GammaRegressor",
+    "TweedieRegressor",
+    "MLPClassifier",
+    "MLPRegressor",
+    "from_sklearn",
+    "EstimatorNotFittedError",
+    "EstimatorParameterError",
+]
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class EstimatorNotFittedError(sklearn.exceptions.NotFittedError, errors.NotFittedError):
+    """An estimator used before ``fit``: both scikit-learn's ``NotFittedError`` (so that
+    scikit-learn's tools recognize it) and fhe_quant's."""
+
+
+class EstimatorParameterError(InvalidParameterError, errors.ParameterError):
+    """A constructor parameter out of its allowed values: both scikit-learn's
+    ``InvalidParameterError`` and fhe_quant's ``ParameterError``."""
+
+
+def _check_fitted(estimator: Any, attribute: str | None = "quantized_module_") -> None:
+    try:
+        check_is_fitted(estimator, attribute)
+    except sklearn.exceptions.NotFittedError as exc:
+        raise EstimatorNotFittedError(str(exc)) from None
+
+
+# --------------------------------------------------------------------------- pickling
+# NOTE: a QuantizedModule holds read-only mappings and closures that pickle refuses, and
+# its Concrete circuit cannot be pickled at all. A pickled estimator keeps what defines
+# the integer program (the quantizers and integer weights, all plain data) and rebuilds
+# the rest from the pickled scikit-learn model. After unpickling, call compile() again.
+
+
+def _module_state(module: QuantizedModule) -> dict[str, Any]:
+    quantized = module.quantized
+    return {
+        "config": quantized.config.to_dict(),
+        "pre": [node.name for node in quantized.pre],
+        "segments": [
+            {
+                "linear": segment.linear.node.name,
+                "weight_q": segment.linear.weight_q,
+                "weight_quantizer": segment.linear.weight_quantizer,
+                "input_quantizer": segment.linear.input_quantizer,
+                "chain": [node.name for node in segment.chain],
+                "output_quantizer": segment.output_quantizer,
+            }
+            for segment in quantized.segments
+        ],
+    }
+
+
+def _module_from_state(sklearn_model: Any, state: dict[str, Any]) -> QuantizedModule:
+    graph = simplify(sklearn_to_graph(sklearn_model).graph)
+    segments = tuple(
+        Segment(
+            QuantizedLinear(
+                graph.node(s["linear"]),
+                s["weight_q"],
+                s["weight_quantizer"],
+                s["input_quantizer"],
+            ),
+            tuple(graph.node(name) for name in s["chain"]),
+            s["output_quantizer"],
+        )
+        for s in state["segments"]
+    )
+    quantized = QuantizedGraph(
+        graph,
+        tuple(graph.node(name) for name in state["pre"]),
+        segments,
+        QuantConfig.from_dict(state["config"]),
+    )
+    return QuantizedModule(graph, quantized, lower(quantized))
+
+
+# --------------------------------------------------------------------------- base classes
+
+#: Constraints of the parameters every estimator adds to scikit-learn's own.
+_FHE_PARAMETER_CONSTRAINTS: dict[str, list[Any]] = {
+    "n_bits": [Interval(Integral, 1, MAX_BITS, closed="both"), dict],
+    "rounding_bits": [Interval(Integral, 1, MAX_ROUNDING_BITS, closed="both"), None],
+    "p_error": [Interval(Real, 0, 1, closed="neither"), None],
+    "verbose": ["verbose"],
+}
+
+
+#: What ``validate_data(reset=True)`` sets on an estimator.
+_INPUT_ATTRIBUTES = ("n_features_in_", "feature_names_in_")
+
+
+class _FHEEstimator(BaseEstimator):
+    """What every estimator shares: fit, compile, raw outputs, report, pickling.
+
+    Subclasses are generated by :func:`_make_estimator`, which sets the class attributes
+    below and an ``__init__`` with the scikit-learn class's parameters.
+    """
+
+    _sklearn_class: ClassVar[type]
+    _sklearn_params: ClassVar[tuple[str, ...]] = ()
+    _parameter_constraints: ClassVar[dict[str, list[Any]]] = {}
+    _metric: ClassVar[str]
+
+    # Set by the generated __init__; declared for type checkers.
+    n_bits: int | dict[str, int]
+    rounding_bits: int | None
+    p_error: float | None
+    verbose: Any
+
+    # ------------------------------------------------------------------ helpers
+    def _make_sklearn_model(self) -> Any:
+        return self._sklearn_class(**{name: getattr(self, name) for name in self._sklearn_params})
+
+    def _config(self) -> QuantConfig:
+        try:
+            self._validate_params()
+        except InvalidParameterError as exc:
+            raise EstimatorParameterError(str(exc)) from None
+        return make_config(self.n_bits, rounding_bits=self.rounding_bits)
+
+    def _validate(self, X: Any, y: Any = "no_validation", *, reset: bool) -> Any:
+        # NOTE: scikit-learn's messages are kept (its estimator checks match them); the
+        # error becomes an InputError, which is still a ValueError.
+        # 2-D targets pass through: the wrapped model accepts or refuses them itself
+        # (its tags do not always say: MLPRegressor fits 2-D targets).
+        kwargs: dict[str, Any] = {}
+        if not (isinstance(y, str) and y == "no_validation"):
+            kwargs.update(multi_output=True, y_numeric=self._metric == "r2")
+        try:
+            return validate_data(self, X, y, reset=reset, dtype=np.float64, **kwargs)
+        except ValueError as exc:
+            if isinstance(exc, errors.FHEQuantError):
+                raise
+            raise errors.InputError(str(exc)) from exc
+
+    def _set_fitted(
+        self, model: Any, X: np.ndarray, config: QuantConfig, imported: SklearnGraph | None = None
+    ) -> None:
+        imported = imported or sklearn_to_graph(model)
+        check_translation(model, imported, X)
+        module = build_quantized_module(
+            imported.graph, X, config, compile=False, verbose=bool(self.verbose)
+        )
+        # NOTE: every fitted attribute is set at the end, so a failure leaves the
+        # estimator as it was.
+        if hasattr(model, "classes_"):
+            self.classes_ = model.classes_
+        if hasattr(model, "n_iter_"):
+            self.n_iter_ = model.n_iter_
+        self.sklearn_model_ = model
+        self.quantized_module_ = module
+        self._output = imported.output
+        self._ravel = imported.ravel
+
+    # ------------------------------------------------------------------ public API
+    def fit(self, X: Any, y: Any, sample_weight: Any = None, **fit_params: Any) -> Any:
+        """Fit the scikit-learn model, then quantize it with ``X`` as calibration data.
+
+        Args:
+            X: training data ``(n_samples, n_features)``; it also sets the quantization
+                ranges (inputs outside them are clipped at prediction time).
+            y: targets.
+            sample_weight: per-sample weights, passed to scikit-learn's ``fit``.
+            **fit_params: other arguments of scikit-learn's ``fit``.
+
+        Returns:
+            self (not compiled yet: ``fhe="disable"`` works, call :meth:`compile` for
+            the other modes).
+
+        Raises:
+            EstimatorParameterError: a constructor parameter out of range.
+            errors.ParameterError: ``n_bits`` as a dict with a bad key or value.
+            errors.InputError: ``X`` or ``y`` with NaN/inf, strings, or the wrong shape.
+            errors.UnsupportedOpError: a fitted option fhe_quant cannot compile.
+        """
+        config = self._config()
+        # NOTE: validate_data(reset=True) records the input's features on self; a fit
+        # that fails later restores them, so a fitted estimator stays consistent.
+        saved = {k: v for k, v in vars(self).items() if k in _INPUT_ATTRIBUTES}
+        try:
+            X, y = self._validate(X, y, reset=True)
+            model = self._make_sklearn_model()
+            if sample_weight is not None:
+                fit_params["sample_weight"] = sample_weight
+            model.fit(X, y, **fit_params)
+            if sample_weight is not None:
+                # NOTE: samples of weight zero are not part of the data: they must not
+                # widen the calibrated ranges either.
+                weights = np.broadcast_to(np.asarray(sample_weight, dtype=np.float64), len(X))
+                X = X[weights != 0] if np.any(weights != 0) else X
+            self._set_fitted(model, X, config)
+        except BaseException:
+            for name in _INPUT_ATTRIBUTES:
+                vars(self).pop(name, None)
+            vars(self).update(saved)
+            raise
+        return self
+
+    def compile(self, X: Any) -> Any:
+        """Compile the integer program with Concrete.
+
+        Args:
+            X: representative inputs, used by Concrete to trace the program (the
+                quantization ranges come from the ``fit`` data and bit widths are
+                proven, so a few samples suffice).
+
+        Returns:
+            The ``concrete.fhe.Circuit`` (also at ``quantized_module_.circuit``).
+
+        Raises:
+            EstimatorNotFittedError: before ``fit``.
+            errors.InputError: ``X`` with NaN/inf or the wrong number of features.
+        """
+        _check_fitted(self)
+        X = self._validate(X, reset=False)
+        self.quantized_module_.compile(X, p_error=self.p_error, verbose=bool(self.verbose))
+        return self.quantized_module_.circuit
+
+    def _module_for(self, fhe: str) -> QuantizedModule:
+        """The quantized module, checked to be able to run in mode ``fhe``."""
+        _check_fitted(self)
+        check_fhe_mode(fhe)
+        module = self.quantized_module_
+        if fhe != "disable":
+            module.fhe_circuit  # noqa: B018 - raises NotCompiledError before any work
+        return module
+
+    def _raw(self, X: Any, fhe: str) -> np.ndarray:
+        """The model's raw outputs ``(N, n_outputs)`` (decrypted and dequantized)."""
+        module = self._module_for(fhe)
+        X = self._validate(X, reset=False)
+        raw = module.forward(X, fhe=fhe, verbose=bool(self.verbose))
+        return np.asarray(raw, dtype=np.float64).reshape(len(X), -1)
+
+    def _decode(self, raw: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def _score(self, y: Any, predictions: np.ndarray) -> float:
+        if self._metric == "accuracy":
+            return float(accuracy_score(y, predictions))
+        return float(r2_score(y, predictions))
+
+    def report(self, X: Any = None, y: Any = None, *, fhe: str = "simulate") -> Report:
+        """Accuracy (classifiers) or R² (regressors) and the cost of the compiled model.
+
+        Scores, on ``(X, y)``: ``float`` (the scikit-learn model), ``quantized (full
+        tables)``, ``quantized`` (``fhe="disable"``) and the ``fhe`` mode; plus bits per
+        layer, PBS count and estimated latency once compiled.
+
+        Raises:
+            errors.NotCompiledError: ``fhe`` other than ``"disable"`` before ``compile``.
+        """
+        _check_fitted(self)
+        if X is None and y is None:
+            return self.quantized_module_.report(fhe=fhe)
+        module = self._module_for(fhe)
+        report = module.report(fhe=fhe)
+        if X is None or y is None:
+            raise errors.InputError("report() needs both X and y to compute scores, or neither.")
+        X = self._validate(X, reset=False)
+        y = np.asarray(y)
+        if len(y) != len(X):
+            raise errors.InputError(f"X has {len(X)} samples but y has {len(y)}.")
+        full = module.dequantize_output(
+            module.program.run_without_rounding(module.quantize_input(X))
+        )
+        scores = {
+            "float": self._score(y, self.sklearn_model_.predict(X)),
+            "quantized (full tables)": self._score(y, self._decode(full.reshape(len(X), -1))),
+            "quantized": self._score(y, self._decode(self._raw(X, "disable"))),
+        }
+        if fhe != "disable":
+            scores[fhe] = self._score(y, self._decode(self._raw(X, fhe)))
+        return replace(report, metric=self._metric, scores=scores)
+
+    # ------------------------------------------------------------------ scikit-learn
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        inner = get_tags(self._sklearn_class())
+        tags.target_tags.multi_output = inner.target_tags.multi_output
+        tags.target_tags.positive_only = inner.target_tags.positive_only
+        tags.non_deterministic = inner.non_deterministic
+        tags.input_tags.sparse = False
+        tags.array_api_support = False
+        if tags.classifier_tags is not None and inner.classifier_tags is not None:
+            tags.classifier_tags.poor_score = inner.classifier_tags.poor_score
+            tags.classifier_tags.multi_label = False  # multilabel MLPs are not supported
+        if tags.regressor_tags is not None and inner.regressor_tags is not None:
+            tags.regressor_tags.poor_score = inner.regressor_tags.poor_score
+        return tags
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        module = state.pop("quantized_module_", None)
+        if module is not None:
+            state["_quantized_state"] = _module_state(module)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        quantized = state.pop("_quantized_state", None)
+        super().__setstate__(state)
+        if quantized is not None:
+            self.quantized_module_ = _module_from_state(self.sklearn_model_, quantized)
+
+
+def _has_decision_function(estimator: _FHEEstimator) -> bool:
+    return hasattr(estimator._sklearn_class, "decision_function")
+
+
+def _has_proba(estimator: _FHEEstimator) -> bool:
+    if hasattr(estimator, "quantized_module_"):
+        return getattr(estimator, "_output", None) is not None
+    # NOTE: before fit, ask scikit-learn (SGDClassifier has probabilities for some losses).
+    return hasattr(estimator._make_sklearn_model(), "predict_proba")
+
+
+class _FHEClassifier(ClassifierMixin, _FHEEstimator):
+    """Classifiers: labels from the sign (one raw output) or the argmax of the raw
+    outputs; probabilities from the client-side output function."""
+
+    _metric = "accuracy"
+
+    def _decode(self, raw: np.ndarray) -> np.ndarray:
+        if len(self.classes_) == 1:  # an MLPClassifier fitted on one class predicts it
+            return np.repeat(self.classes_, len(raw))
+        if raw.shape[1] == 1:
+            return self.classes_[(raw[:, 0] > 0).astype(np.intp)]
+        return self.classes_[np.argmax(raw, axis=1)]
+
+    def predict(self, X: Any, *, fhe: str = "disable") -> np.ndarray:
+        """Class labels.
+
+        Args:
+            X: samples ``(n_samples, n_features)``.
+            fhe: ``"disable"`` (clear integers), ``"simulate"`` or ``"execute"``.
+
+        Returns:
+            Labels ``(n_samples,)``, from ``classes_``.
+        """
+        return self._decode(self._raw(X, fhe))
+
+    @available_if(_has_decision_function)
+    def decision_function(self, X: Any, *, fhe: str = "disable") -> np.ndarray:
+        """Decision values: ``(n_samples,)`` for two classes, else ``(n_samples, n_classes)``."""
+        raw = self._raw(X, fhe)
+        return raw[:, 0] if raw.shape[1] == 1 else raw
+
+    @available_if(_has_proba)
+    def predict_proba(self, X: Any, *, fhe: str = "disable") -> np.ndarray:
+        """Class probabilities ``(n_samples, n_classes)``, computed like scikit-learn's
+        (sigmoid, softmax, ...) by the client from the decrypted raw outputs."""
+        raw = self._raw(X, fhe)
+        assert self._output is not None
+        return OUTPUT_FUNCTIONS[self._output](raw)
+
+    @available_if(_has_proba)
+    def predict_log_proba(self, X: Any, *, fhe: str = "disable") -> np.ndarray:
+        """Logarithm of :meth:`predict_proba`."""
+        with np.errstate(divide="ignore"):
+            return np.log(self.predict_proba(X, fhe=fhe))
+
+
+#: The Tweedie power of the deviance that the generalized linear models' ``score`` uses.
+_DEVIANCE_POWER: dict[type, Callable[[Any], float]] = {
+    _linear_model.PoissonRegressor: lambda model: 1.0,
+    _linear_model.GammaRegressor: lambda model: 2.0,
+    _linear_model.TweedieRegressor: lambda model: float(model.power),
+}
+
+
+class _FHERegressor(RegressorMixin, _FHEEstimator):
+    """Regressors: predictions are the client-side inverse link of the raw outputs."""
+
+    _metric = "r2"
+
+    def _decode(self, raw: np.ndarray) -> np.ndarray:
+        out = OUTPUT_FUNCTIONS[self._output or "identity"](raw)
+        return out.reshape(-1) if self._ravel else out
+
+    def predict(self, X: Any, *, fhe: str = "disable") -> np.ndarray:
+        """Predictions: ``(n_samples,)``, or ``(n_samples, n_targets)`` for a model fitted
+        on 2-D targets.
+
+        Args:
+            X: samples ``(n_samples, n_features)``.
+            fhe: ``"disable"`` (clear integers), ``"simulate"`` or ``"execute"``.
+        """
+        return self._decode(self._raw(X, fhe))
+
+    def score(self, X: Any, y: Any, sample_weight: Any = None) -> float:
+        """What the wrapped class's ``score`` measures: R², or for the generalized linear
+        models the fraction of Tweedie deviance explained (D²), on ``fhe="disable"``."""
+        power = _DEVIANCE_POWER.get(self._sklearn_class)
+        if power is None:
+            return float(super().score(X, y, sample_weight=sample_weight))
+        _check_fitted(self)
+        return float(
+            d2_tweedie_score(
+                y, self.predict(X), sample_weight=sample_weight, power=power(self.sklearn_model_)
+            )
+        )
+
+
+# --------------------------------------------------------------------------- the estimators
+
+_DOC = """{name} for encrypted inference: scikit-learn's :class:`{path}`, quantized.
+
+Constructor parameters: those of :class:`{path}` (same names, same defaults; see its
+documentation), plus the ones below.
+
+Args:
+    n_bits: bits of the quantized inputs, weights and activations: an int in [1, 8] or
+        a dict with keys ``inputs``, ``weights``, ``activations``, ``outputs`` (the
+        last layer's weights). Default {n_bits}.
+    rounding_bits: input width of every table lookup (``None``: automatic).
+    p_error: error probability of each table lookup in FHE (``None``: Concrete's
+        default for the whole circuit).
+    verbose: show progress bars{verbose_note}.
+
+Attributes:
+    sklearn_model_: the fitted scikit-learn model (float).
+    quantized_module_: the quantized model (:class:`fhe_quant.model.QuantizedModule`);
+        its circuit exists after :meth:`compile`.{classes}
+    n_features_in_: number of features seen during ``fit``.
+"""
+
+
+def _make_estimator(sklearn_class: type, base: type, default_n_bits: int) -> type:
+    """A public estimator class wrapping ``sklearn_class``.
+
+    NOTE: the ``__init__`` signature is generated from the installed scikit-learn class
+    instead of being written out for each of the 14 estimators: scikit-learn changes
+    these signatures between versions (``LogisticRegression``'s ``penalty`` now defaults
+    to ``"deprecated"``, ``LinearSVC``'s ``dual`` gained ``"auto"``), and a copy would
+    silently drift from the class it wraps. The generated ``__init__`` carries an explicit
+    ``__signature__`` (scikit-learn's ``get_params``, ``clone`` and ``repr`` read it,
+    and so do ``help()`` and IDEs), binds its arguments against it (unknown or missing
+    arguments raise ``TypeError`` as usual) and only stores them.
+    """
+    sk_signature = inspect.signature(sklearn_class.__init__)
+    fhe_params = [
+        inspect.Parameter("n_bits", inspect.Parameter.KEYWORD_ONLY, default=default_n_bits),
+        inspect.Parameter("rounding_bits", inspect.Parameter.KEYWORD_ONLY, default=None),
+        inspect.Parameter("p_error", inspect.Parameter.KEYWORD_ONLY, default=None),
+    ]
+    has_verbose = "verbose" in sk_signature.parameters
+    if not has_verbose:
+        fhe_params.append(
+            inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False)
+        )
+    signature = sk_signature.replace(parameters=[*sk_signature.parameters.values(), *fhe_params])
+    sklearn_params = tuple(name for name in sk_signature.parameters if name != "self")
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()
+        for name, value in list(bound.arguments.items())[1:]:
+            setattr(self, name, value)
+
+    init.__signature__ = signature  # type: ignore[attr-defined]
+    name = sklearn_class.__name__
+    init.__name__ = "__init__"
+    init.__qualname__ = f"{name}.__init__"
+    constraints = {**sklearn_class._parameter_constraints, **_FHE_PARAMETER_CONSTRAINTS}  # type: ignore[attr-defined]
+    if has_verbose:
+        constraints["verbose"] = sklearn_class._parameter_constraints["verbose"]  # type: ignore[attr-defined]
+    path = f"{sklearn_class.__module__.split('._')[0]}.{name}"
+    doc = _DOC.format(
+        name=name,
+        path=path,
+        n_bits=default_n_bits,
+        verbose_note=(
+            " (scikit-learn's own ``verbose``, also used for fhe_quant's progress bars)"
+            if has_verbose
+            else ""
+        ),
+        classes=("\n    classes_: the class labels." if issubclass(base, _FHEClassifier) else ""),
+    )
+    return type(
+        name,
+        (base,),
+        {
+            "__init__": init,
+            "__doc__": doc,
+            "__module__": __name__,
+            "__qualname__": name,
+            "_sklearn_class": sklearn_class,
+            "_sklearn_params": sklearn_params,
+            "_parameter_constraints": constraints,
+        },
+    )
+
+
+#: Linear models compile to one dot product with no bootstrap: wide bits cost nothing.
+_LINEAR_N_BITS = 8
+#: Perceptrons pay one table lookup per hidden neuron; 6 bits keeps them cheap.
+_MLP_N_BITS = 6
+
+LinearRegression = _make_estimator(_linear_model.LinearRegression, _FHERegressor, _LINEAR_N_BITS)
+Ridge = _make_estimator(_linear_model.Ridge, _FHERegressor, _LINEAR_N_BITS)
+Lasso = _make_estimator(_linear_model.Lasso, _FHERegressor, _LINEAR_N_BITS)
+ElasticNet = _make_estimator(_linear_model.ElasticNet, _FHERegressor, _LINEAR_N_BITS)
+LinearSVR = _make_estimator(_svm.LinearSVR, _FHERegressor, _LINEAR_N_BITS)
+SGDRegressor = _make_estimator(_linear_model.SGDRegressor, _FHERegressor, _LINEAR_N_BITS)
+PoissonRegressor = _make_estimator(_linear_model.PoissonRegressor, _FHERegressor, _LINEAR_N_BITS)
+GammaRegressor = _make_estimator(_linear_model.GammaRegressor, _FHERegressor, _LINEAR_N_BITS)
+TweedieRegressor = _make_estimator(_linear_model.TweedieRegressor, _FHERegressor, _LINEAR_N_BITS)
+LogisticRegression = _make_estimator(
+    _linear_model.LogisticRegression, _FHEClassifier, _LINEAR_N_BITS
+)
+LinearSVC = _make_estimator(_svm.LinearSVC, _FHEClassifier, _LINEAR_N_BITS)
+SGDClassifier = _make_estimator(_linear_model.SGDClassifier, _FHEClassifier, _LINEAR_N_BITS)
+MLPClassifier = _make_estimator(_neural_network.MLPClassifier, _FHEClassifier, _MLP_N_BITS)
+MLPRegressor = _make_estimator(_neural_network.MLPRegressor, _FHERegressor, _MLP_N_BITS)
+
+#: The public estimator of each supported scikit-learn class.
+_WRAPPERS: dict[type, type] = {
+    cls._sklearn_class: cls
+    for cls in (
+        LinearRegression,
+        Ridge,
+        Lasso,
+        ElasticNet,
+        LinearSVR,
+        SGDRegressor,
+        PoissonRegressor,
+        GammaRegressor,
+        TweedieRegressor,
+        LogisticRegression,
+        LinearSVC,
+        SGDClassifier,
+        MLPClassifier,
+        MLPRegressor,
+    )
+}
+
+
+def from_sklearn(
+    estimator: Any,
+    X: Any,
+    n_bits: int | dict[str, int] | None = None,
+    *,
+    rounding_bits: int | None = None,
+    p_error: float | None = None,
+    verbose: bool = False,
+) -> Any:
+    """Import an already-trained scikit-learn model, without refitting it.
+
+    Args:
+        estimator: a fitted scikit-learn estimator of a supported class; it is copied,
+            not modified.
+        X: calibration data ``(n_samples, n_features)``, representative of the inputs
+            (typically the training data); it sets the quantization ranges.
+        n_bits: as in the estimators (``None``: the class default, 8 for linear models
+            and 6 for perceptrons).
+        rounding_bits: input width of every table lookup (``None``: automatic).
+        p_error: error probability of each table lookup in FHE.
+        verbose: show progress bars.
+
+    Returns:
+        The matching fhe_quant estimator, fitted (not compiled yet), with the same
+        parameters as ``estimator`` and ``sklearn_model_`` a copy of it.
+
+    Raises:
+        errors.UnsupportedOpError: the estimator's class or one of its options is not
+            supported (named in the message).
+        EstimatorNotFittedError: ``estimator`` is not fitted.
+        errors.InputError: ``X`` does not match the estimator's number of features, or
+            holds NaN/inf or strings.
+
+    Examples:
+        >>> import numpy as np
+        >>> from sklearn.linear_model import LinearRegression as SkLinearRegression
+        >>> x = np.random.default_rng(0).normal(size=(50, 3))
+        >>> trained = SkLinearRegression().fit(x, x @ [1.0, -2.0, 0.5])
+        >>> model = from_sklearn(trained, x)
+        >>> type(model).__name__, model.n_bits
+        ('LinearRegression', 8)
+        >>> bool(np.allclose(model.predict(x[:3]), trained.predict(x[:3]), atol=0.05))
+        True
+    """
+    converter_for(estimator)  # unsupported classes fail here, by name
+    wrapper_class = next(_WRAPPERS[cls] for cls in type(estimator).__mro__ if cls in _WRAPPERS)
+    _check_fitted(estimator, None)
+    estimator = copy.deepcopy(estimator)
+    imported = sklearn_to_graph(estimator)  # and unsupported options here
+    params = {
+        name: value
+        for name, value in estimator.get_params(deep=False).items()
+        if name in wrapper_class._sklearn_params
+    }
+    params.update(rounding_bits=rounding_bits, p_error=p_error)
+    if n_bits is not None:
+        params["n_bits"] = n_bits
+    if "verbose" not in params or verbose:
+        params["verbose"] = verbose
+    model = wrapper_class(**params)
+    config = model._config()
+    X = model._validate(X, reset=True)
+    expected = getattr(estimator, "n_features_in_", X.shape[1])
+    if X.shape[1] != expected:
+        raise errors.InputError(
+            f"X has {X.shape[1]} features, but the fitted {type(estimator).__name__} "
+            f"expects {expected}: pass the data the model was trained on."
+        )
+    model._set_fitted(estimator, X, config, imported)
+    return model
