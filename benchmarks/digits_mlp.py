@@ -70,6 +70,12 @@ def run(bits: list[int], execute_samples: int, rounding: str) -> list[dict]:
             "table_input_bits": [layer.get("table_input_bits") for layer in stats["layers"]],
             "accumulator_bits": [layer["accumulator_bits"] for layer in stats["layers"]],
             "compile_seconds": stats["compile_seconds"],
+            "evaluation_key_megabytes": (
+                qm.circuit.statistics["size_of_bootstrap_keys"]
+                + qm.circuit.statistics["size_of_keyswitch_keys"]
+            )
+            / 1e6,
+            "complexity": stats["complexity"],
             "estimated_latency_seconds": report.estimated_latency_seconds,
         }
         if execute_samples:
@@ -96,9 +102,10 @@ def table(rows: list[dict]) -> str:
     lines = [head, "|---" * 10 + "|"]
     for r in rows:
         lines.append(
-            f"| {r['n_bits']} | {r['float_accuracy']:.4f} | {r['disable_accuracy']:.4f} "
-            f"| {r['simulate_accuracy']:.4f} | {r['pbs_count']} | {r['max_bit_width']} "
-            f"| {r['table_input_bits'][0]} | {r['compile_seconds']:.1f} "
+            f"| {r['rounding']} | {r['n_bits']} | {r['float_accuracy']:.4f} "
+            f"| {r['disable_accuracy']:.4f} | {r['simulate_accuracy']:.4f} | {r['pbs_count']} "
+            f"| {r['max_bit_width']} | {r['table_input_bits'][0]} "
+            f"| {r['evaluation_key_megabytes']:.0f} | {r['compile_seconds']:.1f} "
             f"| {r.get('keygen_seconds', float('nan')):.1f} "
             f"| {r.get('execute_seconds_per_sample', float('nan')):.2f} |"
         )

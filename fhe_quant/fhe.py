@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fhe_quant.errors import ParameterError
+from fhe_quant.ir import ConvGeometry
 from fhe_quant.lower import NUMPY, IntegerProgram
 
 with warnings.catch_warnings():
@@ -69,16 +70,50 @@ class CircuitStatistics:
 
 
 class _ConcreteBackend:
-    """The integer program's three special operations, traced by Concrete."""
+    """The integer program's special operations, traced by Concrete."""
 
     def hint(self, x: Any, bit_width: int) -> Any:
         return fhe.hint(x, bit_width=bit_width)
 
-    def truncate(self, x: Any, lsbs: int) -> Any:
-        return fhe.truncate_bit_pattern(x, lsbs_to_remove=lsbs)
+    def conv(self, x: Any, weight: np.ndarray, geometry: ConvGeometry) -> Any:
+        # NOTE: Concrete 2.11 compiles only 2-d convolutions without padding
+        # (FHELinalg.conv2d refuses non-zero pads and conv1d): pad with encrypted zeros
+        # by slice assignment (no bootstrap), and run a 1-d convolution as a 2-d one of
+        # height 1. The zeros are the same zeros NumPy pads with (see lower.py).
+        weight = np.asarray(weight, dtype=np.int64)
+        if any(begin or end for begin, end in geometry.padding):
+            spatial = tuple(x.shape[2:])
+            shape = tuple(x.shape[:2]) + tuple(
+                n + begin + end for n, (begin, end) in zip(spatial, geometry.padding, strict=True)
+            )
+            interior = tuple(
+                slice(begin, begin + n)
+                for n, (begin, _) in zip(spatial, geometry.padding, strict=True)
+            )
+            padded = fhe.zeros(shape)
+            padded[(slice(None), slice(None)) + interior] = x
+            x = padded
+        if geometry.ndim == 1:
+            n, c, length = x.shape
+            out = fhe.conv(
+                x.reshape((n, c, 1, length)),
+                weight[:, :, None, :],
+                strides=(1, geometry.stride[0]),
+                dilations=(1, geometry.dilation[0]),
+                group=geometry.groups,
+            )
+            return out.reshape((out.shape[0], out.shape[1], out.shape[3]))
+        return fhe.conv(
+            x,
+            weight,
+            strides=geometry.stride,
+            dilations=geometry.dilation,
+            group=geometry.groups,
+        )
 
-    def round(self, x: Any, lsbs: int) -> Any:
-        return fhe.round_bit_pattern(x, lsbs_to_remove=lsbs, exactness=fhe.Exactness.APPROXIMATE)
+    def round(self, x: Any, lsbs: int, exact: bool) -> Any:
+        exactness = fhe.Exactness.EXACT if exact else fhe.Exactness.APPROXIMATE
+        return fhe.round_bit_pattern(x, lsbs_to_remove=lsbs, exactness=exactness)
 
     def lookup(self, fn: Any, x: Any) -> Any:
         return fhe.univariate(fn)(x)

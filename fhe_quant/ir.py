@@ -10,7 +10,11 @@ gives the operation's *kind*, which decides how it is quantized and lowered:
 
 * ``"linear"``: ``y = apply(x, weight) + bias`` with ``apply`` linear in ``x``; the
   same ``apply`` runs on floats, on integers, and under Concrete's tracer, and the
-  accumulator range rule is derived from it (:func:`linear_bounds`).
+  accumulator range rule is derived from it (:func:`linear_bounds`). Dense layers
+  (``"linear"``), convolutions (``"conv"``) and average pooling (``"avg_pool"``, a
+  depthwise convolution whose weights are all ``1/k``) are linear ops. Where NumPy and
+  Concrete's tracer need different code (convolution), ``apply`` asks the
+  :class:`ArrayBackend` it is given.
 * ``"elementwise"``: a float function applied value by value (activations, constant
   add/mul); a chain of them is fused into one table lookup.
 * ``"reshape"``: moves no value, only the shape (row-major order is kept), so it
@@ -20,16 +24,30 @@ gives the operation's *kind*, which decides how it is quantized and lowered:
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from types import MappingProxyType
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from fhe_quant.errors import UnsupportedOpError
 
-__all__ = ["Node", "Graph", "OpSpec", "OPS", "op_spec", "linear_bounds"]
+__all__ = [
+    "Node",
+    "Graph",
+    "OpSpec",
+    "OPS",
+    "op_spec",
+    "linear_bounds",
+    "ConvGeometry",
+    "ArrayBackend",
+    "NUMPY_ARRAYS",
+    "conv_numpy",
+    "weight_input_channels",
+]
 
 Kind = Literal["input", "linear", "elementwise", "reshape"]
 
@@ -57,9 +75,16 @@ class Node:
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ValueError(f"The 'name' of a Node must be a non-empty str. Got {self.name!r}.")
-        op_spec(self.op, self.source or self.name)  # unknown ops fail here, with their place
+        spec = op_spec(self.op, self.source or self.name)  # unknown ops fail here, with their place
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "attrs", MappingProxyType(dict(self.attrs)))
+        if spec.check_attrs is not None:
+            try:
+                spec.check_attrs(self.attrs)
+            except ValueError as exc:
+                raise ValueError(
+                    f"Node {self.name!r} ({self.source or self.op}) has bad attributes: {exc}"
+                ) from None
         frozen = {}
         for key, value in self.params.items():
             array = np.array(value, dtype=np.float64)
@@ -150,9 +175,201 @@ class Graph:
 # --------------------------------------------------------------------------- op semantics
 
 
-def _linear_apply(x: Any, weight: np.ndarray) -> Any:
+def _int_tuple(value: Any, name: str, minimum: int) -> tuple[int, ...]:
+    items = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+    for item in items:
+        if (
+            isinstance(item, bool | np.bool_)
+            or not isinstance(item, numbers.Integral)
+            or int(item) < minimum
+        ):
+            raise ValueError(
+                f"The {name!r} of a ConvGeometry must hold ints >= {minimum}. Got {value!r}."
+            )
+    return tuple(int(item) for item in items)
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Where a convolution's kernel reads its input (attributes of ``"conv"`` and
+    ``"avg_pool"`` nodes, stored in :attr:`Node.attrs` as :meth:`to_attrs`).
+
+    Attributes:
+        stride: step of the kernel along each spatial axis (>= 1).
+        padding: ``(begin, end)`` zeros added along each spatial axis (>= 0); they may
+            differ (torch's ``padding="same"`` with an even kernel pads one more at the end).
+        dilation: spacing of the kernel taps along each spatial axis (>= 1).
+        groups: channels split into independent groups (``groups = channels``: depthwise).
+
+    Examples:
+        >>> g = ConvGeometry(stride=(2, 2), padding=((1, 1), (0, 1)), dilation=(1, 1))
+        >>> g.output_shape((5, 5), (3, 3))
+        (3, 2)
+    """
+
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    dilation: tuple[int, ...]
+    groups: int = 1
+
+    def __post_init__(self) -> None:
+        stride = _int_tuple(self.stride, "stride", 1)
+        dilation = _int_tuple(self.dilation, "dilation", 1)
+        if not isinstance(self.padding, (tuple, list)):
+            raise ValueError(
+                f"The 'padding' of a ConvGeometry must be one (begin, end) pair per spatial "
+                f"axis. Got {self.padding!r}."
+            )
+        padding = tuple(_int_tuple(pair, "padding", 0) for pair in self.padding)
+        if any(len(pair) != 2 for pair in padding):
+            raise ValueError(
+                f"The 'padding' of a ConvGeometry must be one (begin, end) pair per spatial "
+                f"axis. Got {self.padding!r}."
+            )
+        if not len(stride) == len(dilation) == len(padding) or len(stride) not in (1, 2):
+            raise ValueError(
+                "A ConvGeometry needs one stride, padding pair and dilation per spatial axis, "
+                f"for 1 or 2 axes. Got stride={self.stride!r}, padding={self.padding!r}, "
+                f"dilation={self.dilation!r}."
+            )
+        (groups,) = _int_tuple(self.groups, "groups", 1)
+        object.__setattr__(self, "stride", stride)
+        object.__setattr__(self, "dilation", dilation)
+        object.__setattr__(self, "padding", padding)
+        object.__setattr__(self, "groups", groups)
+
+    @property
+    def ndim(self) -> int:
+        """Number of spatial axes (1 or 2)."""
+        return len(self.stride)
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, Any]) -> ConvGeometry:
+        """Read (and validate) the geometry from a node's attributes."""
+        missing = [key for key in ("stride", "padding", "dilation", "groups") if key not in attrs]
+        if missing:
+            raise ValueError(f"A convolution needs the attributes {missing}. Got {dict(attrs)}.")
+        return cls(attrs["stride"], attrs["padding"], attrs["dilation"], attrs["groups"])
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The geometry as node attributes."""
+        return asdict(self)
+
+    def output_shape(self, spatial: tuple[int, ...], kernel: tuple[int, ...]) -> tuple[int, ...]:
+        """Output spatial shape for an input of spatial shape ``spatial``."""
+        return tuple(
+            (n + begin + end - d * (k - 1) - 1) // s + 1
+            for n, k, (begin, end), s, d in zip(
+                spatial, kernel, self.padding, self.stride, self.dilation, strict=True
+            )
+        )
+
+
+class ArrayBackend(Protocol):
+    """The array operations whose code differs between NumPy and Concrete's tracer."""
+
+    def conv(self, x: Any, weight: np.ndarray, geometry: ConvGeometry) -> Any: ...
+
+
+def conv_numpy(x: np.ndarray, weight: np.ndarray, geometry: ConvGeometry) -> np.ndarray:
+    """Convolution (cross-correlation, as torch) of ``x (N, C, *spatial)`` with
+    ``weight (F, C / groups, *kernel)``, zero padded, in NumPy.
+
+    Every output is a sum of products of input values and weights, computed in the
+    inputs' dtype: exact on int64 arrays (no float rounding, no overflow below 2**63),
+    float64 on float arrays.
+
+    Examples:
+        >>> x = np.arange(5).reshape(1, 1, 5)
+        >>> conv_numpy(x, np.array([[[1, 0, -1]]]), ConvGeometry((1,), ((1, 1),), (1,)))
+        array([[[-1, -2, -2, -2,  3]]])
+    """
+    x = np.asarray(x)
+    weight = np.asarray(weight)
+    nd = geometry.ndim
+    if x.ndim != nd + 2 or weight.ndim != nd + 2:
+        raise ValueError(
+            f"A {nd}-d convolution needs inputs (N, C, ...) and weights (F, C/groups, ...) "
+            f"with {nd + 2} axes. Got {x.shape} and {weight.shape}."
+        )
+    n, c = x.shape[:2]
+    f, g = weight.shape[0], geometry.groups
+    kernel = weight.shape[2:]
+    if c % g or f % g or weight.shape[1] != c // g:
+        raise ValueError(
+            f"A convolution with groups={g} over {c} input channels needs weights of shape "
+            f"(F, {c // g if c % g == 0 else '?'}, ...) with F a multiple of {g}. "
+            f"Got {weight.shape}."
+        )
+    padded = np.pad(x, ((0, 0), (0, 0)) + geometry.padding)
+    span = tuple(d * (k - 1) + 1 for k, d in zip(kernel, geometry.dilation, strict=True))
+    windows = sliding_window_view(padded, span, axis=tuple(range(2, 2 + nd)))
+    # windows: (N, C, *positions, *span); keep every stride-th position, dilation-th tap
+    windows = windows[
+        (slice(None), slice(None))
+        + tuple(slice(None, None, s) for s in geometry.stride)
+        + tuple(slice(None, None, d) for d in geometry.dilation)
+    ]
+    windows = windows.reshape((n, g, c // g) + windows.shape[2:])
+    grouped = weight.reshape((g, f // g, c // g) + kernel)
+    out_axes, tap_axes = "xy"[:nd], "ij"[:nd]
+    out = np.einsum(
+        f"ngc{out_axes}{tap_axes},gfc{tap_axes}->ngf{out_axes}", windows, grouped, optimize=True
+    )
+    return out.reshape((n, f) + out.shape[3:])
+
+
+class _NumpyArrays:
+    def conv(self, x: Any, weight: np.ndarray, geometry: ConvGeometry) -> Any:
+        return conv_numpy(x, weight, geometry)
+
+
+#: NumPy's array operations (floats and exact int64).
+NUMPY_ARRAYS: ArrayBackend = _NumpyArrays()
+
+LinearApply = Callable[..., Any]
+
+
+def _linear_apply(
+    x: Any,
+    weight: np.ndarray,
+    attrs: Mapping[str, Any] | None = None,
+    backend: ArrayBackend | None = None,
+) -> Any:
     # NOTE: torch layout (out, in); works on floats, on int64 arrays and on Concrete tracers.
     return x @ weight.T
+
+
+def _conv_apply(
+    x: Any,
+    weight: np.ndarray,
+    attrs: Mapping[str, Any] | None = None,
+    backend: ArrayBackend | None = None,
+) -> Any:
+    # NOTE: zero padding in every domain (floats, codes, tracer): the map stays linear,
+    # and the lowering subtracts apply(z, W), padded the same way, to dequantize.
+    geometry = ConvGeometry.from_attrs(attrs or {})
+    return (backend or NUMPY_ARRAYS).conv(x, weight, geometry)
+
+
+def weight_input_channels(node: Node) -> np.ndarray:
+    """For a linear-kind node, the input channel each weight column reads.
+
+    Weights are laid out ``(out, in / groups, ...)``; output channel ``o`` of group
+    ``o // (out / groups)`` reads input channels ``group * in / groups + j``. Returns an
+    int array of shape ``weight.shape[:2]``.
+
+    Examples:
+        >>> node = Node("p", "avg_pool", ("x",), ConvGeometry((1,), ((0, 0),), (1,), 3)
+        ...             .to_attrs(), {"weight": np.ones((3, 1, 2))})
+        >>> weight_input_channels(node).ravel().tolist()
+        [0, 1, 2]
+    """
+    weight = node.params["weight"]
+    out, per_group = weight.shape[:2]
+    groups = int(node.attrs.get("groups", 1))
+    group = np.arange(out) // (out // groups)
+    return group[:, None] * per_group + np.arange(per_group)[None, :]
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -212,21 +429,38 @@ class OpSpec:
     Attributes:
         kind: ``"input"``, ``"linear"``, ``"elementwise"`` or ``"reshape"``.
         evaluate: ``evaluate(node, *inputs)`` in float.
-        linear_apply: for linear ops, ``apply(x, weight)`` without the bias; it must be
-            linear in ``x`` and run on float arrays, int64 arrays and Concrete tracers.
+        linear_apply: for linear ops, ``apply(x, weight, attrs, backend)`` without the
+            bias; it must be linear in ``x`` and run on float arrays, int64 arrays and
+            Concrete tracers (``backend``, an :class:`ArrayBackend`, supplies the
+            operations whose code differs; ``None`` means NumPy).
+        channel_axis: for linear ops, the axis of the input features that the layer
+            mixes with its weights' axis 1 and of its output channels (weights' axis 0):
+            ``-1`` for dense layers, ``1`` for convolutions. Per-feature input scales
+            and per-channel constants live on it.
+        unit_weights: for linear ops, the float weights are one positive constant per
+            output channel (average pooling: ``1/k``); they are quantized exactly to 1
+            and the constant goes into the scale, whatever the quantization config.
+        check_attrs: validates a node's attributes (raises ``ValueError``).
     """
 
     kind: Kind
     evaluate: Callable[..., np.ndarray]
-    linear_apply: Callable[[Any, np.ndarray], Any] | None = None
+    linear_apply: LinearApply | None = None
+    channel_axis: int = -1
+    unit_weights: bool = False
+    check_attrs: Callable[[Mapping[str, Any]], Any] | None = None
 
 
 def _eval_linear(node: Node, x: np.ndarray) -> np.ndarray:
     spec = OPS[node.op]
     assert spec.linear_apply is not None
-    out = spec.linear_apply(x, node.params["weight"])
+    out = spec.linear_apply(x, node.params["weight"], node.attrs, NUMPY_ARRAYS)
     bias = node.params.get("bias")
-    return out if bias is None else out + bias.reshape((1, -1) + (1,) * (out.ndim - 2))
+    if bias is None:
+        return out
+    shape = [1] * out.ndim
+    shape[spec.channel_axis % out.ndim] = -1
+    return out + bias.reshape(shape)
 
 
 def _eval_reshape(node: Node, x: np.ndarray) -> np.ndarray:
@@ -238,12 +472,22 @@ def _elementwise(name: str) -> OpSpec:
     return OpSpec("elementwise", lambda node, x: np.asarray(fn(node, x), dtype=np.float64))
 
 
-#: The op table: every operation fhe_quant knows, by name. Convolutions and pooling
-#: slot in as further ``"linear"`` entries with their own ``linear_apply``.
+#: The op table: every operation fhe_quant knows, by name.
 OPS: Mapping[str, OpSpec] = MappingProxyType(
     {
         "input": OpSpec("input", lambda node, x: x),
         "linear": OpSpec("linear", _eval_linear, _linear_apply),
+        "conv": OpSpec(
+            "linear", _eval_linear, _conv_apply, channel_axis=1, check_attrs=ConvGeometry.from_attrs
+        ),
+        "avg_pool": OpSpec(
+            "linear",
+            _eval_linear,
+            _conv_apply,
+            channel_axis=1,
+            unit_weights=True,
+            check_attrs=ConvGeometry.from_attrs,
+        ),
         "reshape": OpSpec("reshape", _eval_reshape),
         **{name: _elementwise(name) for name in _ELEMENTWISE},
     }
@@ -259,7 +503,11 @@ def op_spec(op: str, where: str) -> OpSpec:
 
 
 def linear_bounds(
-    op: str, weight: np.ndarray, lower: np.ndarray, upper: np.ndarray
+    op: str,
+    weight: np.ndarray,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    attrs: Mapping[str, Any] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Proven bounds of ``apply(x, weight)`` for every ``x`` with ``lower <= x <= upper``.
 
@@ -268,11 +516,17 @@ def linear_bounds(
     ``x = lower`` where it is negative (and the reverse for the smallest). The bound is
     exact (reached by some input) when the inputs vary independently. ``lower`` and
     ``upper`` are integer arrays shaped like one batch of inputs (batch size 1) and
-    ``weight`` an integer array.
+    ``weight`` an integer array; ``attrs`` are the node's attributes (a convolution's
+    geometry). A convolution's zero padding is a constant 0 in ``apply``, so the bounds
+    hold at the borders too.
 
     Examples:
         >>> linear_bounds("linear", np.array([[1, -2]]), np.array([[0, 0]]), np.array([[3, 3]]))
         (array([[-6]]), array([[3]]))
+        >>> geometry = ConvGeometry((1,), ((1, 0),), (1,)).to_attrs()
+        >>> linear_bounds("conv", np.array([[[2, -1]]]), np.zeros((1, 1, 2), int),
+        ...               np.full((1, 1, 2), 3), geometry)
+        (array([[[-3, -3]]]), array([[[0, 6]]]))
     """
     apply = op_spec(op, op).linear_apply
     if apply is None:
@@ -281,6 +535,7 @@ def linear_bounds(
     w_pos, w_neg = np.maximum(weight, 0), np.minimum(weight, 0)
     lower = np.asarray(lower, dtype=np.int64)
     upper = np.asarray(upper, dtype=np.int64)
-    hi = apply(upper, w_pos) + apply(lower, w_neg)
-    lo = apply(lower, w_pos) + apply(upper, w_neg)
+    attrs = attrs or {}
+    hi = apply(upper, w_pos, attrs, NUMPY_ARRAYS) + apply(lower, w_neg, attrs, NUMPY_ARRAYS)
+    lo = apply(lower, w_pos, attrs, NUMPY_ARRAYS) + apply(upper, w_neg, attrs, NUMPY_ARRAYS)
     return lo, hi

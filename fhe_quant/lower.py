@@ -6,12 +6,20 @@ Every encrypted value in the program is a non-negative integer with a proven upp
 bound, so its width never depends on the data Concrete sees at compile time:
 
 * the input is the client's quantized tensor, clipped to ``[0, qmax]``;
-* a linear layer computes ``acc = apply(q, W) - lo`` where ``lo`` is the proven
-  per-output minimum of ``apply(q, W)`` (:func:`fhe_quant.ir.linear_bounds`), so
-  ``0 <= acc <= hi - lo``; the zero points and the bias are not added here: they are
-  constants of the next table or of the client's dequantization;
-* when ``acc`` is wider than the table input width, its low bits are dropped exactly
-  (``fhe.truncate_bit_pattern``), and the table reads the ``index_bits`` high bits;
+* a linear layer (dense, convolution, average pooling) computes
+  ``acc = apply(q, W) - lo`` where ``lo`` is the proven per-output minimum of
+  ``apply(q, W)`` (:func:`fhe_quant.ir.linear_bounds`), so ``0 <= acc <= hi - lo``; the
+  zero points and the bias are not added here: they are constants of the next table or
+  of the client's dequantization;
+* a convolution pads its codes with 0, not with the zero point ``z`` that codes the real
+  value 0: ``apply`` stays linear, and the real output
+  ``s_w * apply(q - z, W) = s_w * (apply(q, W) - apply(z, W))`` subtracts
+  ``apply(z, W)`` computed with the same zero padding, one constant per output
+  position, so at the borders the padded taps contribute exactly the real 0;
+* when ``acc`` is wider than the table input width, its low bits are rounded away
+  (``fhe.round_bit_pattern``, exact by default), and the table reads the
+  ``index_bits`` high bits; the rounding width is chosen so that rounding up can never
+  carry into a new bit (which would widen the table);
 * one table per element then applies, in one lookup: dequantization, bias, the whole
   chain of activations and constant operations, and the next layer's input
   quantization (with its clipping);
@@ -23,14 +31,14 @@ overflow of a value wider than the compile-time inputset showed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
 from fhe_quant.errors import RangeError
-from fhe_quant.ir import OPS, Node, linear_bounds
+from fhe_quant.ir import OPS, ConvGeometry, Node, conv_numpy, linear_bounds
 from fhe_quant.quant.ptq import QuantizedGraph, Segment
 from fhe_quant.quant.quantizer import UniformQuantizer
 
@@ -51,27 +59,31 @@ MAX_TABLE_BITS = 16
 
 
 class Backend(Protocol):
-    """The three operations whose meaning differs between NumPy and Concrete's tracer."""
+    """The operations whose code differs between NumPy and Concrete's tracer (it is an
+    :class:`~fhe_quant.ir.ArrayBackend`: linear ops call its ``conv``)."""
 
     def hint(self, x: Any, bit_width: int) -> Any: ...
 
-    def truncate(self, x: Any, lsbs: int) -> Any: ...
+    def conv(self, x: Any, weight: np.ndarray, geometry: ConvGeometry) -> Any: ...
 
-    def round(self, x: Any, lsbs: int) -> Any: ...
+    def round(self, x: Any, lsbs: int, exact: bool) -> Any: ...
 
     def lookup(self, fn: Any, x: Any) -> Any: ...
 
 
 class _NumpyBackend:
-    """Clear integers: hints are no-ops, truncation clears low bits, lookups call ``fn``."""
+    """Clear integers: hints are no-ops, convolutions are exact int64 sums, truncation
+    clears low bits, lookups call ``fn``."""
 
     def hint(self, x: Any, bit_width: int) -> Any:
         return x
 
-    def truncate(self, x: Any, lsbs: int) -> Any:
-        return (np.asarray(x) >> lsbs) << lsbs
+    def conv(self, x: Any, weight: np.ndarray, geometry: ConvGeometry) -> Any:
+        # NOTE: exact int64 arithmetic (im2col + einsum, no float rounding); the proven
+        # accumulator bounds keep every value far below 2**63.
+        return conv_numpy(x, weight, geometry)
 
-    def round(self, x: Any, lsbs: int) -> Any:
+    def round(self, x: Any, lsbs: int, exact: bool) -> Any:
         # NOTE: round half up, as Concrete's round_bit_pattern does in clear.
         return ((np.asarray(x) + (1 << (lsbs - 1))) >> lsbs) << lsbs
 
@@ -108,7 +120,8 @@ class LinearStep:
     """``acc = apply(q, weight) + offset``, with ``0 <= acc <= acc_max`` proven.
 
     Its real value is ``scale * (acc - zero) + bias`` (all broadcast to the
-    accumulator's shape for one sample).
+    accumulator's shape for one sample). ``attrs`` are the op's attributes (a
+    convolution's :class:`~fhe_quant.ir.ConvGeometry`).
     """
 
     name: str
@@ -119,6 +132,7 @@ class LinearStep:
     scale: np.ndarray
     zero: np.ndarray
     bias: np.ndarray
+    attrs: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def acc_bits(self) -> int:
@@ -128,7 +142,9 @@ class LinearStep:
         return self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
 
     def __call__(self, q: Any, backend: Backend) -> Any:
-        acc = OPS[self.op].linear_apply(q, self.weight) + self.offset  # type: ignore[misc]
+        apply = OPS[self.op].linear_apply
+        assert apply is not None
+        acc = apply(q, self.weight, self.attrs, backend) + self.offset
         return backend.hint(acc, self.acc_bits)
 
 
@@ -139,14 +155,17 @@ class TableStep:
     ``table[j, i]`` is the output for element ``j`` (flat index within one sample) when
     the accumulator's high bits are ``i``. Output values are in ``[0, 2**out_bits)``.
 
-    With ``exact_rounding`` the low bits are truncated exactly (one small bootstrap per
-    dropped bit in FHE); without it they are rounded approximately by the table lookup
-    itself (no extra bootstrap), which in FHE may land one cell off near a cell border,
-    so ``simulate``/``execute`` may then differ from ``disable`` by one table entry.
+    The accumulator is rounded to a multiple of ``2**lsbs`` (half up) at width
+    ``round_bits``, wide enough that rounding up never carries out. With
+    ``exact_rounding`` the low bits are removed exactly (one small bootstrap per bit in
+    FHE); without it the lookup itself rounds approximately (no extra bootstrap), which in
+    FHE may land one cell off near a cell border, so ``simulate``/``execute`` may then
+    differ from ``disable`` by one table entry.
     """
 
     name: str
     lsbs: int
+    round_bits: int
     exact_rounding: bool
     index_max: np.ndarray
     table: np.ndarray
@@ -162,7 +181,7 @@ class TableStep:
 
     def lookup(self, acc: np.ndarray) -> np.ndarray:
         acc = np.asarray(acc)
-        index = np.clip(acc >> self.lsbs, 0, self.table.shape[1] - 1)  # clip: Concrete
+        index = np.clip(acc >> self.lsbs, 0, self.table.shape[1] - 1)  # NOTE: Concrete
         # evaluates the lookup on every value of the input's width, reachable or not
         flat = index.reshape(index.shape[0], -1)
         out = self.table[np.arange(flat.shape[1]), flat]
@@ -170,10 +189,11 @@ class TableStep:
 
     def __call__(self, acc: Any, backend: Backend) -> Any:
         if self.lsbs:
-            dropped = (backend.truncate if self.exact_rounding else backend.round)(acc, self.lsbs)
-            # NOTE: the hint matters: Concrete sizes the table from the rounded value's
-            # width, which it would otherwise take from the inputset, not from the proof.
-            acc = backend.hint(dropped, self.index_bits + self.lsbs)
+            # NOTE: the hints matter: Concrete sizes the rounding and the table from these
+            # widths, which it would otherwise take from the inputset, not from the proof;
+            # equal widths before and after also tell it that no carry can occur.
+            acc = backend.hint(acc, self.round_bits)
+            acc = backend.hint(backend.round(acc, self.lsbs, self.exact_rounding), self.round_bits)
         out = backend.hint(backend.lookup(self.lookup, acc), self.out_bits)
         return out.reshape((out.shape[0],) + self.out_shape)
 
@@ -238,16 +258,23 @@ class IntegerProgram:
         lines = [f"def program(q):  # q: uint{self.input_bits}{list(self.input_shape)}"]
         for step in self.steps:
             if isinstance(step, LinearStep):
+                geometry = ""
+                if "stride" in step.attrs:
+                    g = ConvGeometry.from_attrs(step.attrs)
+                    geometry = (
+                        f", stride={g.stride}, padding={g.padding}, dilation={g.dilation}"
+                        f", groups={g.groups}"
+                    )
                 lines.append(
-                    f"    acc = {step.op}(q, W_{step.name}{list(step.weight.shape)}) + "
+                    f"    acc = {step.op}(q, W_{step.name}{list(step.weight.shape)}{geometry}) + "
                     f"offset_{step.name}  # 0 <= acc <= {int(step.acc_max.max())} "
                     f"({step.acc_bits} bits, proven)"
                 )
             else:
                 if step.lsbs:
-                    how = "truncate" if step.exact_rounding else "round (approximate)"
+                    how = "exact" if step.exact_rounding else "approximate"
                     lines.append(
-                        f"    acc = {how}_bit_pattern(acc, lsbs_to_remove={step.lsbs})"
+                        f"    acc = round_bit_pattern(acc, lsbs_to_remove={step.lsbs}, {how})"
                         f"  # table reads {step.index_bits} bits"
                     )
                 lines.append(
@@ -259,31 +286,45 @@ class IntegerProgram:
         return "\n".join(lines)
 
 
-def _broadcast(values: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Per-output-channel constants (axis 1 of the accumulator) broadcast to ``shape``."""
+def _broadcast(values: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray:
+    """Per-output-channel constants (on ``axis`` of the accumulator) broadcast to ``shape``."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 1:
         return np.full(shape, values.item())
-    return np.broadcast_to(values.reshape((1, -1) + (1,) * (len(shape) - 2)), shape).copy()
+    channel_shape = [1] * len(shape)
+    channel_shape[axis % len(shape)] = -1
+    return np.broadcast_to(values.reshape(channel_shape), shape).copy()
 
 
 def _lower_linear(segment: Segment, lower: np.ndarray, upper: np.ndarray) -> LinearStep:
     linear = segment.linear
     node: Node = linear.node
+    spec = OPS[node.op]
+    assert spec.linear_apply is not None
     weight = linear.weight_q
-    lo, hi = linear_bounds(node.op, weight, lower, upper)
+    lo, hi = linear_bounds(node.op, weight, lower, upper, node.attrs)
     shape = lo.shape
     x_q = linear.input_quantizer
     # NOTE: input x_i = s_i * (q_i - z_i) and the integer weights W approximate
     # w * s_in / s_w (input scales folded in, see quant/ptq.py), so
     #   apply(x, w) + b  =  s_w * (apply(q, W) - apply(z, W)) + b  =  scale * (acc - zero) + bias
-    # with acc = apply(q, W) - lo: zero = apply(z, W) - lo, an integer per output.
+    # with acc = apply(q, W) - lo: zero = apply(z, W) - lo, an integer per output. A
+    # convolution pads z with 0 as it pads q, so `zero` differs at the borders and a
+    # padded tap contributes s_w * (0 - 0) = 0: the real zero padding, for any z.
     z_x = np.broadcast_to(x_q.zero_point_array(lower.ndim), lower.shape).astype(np.int64)
-    zero = OPS[node.op].linear_apply(z_x, weight) - lo  # type: ignore[misc]
-    scale = _broadcast(np.asarray(linear.weight_quantizer.scale), shape)
-    bias = _broadcast(node.params.get("bias", np.zeros(1)), shape)
+    zero = spec.linear_apply(z_x, weight, node.attrs, NUMPY) - lo
+    scale = _broadcast(np.asarray(linear.weight_quantizer.scale), shape, spec.channel_axis)
+    bias = _broadcast(node.params.get("bias", np.zeros(1)), shape, spec.channel_axis)
     return LinearStep(
-        node.name, node.op, weight, -lo, hi - lo, scale, zero.astype(np.float64), bias
+        node.name,
+        node.op,
+        weight,
+        -lo,
+        hi - lo,
+        scale,
+        zero.astype(np.float64),
+        bias,
+        node.attrs,
     )
 
 
@@ -298,17 +339,18 @@ def _lower_table(
 ) -> TableStep:
     out_q = segment.output_quantizer
     assert out_q is not None
-    acc_bits = linear.acc_bits
-    lsbs = max(0, acc_bits - table_bits)
-    if exact_rounding or lsbs == 0:
-        # Truncation: index i holds accumulators i*2^lsbs ... i*2^lsbs + 2^lsbs - 1;
-        # the table evaluates the layer at the centre of that cell.
-        index_max = linear.acc_max >> lsbs
-        centre_shift = (2**lsbs - 1) / 2
-    else:
-        # Rounding to nearest: index i holds the accumulators nearest to i*2^lsbs.
-        index_max = (linear.acc_max + 2 ** (lsbs - 1)) >> lsbs
-        centre_shift = 0.0
+    round_bits = linear.acc_bits
+    lsbs = max(0, round_bits - table_bits)
+    half = 2 ** (lsbs - 1) if lsbs else 0
+    if lsbs and int(linear.acc_max.max()) + half >= 2**round_bits:
+        # Rounding the largest accumulators up would carry into a new bit: round at one
+        # more bit instead, dropping one more bit, so the table keeps table_bits inputs.
+        round_bits, lsbs = round_bits + 1, lsbs + 1
+        half = 2 ** (lsbs - 1)
+    # Index i holds the accumulators nearest to i*2^lsbs (halves up), i.e. the cell
+    # i*2^lsbs - half ... i*2^lsbs + half - 1; the table evaluates the layer at its centre.
+    index_max = (linear.acc_max + half) >> lsbs
+    centre_shift = -0.5 if lsbs else 0.0
     n_index = int(index_max.max()) + 1
     centres = np.arange(n_index, dtype=np.float64) * 2**lsbs + centre_shift
     acc_grid = centres.reshape((n_index,) + (1,) * (linear.scale.ndim - 1))
@@ -329,6 +371,7 @@ def _lower_table(
     return TableStep(
         f"{linear.name}",
         lsbs,
+        round_bits,
         exact_rounding or lsbs == 0,
         index_max,
         table,
@@ -345,7 +388,7 @@ def lower(quantized: QuantizedGraph, table_bits: int | None = None) -> IntegerPr
 
     Args:
         quantized: the output of :func:`fhe_quant.quant.ptq.quantize_graph`.
-        table_bits: width of every table's input (the accumulator is truncated to it);
+        table_bits: width of every table's input (the accumulator is rounded to it);
             ``None`` uses ``quantized.config.rounding_bits`` or, if that is ``None``
             too, :func:`auto_table_bits` of each layer's output bits.
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fhe_quant.errors import UnsupportedOpError
-from fhe_quant.ir import Graph, Node
+from fhe_quant.ir import OPS, Graph, Node
 
 __all__ = [
     "remove_identities",
@@ -51,20 +51,35 @@ def remove_identities(graph: Graph) -> Graph:
     return graph.replace(nodes, output)
 
 
-def _per_output_constant(constant: np.ndarray, n_out: int) -> np.ndarray | None:
-    """The constant as a vector over a linear layer's outputs, if it broadcasts that way."""
+def _per_output_constant(
+    constant: np.ndarray, n_out: int, out_ndim: int, channel_axis: int
+) -> np.ndarray | None:
+    """The constant as a vector over a linear-kind layer's output channels, if it only
+    varies along the layer's channel axis (of an output with ``out_ndim`` axes, batch
+    included) when broadcast against the output; else ``None``."""
     if constant.size == 1:
         return np.full(n_out, constant.item())
-    if constant.ndim >= 1 and constant.shape[-1] == n_out and constant.size == n_out:
-        return constant.reshape(n_out)
-    return None
+    if constant.ndim > out_ndim:
+        return None
+    shape = (1,) * (out_ndim - constant.ndim) + constant.shape
+    axis = channel_axis % out_ndim
+    others = [size for i, size in enumerate(shape) if i != axis]
+    if shape[axis] != n_out or any(size != 1 for size in others):
+        return None
+    return constant.reshape(n_out)
 
 
 def fold_affine_into_linear(graph: Graph) -> Graph:
-    """Fold ``mul_const`` / ``add_const`` (batch norm, scalings) into the linear layer
-    before them, when that layer feeds only them and the constant is per output."""
+    """Fold ``mul_const`` / ``add_const`` (batch norm, scalings) into the linear-kind
+    layer before them (dense or convolution), when that layer feeds only them and the
+    constant is one value per output channel.
+
+    Average pooling is left alone: its weights must stay ``1/k`` to quantize exactly
+    (the constant then fuses into the table after it, at no cost).
+    """
     nodes = list(graph.nodes)
     output = graph.output_name
+    ndims = {name: value.ndim for name, value in graph.run(_probe(graph)).items()}
     changed = True
     while changed:
         changed = False
@@ -74,20 +89,27 @@ def fold_affine_into_linear(graph: Graph) -> Graph:
                 continue
             prev = by_name[node.inputs[0]]
             users = [n for n in nodes if prev.name in n.inputs]
-            if prev.op != "linear" or len(users) != 1 or prev.name == output:
+            if prev.kind != "linear" or len(users) != 1 or prev.name == output:
+                continue
+            spec = OPS[prev.op]
+            if spec.unit_weights:
                 continue
             weight = prev.params["weight"]
             n_out = weight.shape[0]
-            vector = _per_output_constant(node.params["constant"], n_out)
+            vector = _per_output_constant(
+                node.params["constant"], n_out, ndims[prev.name], spec.channel_axis
+            )
             if vector is None:
                 continue
             bias = prev.params.get("bias", np.zeros(n_out))
             if node.op == "mul_const":
-                params = {"weight": weight * vector[:, None], "bias": bias * vector}
+                scale = vector.reshape((n_out,) + (1,) * (weight.ndim - 1))
+                params = {"weight": weight * scale, "bias": bias * vector}
             else:
                 params = {"weight": weight, "bias": bias + vector}
-            merged = Node(node.name, "linear", prev.inputs, prev.attrs, params, prev.source)
+            merged = Node(node.name, prev.op, prev.inputs, prev.attrs, params, prev.source)
             nodes = [merged if n.name == node.name else n for n in nodes if n.name != prev.name]
+            ndims[merged.name] = ndims[prev.name]
             changed = True
             break
     return graph.replace(nodes, output)

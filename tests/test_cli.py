@@ -65,7 +65,7 @@ def test_report_prints_scores_bits_and_program(saved_model, capsys) -> None:
     out = capsys.readouterr().out
     assert code == 0
     assert "simulate" in out and "PBS per sample" in out
-    assert "def program(q)" in out and "truncate_bit_pattern" in out
+    assert "def program(q)" in out and "round_bit_pattern" in out
 
 
 def test_report_error_is_a_clean_message(saved_model, capsys) -> None:

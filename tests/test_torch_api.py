@@ -92,6 +92,21 @@ def test_execute_equals_disable_bit_for_bit() -> None:
     )
 
 
+def test_accumulator_wider_than_16_bits_compiles_with_narrow_tables() -> None:
+    # 8-bit inputs times 8-bit weights over 256 inputs: a 22-bit accumulator, proven.
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(256, 4), nn.ReLU(), nn.Linear(4, 2))
+    x = np.random.default_rng(2).normal(size=(64, 256))
+    qm = compile_torch_model(model, x, n_bits=8, rounding_bits=4, p_error=TINY_P_ERROR)
+    assert qm.statistics["layers"][0]["accumulator_bits"] > 16
+    assert max(qm.program.lookups_by_width()) <= 16
+    assert qm.statistics["layers"][0]["table_input_bits"] == 4
+    x_test = np.concatenate([x[:3], _worst_cases(qm)])
+    np.testing.assert_array_equal(
+        qm.forward_integers(x_test, fhe="simulate"), qm.forward_integers(x_test, fhe="disable")
+    )
+
+
 def test_single_linear_layer_needs_no_bootstrap() -> None:
     model = nn.Sequential(nn.Linear(5, 2), nn.Sigmoid())
     x = np.random.default_rng(0).normal(size=(30, 5))
@@ -121,10 +136,10 @@ def test_approximate_rounding_needs_no_extra_bootstrap_and_stays_accurate(
     lookups = sum(layer.get("lookups", 0) for layer in approx.statistics["layers"])
     assert approx.statistics["pbs_count"] == lookups == 128
     assert approx.statistics["pbs_per_precision"] == {5: 128}
-    assert "round (approximate)" in approx.program.source()
+    assert "approximate)" in approx.program.source()
     report = approx.report(x_test[:120], y_test[:120], fhe="simulate")
     assert report.scores["simulate"] >= report.scores["quantized"] - 0.05
-    # the exact program truncates the same bits: same widths, one bootstrap per bit more
+    # the exact program rounds the same bits: same widths, one bootstrap per bit more
     assert [s.index_bits for s in exact.program.steps[1::2]] == [5, 5]
     assert exact.program.lookups_by_width()[1] == sum(
         64 * s.lsbs for s in exact.program.steps[1::2]

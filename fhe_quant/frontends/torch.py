@@ -7,13 +7,23 @@ below (modules, functions, methods). Anything else raises
 :class:`~fhe_quant.errors.UnsupportedOpError` with the node's place in the model, before
 anything is compiled. The translated graph is then checked against the module's own
 eval-mode output, so that a mistranslation can never pass silently.
+
+Convolutional chains: ``Conv1d``/``Conv2d`` (stride, zero padding as ints, tuples,
+``"valid"`` or ``"same"``, dilation, groups, bias; also ``F.conv1d``/``F.conv2d`` with
+constant weights) become ``"conv"`` nodes; ``AvgPool1d/2d`` and ``AdaptiveAvgPool1d/2d``
+(modules or functions) become ``"avg_pool"`` nodes, depthwise convolutions with weights
+``1/k``; ``BatchNorm1d/2d`` become a per-channel scale and shift that
+:func:`fhe_quant.passes.fold_affine_into_linear` folds into the convolution before them.
+Max pooling is refused for now.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -24,7 +34,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fhe_quant.errors import TraceError, UnsupportedOpError
-from fhe_quant.ir import Graph, Node
+from fhe_quant.ir import ConvGeometry, Graph, Node
 
 __all__ = ["trace_module"]
 
@@ -34,19 +44,30 @@ def _np(t: torch.Tensor) -> np.ndarray:
 
 
 # --------------------------------------------------------------------- module translations
-# Each returns (op, attrs, params) for the traced call of a module instance.
+# Each returns (op, attrs, params) for the traced call of a module instance, given the
+# shape of its input (batch included); a ValueError means an unsupported option.
 
-ModuleRule = Callable[[Any], tuple[str, dict[str, Any], dict[str, np.ndarray]]]
+Translation = tuple[str, dict[str, Any], dict[str, np.ndarray]]
+ModuleRule = Callable[[Any, tuple[int, ...]], Translation]
 
 
-def _linear(m: nn.Linear) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+class _RefusedOptionError(ValueError):
+    """A layer option we cannot compile: ``option`` names it, ``hint`` says what to do."""
+
+    def __init__(self, option: str, hint: str = "") -> None:
+        super().__init__(option)
+        self.option = option
+        self.hint = hint
+
+
+def _linear(m: nn.Linear, shape: tuple[int, ...]) -> Translation:
     params = {"weight": _np(m.weight)}
     if m.bias is not None:
         params["bias"] = _np(m.bias)
     return "linear", {}, params
 
 
-def _batchnorm(m: nn.BatchNorm1d) -> tuple[str, dict[str, Any], dict[str, np.ndarray]]:
+def _batchnorm(m: nn.BatchNorm1d, shape: tuple[int, ...]) -> Translation:
     if m.running_mean is None or m.running_var is None:
         raise ValueError("track_running_stats=False")
     scale = _np(m.weight) if m.weight is not None else np.ones(m.num_features)
@@ -56,36 +77,171 @@ def _batchnorm(m: nn.BatchNorm1d) -> tuple[str, dict[str, Any], dict[str, np.nda
     return "affine", {}, {"scale": scale, "shift": shift}
 
 
+def _spatial_dims(shape: tuple[int, ...], nd: int) -> tuple[int, ...]:
+    if len(shape) != nd + 2:
+        raise _RefusedOptionError(
+            f"an input of shape {tuple(shape)}",
+            f"Expected a batch of shape (N, C, {'L' if nd == 1 else 'H, W'}).",
+        )
+    return tuple(shape[2:])
+
+
+def _ntuple(value: Any, nd: int) -> tuple[int, ...]:
+    return tuple(int(v) for v in value) if isinstance(value, (tuple, list)) else (int(value),) * nd
+
+
+def _conv_geometry(
+    kernel: tuple[int, ...],
+    stride: Any,
+    padding: Any,
+    dilation: Any,
+    groups: int,
+) -> ConvGeometry:
+    """The :class:`ConvGeometry` of a torch convolution's arguments.
+
+    ``padding`` is torch's: an int, a tuple, ``"valid"`` or ``"same"`` (which pads
+    ``dilation * (kernel - 1)`` in total, the odd one at the end, as torch does).
+    """
+    nd = len(kernel)
+    dilation = _ntuple(dilation, nd)
+    if padding == "valid":
+        pairs = ((0, 0),) * nd
+    elif padding == "same":
+        totals = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+        pairs = tuple((total // 2, total - total // 2) for total in totals)
+    else:
+        pairs = tuple((p, p) for p in _ntuple(padding, nd))
+    return ConvGeometry(_ntuple(stride, nd), pairs, dilation, int(groups))
+
+
+def _conv(m: nn.Conv1d | nn.Conv2d, shape: tuple[int, ...]) -> Translation:
+    nd = len(m.kernel_size)
+    _spatial_dims(shape, nd)
+    if m.padding_mode != "zeros":
+        raise _RefusedOptionError(
+            f"padding_mode={m.padding_mode!r}",
+            "Only zero padding (padding_mode='zeros') is supported.",
+        )
+    geometry = _conv_geometry(tuple(m.kernel_size), m.stride, m.padding, m.dilation, m.groups)
+    params = {"weight": _np(m.weight)}
+    if m.bias is not None:
+        params["bias"] = _np(m.bias)
+    return "conv", geometry.to_attrs(), params
+
+
+def _avg_pool_node(
+    channels: int, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...]
+) -> Translation:
+    # NOTE: average pooling is a depthwise convolution with weights 1/k (zeros padded and
+    # counted, as count_include_pad=True); quantization makes the weights exactly 1.
+    geometry = ConvGeometry(stride, tuple((p, p) for p in padding), (1,) * len(kernel), channels)
+    weight = np.full((channels, 1) + kernel, 1.0 / float(np.prod(kernel)))
+    return "avg_pool", geometry.to_attrs(), {"weight": weight}
+
+
+def _avg_pool(m: nn.AvgPool1d | nn.AvgPool2d, shape: tuple[int, ...]) -> Translation:
+    nd = 1 if isinstance(m, nn.AvgPool1d) else 2
+    _spatial_dims(shape, nd)
+    kernel = _ntuple(m.kernel_size, nd)
+    stride = _ntuple(m.stride, nd) if m.stride else kernel
+    padding = _ntuple(m.padding, nd)
+    if m.ceil_mode:
+        raise _RefusedOptionError("ceil_mode=True", "Use ceil_mode=False (the default).")
+    if getattr(m, "divisor_override", None) is not None:
+        raise _RefusedOptionError(
+            f"divisor_override={m.divisor_override}", "Remove divisor_override."
+        )
+    if not m.count_include_pad and any(padding):
+        raise _RefusedOptionError(
+            "count_include_pad=False with padding",
+            "The divisor must not depend on the position: use count_include_pad=True.",
+        )
+    return _avg_pool_node(shape[1], kernel, stride, padding)
+
+
+def _adaptive_avg_pool(
+    m: nn.AdaptiveAvgPool1d | nn.AdaptiveAvgPool2d, shape: tuple[int, ...]
+) -> Translation:
+    nd = 1 if isinstance(m, nn.AdaptiveAvgPool1d) else 2
+    spatial = _spatial_dims(shape, nd)
+    sizes = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,) * nd
+    out = tuple(n if o is None else int(o) for n, o in zip(spatial, sizes, strict=True))
+    if any(n % o for n, o in zip(spatial, out, strict=True)):
+        raise _RefusedOptionError(
+            f"output_size={tuple(out)} for an input of size {spatial}",
+            "The output size must divide the input size (then the pooling has one "
+            "kernel size and stride).",
+        )
+    kernel = tuple(n // o for n, o in zip(spatial, out, strict=True))
+    return _avg_pool_node(shape[1], kernel, kernel, (0,) * nd)
+
+
+def _max_pool(m: nn.Module, shape: tuple[int, ...]) -> Translation:
+    raise _RefusedOptionError(
+        "max pooling",
+        "Max pooling is not supported yet (coming later); use AvgPool or a strided "
+        "convolution meanwhile.",
+    )
+
+
+def _simple(op: str, attrs: Callable[[Any], dict[str, Any]] | None = None) -> ModuleRule:
+    return lambda m, shape: (op, attrs(m) if attrs else {}, {})
+
+
 _MODULES: dict[type, ModuleRule] = {
     nn.Linear: _linear,
     nn.BatchNorm1d: _batchnorm,
-    nn.Identity: lambda m: ("identity", {}, {}),
-    nn.Dropout: lambda m: ("identity", {}, {}),
-    nn.Flatten: lambda m: ("reshape", {}, {}),
-    nn.Unflatten: lambda m: ("reshape", {}, {}),
-    nn.ReLU: lambda m: ("relu", {}, {}),
-    nn.ReLU6: lambda m: ("relu6", {}, {}),
-    nn.LeakyReLU: lambda m: ("leaky_relu", {"negative_slope": float(m.negative_slope)}, {}),
-    nn.PReLU: lambda m: ("prelu", {}, {"weight": _np(m.weight)}),
-    nn.Sigmoid: lambda m: ("sigmoid", {}, {}),
-    nn.Tanh: lambda m: ("tanh", {}, {}),
-    nn.GELU: lambda m: ("gelu", {"approximate": m.approximate}, {}),
-    nn.SiLU: lambda m: ("silu", {}, {}),
-    nn.Hardtanh: lambda m: (
-        "hardtanh",
-        {"min_val": float(m.min_val), "max_val": float(m.max_val)},
-        {},
+    nn.BatchNorm2d: _batchnorm,
+    nn.Conv1d: _conv,
+    nn.Conv2d: _conv,
+    nn.AvgPool1d: _avg_pool,
+    nn.AvgPool2d: _avg_pool,
+    nn.AdaptiveAvgPool1d: _adaptive_avg_pool,
+    nn.AdaptiveAvgPool2d: _adaptive_avg_pool,
+    nn.MaxPool1d: _max_pool,
+    nn.MaxPool2d: _max_pool,
+    nn.AdaptiveMaxPool1d: _max_pool,
+    nn.AdaptiveMaxPool2d: _max_pool,
+    nn.Identity: _simple("identity"),
+    nn.Dropout: _simple("identity"),
+    nn.Dropout1d: _simple("identity"),
+    nn.Dropout2d: _simple("identity"),
+    nn.Flatten: _simple("reshape"),
+    nn.Unflatten: _simple("reshape"),
+    nn.ReLU: _simple("relu"),
+    nn.ReLU6: _simple("relu6"),
+    nn.LeakyReLU: _simple("leaky_relu", lambda m: {"negative_slope": float(m.negative_slope)}),
+    nn.PReLU: lambda m, shape: ("prelu", {}, {"weight": _np(m.weight)}),
+    nn.Sigmoid: _simple("sigmoid"),
+    nn.Tanh: _simple("tanh"),
+    nn.GELU: _simple("gelu", lambda m: {"approximate": m.approximate}),
+    nn.SiLU: _simple("silu"),
+    nn.Hardtanh: _simple(
+        "hardtanh", lambda m: {"min_val": float(m.min_val), "max_val": float(m.max_val)}
     ),
-    nn.Hardswish: lambda m: ("hardswish", {}, {}),
-    nn.Hardsigmoid: lambda m: ("hardsigmoid", {}, {}),
-    nn.ELU: lambda m: ("elu", {"alpha": float(m.alpha)}, {}),
-    nn.Softplus: lambda m: (
-        "softplus",
-        {"beta": float(m.beta), "threshold": float(m.threshold)},
-        {},
+    nn.Hardswish: _simple("hardswish"),
+    nn.Hardsigmoid: _simple("hardsigmoid"),
+    nn.ELU: _simple("elu", lambda m: {"alpha": float(m.alpha)}),
+    nn.Softplus: _simple(
+        "softplus", lambda m: {"beta": float(m.beta), "threshold": float(m.threshold)}
     ),
 }
 # NOTE: nn.ReLU6 subclasses nn.Hardtanh; lookups use the exact type, so order is irrelevant.
+
+# Functional pooling, translated through the module of the same arguments.
+_POOL_FUNCTIONS: dict[Any, type[nn.Module]] = {
+    F.avg_pool1d: nn.AvgPool1d,
+    F.avg_pool2d: nn.AvgPool2d,
+    F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d,
+    F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d,
+    F.max_pool1d: nn.MaxPool1d,
+    F.max_pool2d: nn.MaxPool2d,
+    F.adaptive_max_pool1d: nn.AdaptiveMaxPool1d,
+    F.adaptive_max_pool2d: nn.AdaptiveMaxPool2d,
+}
+_CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2}
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
 # Functions and tensor methods that are activations, with the kwargs we read and defaults.
 _ACTIVATION_FUNCTIONS: dict[Any, tuple[str, dict[str, Any]]] = {
@@ -216,17 +372,70 @@ class _Translator:
             raise UnsupportedOpError(
                 f"torch.nn.{type(sub).__name__}", where, _hint_for(type(sub).__name__)
             )
-        try:
-            op, attrs, params = rule(sub)
-        except ValueError as exc:
-            raise UnsupportedOpError(f"{type(sub).__name__}({exc})", where) from None
         inputs = self.tensor_args(fx_node, where)
+        op, attrs, params = self.apply_rule(rule, sub, inputs[0], where)
         if op == "reshape":
             attrs = {"shape": self.out_shape(fx_node)[1:]}
         if op == "affine":
             self.add_affine(fx_node, inputs[0], params["scale"], params["shift"])
             return
         self.add(fx_node, op, inputs, attrs, params)
+
+    def apply_rule(
+        self, rule: ModuleRule, module: nn.Module, source: torch.fx.Node, where: str
+    ) -> Translation:
+        try:
+            return rule(module, self.out_shape(source))
+        except _RefusedOptionError as exc:
+            raise UnsupportedOpError(
+                f"{type(module).__name__}({exc.option})", where, exc.hint
+            ) from None
+        except ValueError as exc:
+            raise UnsupportedOpError(f"{type(module).__name__}({exc})", where) from None
+
+    def translate_pool_call(self, fx_node: torch.fx.Node, where: str) -> None:
+        # F.avg_pool2d(x, 2, ...) is translated as nn.AvgPool2d(2, ...) on x.
+        module_type = _POOL_FUNCTIONS[fx_node.target]
+        bound = fx_node.normalized_arguments(self.gm, normalize_to_only_use_kwargs=True)
+        if bound is None:
+            raise UnsupportedOpError(str(fx_node.target), where, "Could not read its arguments.")
+        kwargs = dict(bound.kwargs)
+        source = kwargs.pop("input")
+        kwargs.pop("return_indices", None)
+        if not self.is_tensor(source):
+            raise UnsupportedOpError(module_type.__name__, where, "Its input is not a tensor.")
+        module = module_type(**kwargs)
+        op, attrs, params = self.apply_rule(_MODULES[module_type], module, source, where)
+        self.add(fx_node, op, (source,), attrs, params)
+
+    def translate_conv_call(self, fx_node: torch.fx.Node, where: str) -> None:
+        # F.conv2d(x, weight, bias, stride, padding, dilation, groups) with constant weights.
+        args = dict(_CONV_DEFAULTS)
+        args.update(zip(_CONV_ARGS, fx_node.args, strict=False))
+        args.update(fx_node.kwargs)
+        source = args["input"]
+        if not self.is_tensor(source):
+            raise UnsupportedOpError(str(fx_node.target), where, "Its input is not a tensor.")
+        weight = self.constant_value(args["weight"])
+        bias = None if args["bias"] is None else self.constant_value(args["bias"])
+        if weight is None or (args["bias"] is not None and bias is None):
+            raise UnsupportedOpError("a convolution with an encrypted weight", where)
+        nd = _CONV_FUNCTIONS[fx_node.target]
+        if weight.ndim != nd + 2 or len(self.out_shape(source)) != nd + 2:
+            raise UnsupportedOpError(
+                f"conv{nd}d on an input of shape {self.out_shape(source)}",
+                where,
+                f"Expected a batch of shape (N, C, {'L' if nd == 1 else 'H, W'}).",
+            )
+        geometry = _conv_geometry(
+            tuple(weight.shape[2:]),
+            args["stride"],
+            args["padding"],
+            args["dilation"],
+            args["groups"],
+        )
+        params = {"weight": weight} if bias is None else {"weight": weight, "bias": bias}
+        self.add(fx_node, "conv", (source,), geometry.to_attrs(), params)
 
     def add_affine(
         self, fx_node: torch.fx.Node, source: torch.fx.Node, scale: np.ndarray, shift: np.ndarray
@@ -307,6 +516,10 @@ class _Translator:
         ):
             kind = _ARITHMETIC_METHODS[target] if is_method else _ARITHMETIC[target]  # type: ignore[index]
             self.translate_arithmetic(fx_node, kind, where)
+        elif not is_method and target in _POOL_FUNCTIONS:
+            self.translate_pool_call(fx_node, where)
+        elif not is_method and target in _CONV_FUNCTIONS:
+            self.translate_conv_call(fx_node, where)
         elif target == F.linear:
             weight = self.constant_value(args[1] if len(args) > 1 else fx_node.kwargs["weight"])
             bias_arg = args[2] if len(args) > 2 else fx_node.kwargs.get("bias")
@@ -385,14 +598,28 @@ class _Translator:
 
 
 def _hint_for(name: str) -> str:
-    if "Conv" in name or "Pool" in name or "BatchNorm2d" in name:
-        return "Convolutional layers are not supported yet (only fully connected networks)."
+    if "3d" in name:
+        return "3-dimensional layers are not supported yet (1-d and 2-d convolutions are)."
+    if "Conv" in name or "Pool" in name or "BatchNorm" in name:
+        return (
+            "Supported: Conv1d, Conv2d, BatchNorm1d/2d, AvgPool1d/2d and "
+            "AdaptiveAvgPool1d/2d (MaxPool is coming later)."
+        )
     if "Softmax" in name or "softmax" in name:
         return (
             "Remove the softmax from the module: argmax of the logits is the same, and "
             "the client can apply softmax after decryption."
         )
     return "See the supported layers in the fhe_quant.frontends.torch module documentation."
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[None]:
+    # NOTE: torch warns that padding="same" with an even kernel copies the input; that
+    # is about torch's own speed when we run the model, not about the user's model.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using padding='same'", category=UserWarning)
+        yield
 
 
 def trace_module(module: nn.Module, sample: np.ndarray) -> Graph:
@@ -423,7 +650,8 @@ def trace_module(module: nn.Module, sample: np.ndarray) -> Graph:
         ) from exc
     x = torch.as_tensor(np.asarray(sample[:2], dtype=np.float64))
     try:
-        ShapeProp(gm).propagate(x)
+        with _quiet_torch():
+            ShapeProp(gm).propagate(x)
     except Exception as exc:
         root: BaseException = exc
         while root.__cause__ is not None:
@@ -455,7 +683,8 @@ def trace_module(module: nn.Module, sample: np.ndarray) -> Graph:
 def _check_translation(model: nn.Module, graph: Graph, sample: np.ndarray) -> None:
     x = np.asarray(sample[:64], dtype=np.float64)
     with torch.no_grad():
-        expected = model(torch.as_tensor(x)).numpy()
+        with _quiet_torch():
+            expected = model(torch.as_tensor(x)).numpy()
     got = graph(x)
     if got.shape != expected.shape:
         difference = f"shape {got.shape} instead of {expected.shape}"

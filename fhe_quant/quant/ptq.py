@@ -2,17 +2,21 @@
 in, a :class:`QuantizedGraph` out.
 
 The graph (a chain, after :func:`fhe_quant.passes.simplify`) is cut into segments, each a
-linear layer followed by the elementwise and reshape operations up to the next linear
-layer::
+linear-kind layer (dense, convolution, average pooling) followed by the elementwise and
+reshape operations up to the next one::
 
     [pre: client side] -> linear -> chain -> linear -> chain -> ... -> linear -> [post]
 
 Every tensor that enters a linear layer gets an unsigned affine quantizer calibrated on
-the float model's values there (one range per feature by default); every linear layer
-gets symmetric signed weights (per output channel by default), quantized after folding
-its input's scales into them: with ``x_i = s_i (q_i - z_i)``,
+the float model's values there (one range per feature by default: per element of the
+last axis for a dense layer, per channel (axis 1) for a convolution or pooling, whose
+weights are shared along the spatial positions); every linear layer gets symmetric
+signed weights (per output channel by default), quantized after folding its input's
+scales into them: with ``x_i = s_i (q_i - z_i)``,
 ``sum_i w_ji x_i = sum_i (w_ji s_i) (q_i - z_i)``, so the integer program only ever
-multiplies codes ``q_i`` by integer weights ``round(w_ji s_i / s_j)``. Elementwise
+multiplies codes ``q_i`` by integer weights ``round(w_ji s_i / s_j)``. Average pooling's
+weights ``1/k`` become exactly 1, with ``s_j = s_i / k`` per channel (a sum of codes;
+the division lives in the next table or the client's dequantization). Elementwise
 operations before the first linear layer
 run on the client before quantization, and those after the last linear layer run on
 the client after decryption, so the encrypted program starts and ends with a matmul.
@@ -25,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fhe_quant.errors import InputError, UnsupportedOpError
-from fhe_quant.ir import Graph, Node
+from fhe_quant.ir import OPS, Graph, Node, weight_input_channels
 from fhe_quant.quant.calibrate import make_observer
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.quantizer import UniformQuantizer
@@ -49,7 +53,7 @@ class QuantizedLinear:
         weight_q: the integer weights, same layout as ``node.params["weight"]``; they
             approximate ``weight * input scale`` (the input scales are folded in).
         weight_quantizer: symmetric signed quantizer of the folded weights (per channel
-            on axis 0, or per tensor).
+            on axis 0, or per tensor; always per channel and exact for pooling).
         input_quantizer: unsigned quantizer of the tensor entering the layer.
     """
 
@@ -158,21 +162,47 @@ def _weight_quantizer(weight: np.ndarray, bits: int, per_channel: bool) -> Unifo
     )
 
 
+def _unit_weight_quantizer(weight: np.ndarray, where: str) -> UniformQuantizer:
+    """Exact quantizer of weights that are one positive constant per output channel
+    (pooling): the codes are all 1 and the scale is the constant."""
+    flat = weight.reshape(weight.shape[0], -1)
+    constant = flat[:, 0]
+    if np.any(flat != constant[:, None]) or np.any(constant <= 0):
+        raise ValueError(
+            f"The weights of {where} must be one positive constant per output channel "
+            "(average pooling), to quantize exactly to 1."
+        )
+    return UniformQuantizer(
+        bits=2,
+        scale=tuple(constant),
+        zero_point=(0,) * len(constant),
+        signed=True,
+        narrow_range=True,
+        axis=0,
+    )
+
+
 def _activation_quantizer(
-    values: np.ndarray, bits: int, method: str, per_channel: bool
+    values: np.ndarray, consumer: Node, bits: int, method: str, per_channel: bool
 ) -> UniformQuantizer:
-    # NOTE: per channel = per feature on the last axis, the one a linear layer reduces.
-    observer = make_observer(method, axis=values.ndim - 1 if per_channel else None)
+    # NOTE: per channel = per feature on the axis the consuming layer mixes with its
+    # weights: the last axis for a dense layer, the channel axis (1) for a convolution or
+    # pooling (one scale shared by all spatial positions, so that it folds into weights).
+    axis = OPS[consumer.op].channel_axis % values.ndim if per_channel else None
+    observer = make_observer(method, axis=axis)
     observer.observe(values)
     return observer.quantizer(bits, signed=False, symmetric=False)
 
 
-def _fold_input_scale(weight: np.ndarray, quantizer: UniformQuantizer) -> np.ndarray:
-    """``weight * s_in`` along the input-feature axis (axis 1 of a (out, in) weight)."""
+def _fold_input_scale(node: Node, quantizer: UniformQuantizer) -> np.ndarray:
+    """``weight * s_in`` along the weight's input axis (axis 1 of a (out, in, ...) weight;
+    with groups, output channel ``o`` reads the input channels of its group)."""
+    weight = node.params["weight"]
     scale = np.asarray(quantizer.scale, dtype=np.float64)
     if scale.size == 1:
         return weight * scale.item()
-    return weight * scale.reshape((1, -1) + (1,) * (weight.ndim - 2))
+    per_column = scale[weight_input_channels(node)]
+    return weight * per_column.reshape(per_column.shape + (1,) * (weight.ndim - 2))
 
 
 def quantize_graph(graph: Graph, x_calib: np.ndarray, config: QuantConfig) -> QuantizedGraph:
@@ -192,6 +222,7 @@ def quantize_graph(graph: Graph, x_calib: np.ndarray, config: QuantConfig) -> Qu
     segments: list[Segment] = []
     input_quantizer = _activation_quantizer(
         values[parts[0][0].inputs[0]],
+        parts[0][0],
         config.n_bits_inputs,
         config.calibration,
         config.per_channel_activations,
@@ -199,14 +230,18 @@ def quantize_graph(graph: Graph, x_calib: np.ndarray, config: QuantConfig) -> Qu
     for index, (node, chain) in enumerate(parts):
         last = index == len(parts) - 1
         bits = config.n_bits_outputs if last else config.n_bits_weights
-        weight = _fold_input_scale(node.params["weight"], input_quantizer)
-        w_quantizer = _weight_quantizer(weight, bits, config.per_channel)
+        weight = _fold_input_scale(node, input_quantizer)
+        if OPS[node.op].unit_weights:
+            w_quantizer = _unit_weight_quantizer(weight, node.source or node.name)
+        else:
+            w_quantizer = _weight_quantizer(weight, bits, config.per_channel)
         linear = QuantizedLinear(node, w_quantizer.quantize(weight), w_quantizer, input_quantizer)
         output_quantizer = None
         if not last:
             chain_end = chain[-1].name if chain else node.name
             output_quantizer = _activation_quantizer(
                 values[chain_end],
+                parts[index + 1][0],
                 config.n_bits_activations,
                 config.calibration,
                 config.per_channel_activations,

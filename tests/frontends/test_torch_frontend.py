@@ -115,9 +115,10 @@ def test_unsupported_layers_are_named_with_their_place(layer: nn.Module, name: s
 
 
 def test_conv_is_refused_with_a_hint() -> None:
-    model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(12, 2))
-    with pytest.raises(UnsupportedOpError, match=r"Conv1d.*not supported yet"):
-        trace_module(model, np.zeros((4, 1, 8)))
+    # Conv1d/Conv2d are supported (tests/conv); 3-d convolutions are refused with a hint.
+    model = nn.Sequential(nn.Conv3d(1, 2, 3), nn.Flatten(), nn.Linear(48, 2))
+    with pytest.raises(UnsupportedOpError, match=r"Conv3d.*not supported yet"):
+        trace_module(model, np.zeros((4, 1, 4, 4, 8)))
 
 
 class Residual(nn.Module):
