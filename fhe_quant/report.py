@@ -9,9 +9,9 @@ The report compares, on data the user passes:
   effect of dropping accumulator bits before each table;
 * ``simulate`` (or ``execute``): Concrete's circuit, which must equal ``quantized``.
 
-The estimated latency multiplies the circuit's lookups by per-lookup costs measured on
-a 2-core machine with concrete-python 2.11 (many lookups per circuit); it is a guide,
-``benchmarks/`` holds measurements.
+The estimated latency scales Concrete's own cost estimate of the circuit by a factor
+measured on a 2-core machine with concrete-python 2.11; it is a guide, ``benchmarks/``
+holds measurements.
 """
 
 from __future__ import annotations
@@ -26,34 +26,24 @@ from fhe_quant.errors import InputError, ParameterError
 if TYPE_CHECKING:
     from fhe_quant.model import QuantizedModule
 
-__all__ = ["Report", "build_report", "estimate_latency", "score", "PBS_SECONDS"]
+__all__ = ["Report", "build_report", "estimate_latency", "score", "SECONDS_PER_COMPLEXITY"]
 
-#: Seconds per lookup by input bit width, measured with 64 lookups per circuit on a
-#: 2-core machine (concrete-python 2.11); 1-bit entries are the exact bit drops.
-PBS_SECONDS: dict[int, float] = {
-    1: 0.011,
-    2: 0.008,
-    3: 0.008,
-    4: 0.009,
-    5: 0.011,
-    6: 0.045,
-    7: 0.110,
-    8: 0.340,
-}
+#: Seconds per unit of Concrete's ``complexity`` estimate of a circuit, measured on the
+#: digits MLP at 3 to 6 bits, exact and approximate rounding, 2 cores, concrete-python
+#: 2.11 (observed ratios 0.9e-10 to 2.4e-10 on a shared machine). Counting PBS alone
+#: underestimated up to 5x: a bootstrap's price grows with the width of the value it
+#: reads, and exact rounding of wide accumulators reads wide values.
+SECONDS_PER_COMPLEXITY = 1.6e-10
 
 
-def estimate_latency(pbs_per_precision: dict[int, int]) -> float:
-    """Estimated seconds per sample from lookups per bit width.
+def estimate_latency(complexity: float) -> float:
+    """Estimated seconds per sample from Concrete's ``complexity`` of a circuit.
 
     Examples:
-        >>> round(estimate_latency({1: 10, 5: 2}), 3)
-        0.132
+        >>> round(estimate_latency(1e11), 1)
+        16.0
     """
-    total = 0.0
-    for bits, count in pbs_per_precision.items():
-        per = PBS_SECONDS.get(bits, PBS_SECONDS[8] * 3.0 ** max(0, bits - 8))
-        total += per * count
-    return total
+    return float(complexity) * SECONDS_PER_COMPLEXITY
 
 
 def score(output: np.ndarray, y: np.ndarray, metric: str) -> float:
@@ -160,6 +150,8 @@ def build_report(
         pbs_count=stats.get("pbs_count"),
         max_bit_width=stats.get("max_bit_width"),
         pbs_per_precision=per_precision,
-        estimated_latency_seconds=estimate_latency(per_precision) if per_precision else None,
+        estimated_latency_seconds=(
+            estimate_latency(stats["complexity"]) if "complexity" in stats else None
+        ),
         program=model.program.source(),
     )
