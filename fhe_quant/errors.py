@@ -16,6 +16,7 @@ __all__ = [
     "RangeError",
     "ParameterError",
     "DeploymentError",
+    "CompilationError",
 ]
 
 
@@ -67,3 +68,13 @@ class ParameterError(FHEQuantError, ValueError):
 
 class DeploymentError(FHEQuantError, ValueError):
     """A deployment artifact or message that cannot be used (version, tampering, bytes)."""
+
+
+class CompilationError(FHEQuantError, RuntimeError):
+    """Concrete could not compile the integer program (no parameters for its widths).
+
+    ``quantized_module``, when set, is the model that failed to compile: it still runs
+    with ``fhe="disable"`` and can be compiled again after a change of settings.
+    """
+
+    quantized_module: object | None = None

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from fhe_quant.errors import ParameterError
+from fhe_quant.errors import CompilationError, ParameterError
 from fhe_quant.ir import ConvGeometry
 from fhe_quant.lower import NUMPY, IntegerProgram
 
@@ -213,5 +213,18 @@ def compile_program(
     compiler = fhe.Compiler(circuit_fn, {"q": "encrypted"})
     samples = [np.asarray(s, dtype=np.int64).reshape((1,) + program.input_shape) for s in inputset]
     start = time.perf_counter()
-    circuit = compiler.compile(samples, configuration=configuration)
+    try:
+        circuit = compiler.compile(samples, configuration=configuration)
+    except RuntimeError as exc:
+        if "NoParametersFound" not in str(exc):
+            raise
+        lookups = program.lookups_by_width()
+        widest = max((w for w in lookups if w > 1), default=0)
+        raise CompilationError(
+            "Concrete found no cryptographic parameters for this circuit: "
+            f"{sum(lookups.values())} bootstraps, tables reading up to {widest} bits, "
+            f"accumulators up to {max(s.acc_bits for s in program.steps if hasattr(s, 'acc_bits'))}"
+            " bits. Narrower tables (rounding_bits), fewer bits (n_bits), or a larger "
+            "global_p_error make it feasible."
+        ) from exc
     return FHECircuit(program, circuit, time.perf_counter() - start)

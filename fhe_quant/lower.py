@@ -56,6 +56,8 @@ __all__ = [
 
 #: Concrete refuses table lookups on inputs wider than this.
 MAX_TABLE_BITS = 16
+#: The widest table the automatic default picks (see :func:`auto_table_bits`).
+MAX_AUTO_TABLE_BITS = 7
 
 
 class Backend(Protocol):
@@ -110,9 +112,15 @@ def auto_table_bits(activation_bits: int) -> int:
 
     Two bits more than the output keep the table's rounding error well below one output
     step; 5 bits is where a lookup stops being cheap (6 bits costs about 4x more), so
-    the default never goes over it unless the activation itself needs more.
+    the default never goes over it unless the activation itself needs more; and never
+    over 7 bits: Concrete 2.11 found no parameters for 8-bit tables after the 18-bit
+    accumulators of a 7-bit, 64-wide layer (measured on the digits MLP).
+
+    Examples:
+        >>> [auto_table_bits(b) for b in range(1, 9)]
+        [3, 4, 5, 5, 6, 7, 7, 7]
     """
-    return max(min(activation_bits + 2, 5), activation_bits + 1)
+    return min(max(min(activation_bits + 2, 5), activation_bits + 1), MAX_AUTO_TABLE_BITS)
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from fhe_quant.errors import InputError, NotCompiledError, ParameterError
+from fhe_quant.errors import CompilationError, InputError, NotCompiledError, ParameterError
 from fhe_quant.fhe import FHECircuit, check_fhe_mode, compile_program
 from fhe_quant.ir import Graph, Node
 from fhe_quant.lower import IntegerProgram, LinearStep, TableStep, lower
@@ -22,8 +22,7 @@ from fhe_quant.passes import simplify
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.ptq import QuantizedGraph, check_calibration_data, quantize_graph
 
-__all__ = ["QuantizedModule", "build_quantized_module", "make_config", "run_chain",
-           "MAX_INPUTSET"]
+__all__ = ["QuantizedModule", "build_quantized_module", "make_config", "run_chain", "MAX_INPUTSET"]
 
 #: Calibration samples handed to Concrete for tracing (bit widths come from proofs).
 MAX_INPUTSET = 32
@@ -223,6 +222,12 @@ def build_quantized_module(
         module = QuantizedModule(graph, quantized, program)
         if compile:
             bar.set_postfix_str("compile")
-            module.compile(x_calib, p_error=p_error, global_p_error=global_p_error, verbose=False)
+            try:
+                module.compile(
+                    x_calib, p_error=p_error, global_p_error=global_p_error, verbose=False
+                )
+            except CompilationError as exc:
+                exc.quantized_module = module  # still runs in clear; can be recompiled
+                raise
             bar.update(1)
     return module

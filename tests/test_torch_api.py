@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fhe_quant.errors import (
+    CompilationError,
     InputError,
     NotCompiledError,
     ParameterError,
@@ -225,3 +226,17 @@ def test_torch_tensor_inputs_are_accepted(small) -> None:
     model, x = small
     qm = compile_torch_model(model, torch.tensor(x, dtype=torch.float32), n_bits=4, compile=False)
     np.testing.assert_allclose(qm.forward(torch.tensor(x[:3])), qm.forward(x[:3]))
+
+
+def test_infeasible_circuit_is_a_clear_error_and_the_model_stays_usable() -> None:
+    torch.manual_seed(0)
+    model = _mlp([64, 64, 64, 10], nn.ReLU, seed=0)
+    x = np.random.default_rng(0).normal(size=(64, 64))
+    with pytest.raises(
+        CompilationError, match=r"no cryptographic parameters.*rounding_bits"
+    ) as info:
+        compile_torch_model(model, x, n_bits=8, rounding_bits=6)
+    qm = info.value.quantized_module
+    assert qm.forward(x[:2]).shape == (2, 10)
+    with pytest.raises(NotCompiledError):
+        qm.forward(x[:2], fhe="simulate")
