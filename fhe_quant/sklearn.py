@@ -76,9 +76,21 @@ __all__ = [
     "MLPClassifier",
     "MLPRegressor",
     "from_sklearn",
+    "NeuralNetClassifier",  # noqa: F822 - lazy, see __getattr__
+    "NeuralNetRegressor",  # noqa: F822 - lazy, see __getattr__
     "EstimatorNotFittedError",
     "EstimatorParameterError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # NOTE: the quantization-aware estimators train with torch; importing them lazily keeps
+    # `import fhe_quant.sklearn` free of torch for the linear models.
+    if name in ("NeuralNetClassifier", "NeuralNetRegressor"):
+        from fhe_quant import qat
+
+        return getattr(qat, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- errors

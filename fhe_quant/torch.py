@@ -20,9 +20,10 @@ import numpy as np
 from fhe_quant.errors import ParameterError
 from fhe_quant.frontends.torch import trace_module
 from fhe_quant.model import QuantizedModule, build_quantized_module, make_config
+from fhe_quant.qat import compile_qat_model, prepare_qat
 from fhe_quant.quant.ptq import check_calibration_data
 
-__all__ = ["compile_torch_model", "QuantizedModule"]
+__all__ = ["compile_torch_model", "prepare_qat", "compile_qat_model", "QuantizedModule"]
 
 
 def _rounding_exact(rounding: Any) -> bool:

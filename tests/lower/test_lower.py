@@ -120,7 +120,7 @@ def test_rounding_bits_out_of_range_is_refused() -> None:
 
 def test_bits_for_and_auto_width() -> None:
     assert [bits_for(v) for v in (0, 1, 2, 3, 4, 255, 256)] == [1, 1, 2, 2, 3, 8, 9]
-    assert [auto_table_bits(b) for b in (2, 3, 4, 5, 6)] == [4, 5, 5, 6, 7]
+    assert [auto_table_bits(b) for b in (2, 3, 4, 5, 6, 7, 8)] == [5, 5, 5, 6, 7, 7, 7]
 
 
 def test_program_source_lists_every_step() -> None:

@@ -1,0 +1,233 @@
+"""Quantization-aware training on digits: 2-3 bit MLPs against 6-bit PTQ.
+
+The digits MLP (64-64-64-10, ReLU; scikit-learn's digits standardized, 75/25 split,
+random_state=0) is trained in float (40 epochs), then either quantized after training
+at 6 bits (``compile_torch_model``) or fine-tuned quantization-aware
+(``prepare_qat`` + ``fhe_quant.training.fit``, 30 epochs, Adam 1e-3 with cosine decay)
+and compiled with ``compile_qat_model``. For each model: float / quantized (full tables)
+/ quantized (compiled tables, ``disable``) / simulated test accuracy, the accumulator and
+table widths per layer, PBS count, compile and key-generation time, encrypted latency
+per sample (``fhe="execute"``) and training time. For QAT rows the same quantized graph
+is also lowered with full-width tables (no accumulator bit dropped) and compiled, to
+report its PBS count and estimated latency (it is not executed: 8-bit tables are slow).
+
+Writes ``benchmarks/results/qat.json`` and prints a Markdown table.
+
+Run: python benchmarks/qat.py [--execute-samples 2] [--epochs 30] [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+
+from fhe_quant.lower import lower
+from fhe_quant.model import QuantizedModule
+from fhe_quant.qat import compile_qat_model, prepare_qat
+from fhe_quant.report import estimate_latency
+from fhe_quant.torch import compile_torch_model
+from fhe_quant.training import fit
+
+RESULTS = Path(__file__).parent / "results"
+
+#: The QAT variants: name -> prepare_qat keyword arguments.
+QAT_RUNS: dict[str, dict[str, Any]] = {
+    "qat-3bit-acc8": {"n_bits": 3, "accumulator_bits": 8},
+    "qat-3bit": {"n_bits": 3},
+    "qat-2bit": {"n_bits": 2},
+    "qat-2bit-tables5": {"n_bits": 2, "rounding_bits": 5},
+    "qat-3bit-ema": {"n_bits": 3, "activation_scale": "ema", "accumulator_bits": 8},
+    "qat-binary-3bit-act": {"n_bits": 3, "weight_mode": "binary"},
+}
+
+
+def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0)
+    scaler = StandardScaler().fit(x_train)
+    return scaler.transform(x_train), scaler.transform(x_test), y_train, y_test
+
+
+def float_mlp(x: np.ndarray, y: np.ndarray) -> tuple[torch.nn.Module, float]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 10),
+    )
+    start = time.perf_counter()
+    fit(model, x, y, epochs=40, lr=1e-2, seed=0, verbose=False)
+    return model, (time.perf_counter() - start) / (40 * -(-len(x) // 64))
+
+
+def _layers(qm: QuantizedModule) -> dict[str, list[Any]]:
+    layers = qm.statistics["layers"]
+    return {
+        "accumulator_bits": [layer["accumulator_bits"] for layer in layers],
+        "table_input_bits": [layer.get("table_input_bits") for layer in layers],
+        "truncated_bits": [layer.get("truncated_bits") for layer in layers],
+    }
+
+
+def measure(qm: QuantizedModule, x_test: np.ndarray, y_test: np.ndarray, samples: int) -> dict:
+    """Accuracies, widths, PBS and (with ``samples``) encrypted latency of a compiled model."""
+    report = qm.report(x_test, y_test, fhe="simulate")
+    stats = qm.statistics
+    row: dict[str, Any] = {
+        "float_accuracy": report.scores["float"],
+        "full_tables_accuracy": report.scores["quantized (full tables)"],
+        "disable_accuracy": report.scores["quantized"],
+        "simulate_accuracy": report.scores["simulate"],
+        **_layers(qm),
+        "pbs_count": stats["pbs_count"],
+        "pbs_per_precision": {str(k): v for k, v in stats["pbs_per_precision"].items()},
+        "max_bit_width": stats["max_bit_width"],
+        "compile_seconds": stats["compile_seconds"],
+        "estimated_latency_seconds": report.estimated_latency_seconds,
+    }
+    if samples:
+        row["keygen_seconds"] = qm.keygen()
+        clear = qm.forward_integers(x_test[:samples], fhe="disable")
+        latencies, equal = [], True
+        for i in range(samples):
+            start = time.perf_counter()
+            out = qm.forward_integers(x_test[i : i + 1], fhe="execute")
+            latencies.append(time.perf_counter() - start)
+            equal &= bool(np.array_equal(out, clear[i : i + 1]))
+        row["execute_seconds_per_sample"] = float(np.mean(latencies))
+        row["execute_equals_disable"] = equal
+    return row
+
+
+def full_width(qm: QuantizedModule, x_train: np.ndarray) -> dict[str, Any]:
+    """The same quantized graph with tables over the whole accumulator (no dropped bit)."""
+    widest = max(b for b in _layers(qm)["accumulator_bits"][:-1])
+    wide = QuantizedModule(qm.graph, qm.quantized, lower(qm.quantized, table_bits=widest))
+    wide.compile(x_train)
+    stats = wide.statistics
+    return {
+        "table_input_bits": _layers(wide)["table_input_bits"],
+        "pbs_count": stats["pbs_count"],
+        "pbs_per_precision": {str(k): v for k, v in stats["pbs_per_precision"].items()},
+        "estimated_latency_seconds": estimate_latency(stats["pbs_per_precision"]),
+    }
+
+
+def qat_run(
+    name: str,
+    model: torch.nn.Module,
+    data: tuple[np.ndarray, ...],
+    epochs: int,
+    samples: int,
+) -> dict[str, Any]:
+    x_train, x_test, y_train, y_test = data
+    options = QAT_RUNS[name]
+    qat = prepare_qat(model, **options)
+    start = time.perf_counter()
+    history = fit(
+        qat, x_train, y_train, epochs=epochs, lr=1e-3, schedule="cosine", seed=0, verbose=False
+    )
+    train_seconds = time.perf_counter() - start
+    steps = epochs * -(-len(x_train) // 64)
+    # What each training step spends lowering the quantized graph to its program.
+    quantized = qat.to_quantized_graph()
+    start = time.perf_counter()
+    for _ in range(20):
+        lower(quantized)
+    lower_seconds = (time.perf_counter() - start) / 20
+    qm = compile_qat_model(qat, x_train)
+    eval_forward = qat.eval()(x_test).detach().numpy()
+    row = {
+        "name": name,
+        "options": options,
+        "epochs": epochs,
+        "train_seconds": train_seconds,
+        "train_seconds_per_step": train_seconds / steps,
+        "lower_seconds_per_step": lower_seconds,
+        "final_train_loss": history["loss"][-1],
+        "qat_forward_equals_disable": bool(np.array_equal(eval_forward, qm.forward(x_test))),
+        **measure(qm, x_test, y_test, samples),
+        "full_width": full_width(qm, x_train),
+    }
+    return row
+
+
+def ptq_run(model: torch.nn.Module, data: tuple[np.ndarray, ...], samples: int) -> dict:
+    x_train, x_test, _, y_test = data
+    qm = compile_torch_model(model, x_train, n_bits=6)
+    return {"name": "ptq-6bit", "options": {"n_bits": 6}, **measure(qm, x_test, y_test, samples)}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| model | float | full tables | disable | simulate | acc bits | table in "
+        "| PBS | est. s | latency s | full-width tables: in / PBS / est. s | train s |"
+    )
+    lines = [head, "|---" * 12 + "|"]
+    for r in rows:
+        wide = r.get("full_width")
+        wide_text = (
+            f"{wide['table_input_bits'][:-1]} / {wide['pbs_count']} / "
+            f"{wide['estimated_latency_seconds']:.1f}"
+            if wide
+            else "-"
+        )
+        train = f"{r['train_seconds']:.0f}" if "train_seconds" in r else "-"
+        lines.append(
+            f"| {r['name']} | {r['float_accuracy']:.4f} | {r['full_tables_accuracy']:.4f} "
+            f"| {r['disable_accuracy']:.4f} | {r['simulate_accuracy']:.4f} "
+            f"| {r['accumulator_bits']} | {r['table_input_bits'][:-1]} | {r['pbs_count']} "
+            f"| {r['estimated_latency_seconds']:.2f} "
+            f"| {r.get('execute_seconds_per_sample', float('nan')):.2f} | {wide_text} | {train} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--execute-samples", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--only", nargs="+", default=None, help="run names to (re)run")
+    parser.add_argument("--out", default=str(RESULTS / "qat.json"))
+    args = parser.parse_args()
+    data = digits()
+    model, float_seconds = float_mlp(data[0], data[2])  # per training step
+    names = args.only or ["ptq-6bit", *QAT_RUNS]
+    rows = []
+    for name in names:
+        if name == "ptq-6bit":
+            row = ptq_run(model, data, args.execute_samples)
+        else:
+            row = qat_run(name, model, data, args.epochs, args.execute_samples)
+        row["float_train_seconds_per_step"] = float_seconds
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    out = Path(args.out)
+    previous = json.loads(out.read_text())["rows"] if out.exists() else []
+    order = ["ptq-6bit", *QAT_RUNS]
+    merged = [r for r in previous if r["name"] not in names] + rows
+    merged.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
+    out.write_text(
+        json.dumps(
+            {"machine": platform.platform(), "cpus": torch.get_num_threads(), "rows": merged},
+            indent=2,
+        )
+    )
+    print(table(merged))
+
+
+if __name__ == "__main__":
+    main()

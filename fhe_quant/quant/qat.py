@@ -1,0 +1,985 @@
+"""Quantization-aware training whose forward pass *is* the integer program.
+
+A :class:`QATModule` holds float shadow weights and the quantizers of a traced chain of
+linear layers (a simplified :class:`~fhe_quant.ir.Graph`, cut into segments as PTQ cuts
+it). Every forward pass, in training and in evaluation:
+
+1. builds the :class:`~fhe_quant.quant.ptq.QuantizedGraph` of the current state (input
+   scales, weights folded and quantized per output channel) and lowers it to the
+   :class:`~fhe_quant.lower.IntegerProgram` that would be compiled, exactly as
+   :func:`fhe_quant.qat.compile_qat_model` will;
+2. runs that program in NumPy (``step(value, NUMPY)``) and takes its exact integers (the
+   codes entering each layer, the last accumulator) as the forward values;
+3. computes the same layers in torch with fake quantization and straight-through
+   estimators (STE), only to carry gradients: each torch value is replaced by the exact
+   one with ``exact + (t - t.detach())``, whose value is ``exact`` bit for bit and whose
+   gradient is ``t``'s.
+
+The program is cached while the parameters and buffers are unchanged (eval mode); in
+training it is rebuilt at every step, which is cheap for the models FHE can run: on the
+digits MLP (64-64-64-10) quantizing the weights and lowering take about 2 ms of a ~10 ms
+training step (``lower`` alone ~0.5 ms; a float step is ~2 ms).
+
+So the eval-mode output of a :class:`QATModule` equals, bit for bit, the compiled model's
+``fhe="disable"`` output (and ``simulate``/``execute``): what the model trains on is what
+runs encrypted, including the accumulator bits dropped before each table. Gradients flow
+as if there were no rounding (STE) to the float shadow weights (BinaryConnect style) and
+to the learned step sizes (LSQ).
+
+Quantizers:
+
+* Activations (every tensor entering a linear layer, inputs included): unsigned affine,
+  one step size per feature (last axis), integer zero point fixed at initialisation.
+  ``"lsq"``: the step sizes are parameters learned with LSQ's gradient (the STE through
+  ``round`` and ``clamp`` gives it exactly) scaled by ``1 / sqrt(N * Qp)``, initialised
+  on the first training batch (or :meth:`QATModule.initialize`) to each feature's
+  clipping range of least squared error on the float model's values there (a better
+  start than min/max at 2-3 bits, and it sets the zero point too). A feature that is
+  exactly 0 there (a constant pixel, a dead unit) gets a tiny step, so that its folded
+  weights quantize to 0 and cost nothing in the proven accumulator range.
+  ``"ema"``: the step sizes follow a moving average of each feature's min/max seen in
+  training (frozen in eval mode).
+* Weights: symmetric per output channel, their scale recomputed at every step from the
+  folded weights ``w * s_in`` (dynamic: the scale of least squared error by default,
+  which at 2 bits keeps far more non-zero weights than ``max |w| / qmax``), or binary
+  ``{-1, +1} * alpha_j`` with ``alpha_j = mean |w_j * s_in|`` (deterministic sign, or
+  stochastic with a hard sigmoid probability in training). An optional accumulator
+  budget (``accumulator_bits``) bounds every proven accumulator, A2Q style (see
+  :func:`quantize_weight`).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import numbers
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fhe_quant.errors import InputError, NotFittedError, UnsupportedOpError
+from fhe_quant.ir import Graph, Node
+from fhe_quant.lower import NUMPY, IntegerProgram, TableStep, lower
+from fhe_quant.quant.calibrate import MSEObserver
+from fhe_quant.quant.config import MAX_ROUNDING_BITS, QuantConfig
+from fhe_quant.quant.ptq import (
+    QuantizedGraph,
+    QuantizedLinear,
+    Segment,
+    _split,
+    check_calibration_data,
+)
+from fhe_quant.quant.quantizer import UniformQuantizer
+
+__all__ = [
+    "ACTIVATION_SCALES",
+    "WEIGHT_MODES",
+    "WEIGHT_SCALES",
+    "DEAD_FEATURE_SCALE",
+    "QATConfig",
+    "TORCH_ELEMENTWISE",
+    "torch_elementwise",
+    "round_ste",
+    "scale_gradient",
+    "fake_codes",
+    "quantize_weight",
+    "ActivationQuantizer",
+    "QATLinear",
+    "QATModule",
+]
+
+#: Ways the activation step sizes are set: learned (LSQ) or moving-average min/max.
+ACTIVATION_SCALES = ("lsq", "ema")
+
+#: Ways the weights are quantized.
+WEIGHT_MODES = ("uniform", "binary", "binary_stochastic")
+
+#: Step size of a feature that is exactly 0 on the initialisation data (a constant input
+#: pixel, a dead ReLU): its folded weights become 0, so it costs nothing in the proven
+#: accumulator ranges, and any value it takes later saturates harmlessly.
+DEAD_FEATURE_SCALE = 1e-6
+
+#: Number of clipping ratios tried by the least-squares weight scale.
+_SCALE_GRID = 41
+
+#: Elements computed at once by the scale search (bounds its memory).
+_SCALE_CHUNK = 1 << 20
+
+#: Ways the uniform weight scales are set from the weights at every step.
+WEIGHT_SCALES = ("mse", "max")
+
+#: Smallest learned step size (LSQ may push one towards 0 or below).
+_MIN_STEP = 1e-8
+
+_OWNER = "QATConfig"
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(
+            f"The {name!r} parameter of {_OWNER} must be one of "
+            f"{', '.join(repr(c) for c in choices)}. Got {value!r} instead."
+        )
+    return value
+
+
+@dataclass(frozen=True)
+class QATConfig:
+    """How a :class:`QATModule` quantizes.
+
+    Attributes:
+        quant: bit widths per role and table width (``rounding_bits``); the
+            ``calibration`` field is not used (QAT learns its ranges).
+        activation_scale: ``"lsq"`` (learned step sizes) or ``"ema"`` (moving average
+            of the min/max seen in training).
+        weight_mode: ``"uniform"``, ``"binary"`` or ``"binary_stochastic"``. Binary modes
+            apply to every linear layer but the last, whose weights take
+            ``quant.n_bits_outputs`` bits (uniform), as is usual for binary networks.
+        weight_scale: how uniform weight scales follow the weights at every step:
+            ``"mse"`` (least squared error per channel, the default) or ``"max"``.
+        accumulator_bits: when set (2 to 16), every layer's proven accumulator range fits
+            in this many bits (uniform weights only); ``None``: no constraint.
+        ema_momentum: weight of each new batch in the moving averages (``"ema"``).
+        seed: seed of the stochastic binarization (``None``: torch's global generator).
+
+    Examples:
+        >>> QATConfig(QuantConfig.from_n_bits(3), weight_mode="binary").weight_mode
+        'binary'
+        >>> QATConfig(QuantConfig.from_n_bits(3), activation_scale="max")
+        Traceback (most recent call last):
+        ...
+        ValueError: The 'activation_scale' parameter of QATConfig must be one of 'lsq', \
+'ema'. Got 'max' instead.
+    """
+
+    quant: QuantConfig
+    activation_scale: str = "lsq"
+    weight_mode: str = "uniform"
+    weight_scale: str = "mse"
+    accumulator_bits: int | None = None
+    ema_momentum: float = 0.1
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.quant, QuantConfig):
+            raise ValueError(
+                f"The 'quant' parameter of {_OWNER} must be a QuantConfig. "
+                f"Got {type(self.quant).__name__} instead."
+            )
+        _check_choice(self.activation_scale, "activation_scale", ACTIVATION_SCALES)
+        _check_choice(self.weight_mode, "weight_mode", WEIGHT_MODES)
+        _check_choice(self.weight_scale, "weight_scale", WEIGHT_SCALES)
+        quant = self.quant
+        if self.weight_mode == "uniform" and quant.n_bits_weights < 2:
+            raise ValueError(
+                f"The weights need at least 2 bits with weight_mode='uniform' (symmetric "
+                f"codes {{-1, 0, 1}}). Got n_bits weights={quant.n_bits_weights} instead; "
+                "use weight_mode='binary' for 1-bit weights."
+            )
+        if quant.n_bits_outputs < 2:
+            raise ValueError(
+                "The last layer's weights ('outputs' in n_bits) need at least 2 bits. "
+                f"Got {quant.n_bits_outputs} instead."
+            )
+        if self.accumulator_bits is not None:
+            value = self.accumulator_bits
+            if (
+                isinstance(value, bool | np.bool_)
+                or not isinstance(value, numbers.Integral)
+                or not 2 <= int(value) <= MAX_ROUNDING_BITS
+            ):
+                raise ValueError(
+                    f"The 'accumulator_bits' parameter of {_OWNER} must be None or an int "
+                    f"in [2, {MAX_ROUNDING_BITS}]. Got {value!r} instead."
+                )
+            if self.weight_mode != "uniform":
+                raise ValueError(
+                    f"The 'accumulator_bits' parameter of {_OWNER} needs "
+                    f"weight_mode='uniform' (binary weights cannot be zero, so their "
+                    f"accumulator is fixed). Got weight_mode={self.weight_mode!r}."
+                )
+            object.__setattr__(self, "accumulator_bits", int(value))
+        momentum = self.ema_momentum
+        if (
+            isinstance(momentum, bool)
+            or not isinstance(momentum, numbers.Real)
+            or not 0 < float(momentum) <= 1
+        ):
+            raise ValueError(
+                f"The 'ema_momentum' parameter of {_OWNER} must be a float in (0, 1]. "
+                f"Got {momentum!r} instead."
+            )
+        object.__setattr__(self, "ema_momentum", float(momentum))
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)
+        ):
+            raise ValueError(
+                f"The 'seed' parameter of {_OWNER} must be None or an int. "
+                f"Got {self.seed!r} instead."
+            )
+
+    def is_binary(self, last: bool) -> bool:
+        """Whether a layer's weights are binary (never the last layer's)."""
+        return self.weight_mode != "uniform" and not last
+
+    def weight_bits(self, last: bool) -> int:
+        """Bits of a layer's uniform weights (the last layer takes the ``outputs`` role)."""
+        return self.quant.n_bits_outputs if last else self.quant.n_bits_weights
+
+    def input_bits(self, index: int) -> int:
+        """Bits of the codes entering linear layer ``index`` (0: the model inputs)."""
+        return self.quant.n_bits_inputs if index == 0 else self.quant.n_bits_activations
+
+
+# --------------------------------------------------------------------------- torch ops
+
+TorchFn = Callable[[Node, Tensor, Mapping[str, Tensor]], Tensor]
+
+
+def _tensor(value: np.ndarray, dtype: torch.dtype) -> Tensor:
+    # NOTE: a copy: node constants are read-only arrays, which torch refuses to share.
+    return torch.tensor(np.array(value), dtype=dtype)
+
+
+def _const(node: Node, x: Tensor) -> Tensor:
+    return _tensor(node.params["constant"], x.dtype)
+
+
+def _prelu(node: Node, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+    weight = params["weight"]
+    slope = weight.reshape((1, -1) + (1,) * (x.ndim - 2)) if weight.numel() > 1 else weight
+    return torch.where(x >= 0, x, slope * x)
+
+
+#: Torch version of every elementwise operation of :data:`fhe_quant.ir.OPS`, for the
+#: gradients of the QAT forward (its values are replaced by the integer program's).
+#: ``params`` holds the node's trainable tensors (a PReLU's slopes).
+TORCH_ELEMENTWISE: Mapping[str, TorchFn] = {
+    "identity": lambda n, x, p: x,
+    "relu": lambda n, x, p: F.relu(x),
+    "relu6": lambda n, x, p: torch.clamp(x, 0.0, 6.0),
+    "hardtanh": lambda n, x, p: torch.clamp(x, n.attrs["min_val"], n.attrs["max_val"]),
+    "leaky_relu": lambda n, x, p: torch.where(x >= 0, x, n.attrs["negative_slope"] * x),
+    "prelu": _prelu,
+    "sigmoid": lambda n, x, p: torch.sigmoid(x),
+    "tanh": lambda n, x, p: torch.tanh(x),
+    "gelu": lambda n, x, p: F.gelu(
+        x, approximate="tanh" if n.attrs.get("approximate") == "tanh" else "none"
+    ),
+    "silu": lambda n, x, p: F.silu(x),
+    "hardswish": lambda n, x, p: F.hardswish(x),
+    "hardsigmoid": lambda n, x, p: F.hardsigmoid(x),
+    "elu": lambda n, x, p: F.elu(x, alpha=n.attrs["alpha"]),
+    "softplus": lambda n, x, p: F.softplus(x, beta=n.attrs["beta"], threshold=n.attrs["threshold"]),
+    "add_const": lambda n, x, p: x + _const(n, x),
+    "mul_const": lambda n, x, p: x * _const(n, x),
+}
+
+
+def torch_elementwise(node: Node, x: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
+    """Apply an elementwise or reshape ``node`` to a torch batch ``x``.
+
+    Args:
+        node: an ``"elementwise"`` or ``"reshape"`` node of a graph.
+        x: the batch (leading batch dimension).
+        params: trainable tensors of the node (``{"weight": slopes}`` for PReLU); the
+            node's own constants otherwise.
+
+    Raises:
+        UnsupportedOpError: the operation has no torch version here.
+
+    Examples:
+        >>> node = Node("r", "leaky_relu", ("x",), {"negative_slope": 0.5})
+        >>> torch_elementwise(node, torch.tensor([[-2.0, 3.0]])).tolist()
+        [[-1.0, 3.0]]
+    """
+    if node.op == "reshape":
+        return x.reshape((x.shape[0],) + tuple(node.attrs["shape"]))
+    fn = TORCH_ELEMENTWISE.get(node.op)
+    if fn is None:
+        raise UnsupportedOpError(
+            node.op,
+            node.source or node.name,
+            "Quantization-aware training has no torch version of it.",
+        )
+    if params is None:
+        params = {k: _tensor(v, x.dtype) for k, v in node.params.items()}
+    return fn(node, x, params)
+
+
+# --------------------------------------------------------------------------- STE pieces
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round to nearest (ties to even) forward, identity backward.
+
+    Examples:
+        >>> x = torch.tensor([0.4, 1.6], requires_grad=True)
+        >>> y = round_ste(x)
+        >>> y.sum().backward()
+        >>> y.tolist(), x.grad.tolist()
+        ([0.0, 2.0], [1.0, 1.0])
+    """
+    return x + (torch.round(x) - x).detach()
+
+
+def scale_gradient(x: Tensor, factor: float) -> Tensor:
+    """``x`` forward (up to rounding), gradient multiplied by ``factor`` backward.
+
+    Examples:
+        >>> s = torch.tensor(2.0, requires_grad=True)
+        >>> scale_gradient(s, 0.25).backward()
+        >>> s.grad.item()
+        0.25
+    """
+    return (x - x * factor).detach() + x * factor
+
+
+def fake_codes(x: Tensor, step: Tensor, zero_point: Tensor, qmax: int) -> Tensor:
+    """STE codes ``clamp(round(x / step) + z, 0, qmax)`` as floats.
+
+    Forward: the codes of :meth:`UniformQuantizer.quantize` (up to float rounding).
+    Backward: ``1 / step`` inside the range, 0 where clamped; towards ``step`` the LSQ
+    gradient ``-x / step**2`` inside the range (multiplied by the step itself in the
+    dequantized value ``step * (codes - z)``, it gives LSQ's ``round(x/s) - x/s``).
+
+    Examples:
+        >>> fake_codes(torch.tensor([[-1.0, 0.26, 9.0]]), torch.tensor(0.5), torch.tensor(1),
+        ...            3).tolist()
+        [[0.0, 2.0, 3.0]]
+    """
+    codes = torch.clamp(x / step + zero_point, 0.0, float(qmax))
+    return round_ste(codes)
+
+
+# --------------------------------------------------------------------------- weights
+
+
+def _budget_fixup(codes: np.ndarray, ratio: np.ndarray, budget: int) -> np.ndarray:
+    """Round towards zero the fewest codes that rounding pushed away from zero, per row,
+    until ``sum |codes| <= budget``; ``sum |ratio| <= budget`` guarantees it is possible
+    (each such code was rounded up by at most 1/2, so at least twice the excess of them
+    exist)."""
+    excess = np.abs(codes).sum(axis=1) - budget
+    if not np.any(excess > 0):
+        return codes
+    rounded_up = np.abs(codes) - np.abs(ratio)
+    order = np.argsort(-rounded_up, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(codes.shape[1])[None, :], axis=1)
+    lower = rank < np.maximum(excess, 0)[:, None]
+    return codes - np.sign(codes) * lower
+
+
+def _least_squares_scale(folded: np.ndarray, top: np.ndarray, qmax: int) -> np.ndarray:
+    """Per row, the scale ``r * max|w| / qmax`` (``r`` on a grid in ``[0.2, 1]``) whose
+    quantized weights are closest to ``w`` in squared error (ties: the larger ``r``)."""
+    top = np.where(top > 0, top, 1.0)
+    ratios = np.linspace(1.0, 0.2, _SCALE_GRID)
+    errors = np.empty((len(ratios), len(top)))
+    chunk = max(1, _SCALE_CHUNK // max(1, folded.size))
+    for begin in range(0, len(ratios), chunk):
+        scales = top[None, :, None] * (ratios[begin : begin + chunk, None, None] / qmax)
+        codes = np.rint(folded[None] / scales)
+        np.minimum(codes, qmax, out=codes)
+        np.maximum(codes, -qmax, out=codes)
+        codes *= scales
+        codes -= folded[None]
+        errors[begin : begin + chunk] = np.einsum("gij,gij->gi", codes, codes)
+    # NOTE: argmin keeps the first minimum: the widest range among equal errors.
+    return top * (ratios[np.argmin(errors, axis=0)] / qmax)
+
+
+def quantize_weight(
+    folded: np.ndarray,
+    *,
+    bits: int,
+    binary: bool,
+    method: str = "mse",
+    stochastic: bool = False,
+    l1_budget: int | None = None,
+    generator: torch.Generator | None = None,
+) -> tuple[np.ndarray, UniformQuantizer]:
+    """Quantize folded weights ``(out, in)`` per output channel.
+
+    * Uniform: symmetric narrow-range codes ``round(w / scale)``, with ``scale_j`` the
+      per-channel scale of least squared error among ``r * max_i |w_ji| / qmax`` for
+      ``r`` on a grid in ``[0.2, 1]`` (``method="mse"``; weights beyond the range clip)
+      or ``max_i |w_ji| / qmax`` (``method="max"``). With ``l1_budget``, the scale is at
+      least ``sum_i |w_ji| / l1_budget`` and the fewest codes rounded away from zero are
+      rounded towards it instead, so that ``sum_i |code_ji| <= l1_budget``: multiplied by
+      the input codes' width, that bounds the layer's proven accumulator (A2Q's idea,
+      with the scale set from the weights at every step instead of learned).
+    * Binary: codes ``sign(w)`` (``+1`` for 0) or, with ``stochastic``, ``+1`` with
+      probability ``hard_sigmoid(w_ji / max_i |w_ji|)`` drawn from ``generator``;
+      ``scale_j = mean_i |w_ji|``. The quantizer is 2-bit signed narrow range (codes
+      ``{-1, 0, 1}``, of which only ±1 are used).
+
+    A channel whose weights are all 0 gets the scale 1.
+
+    Args:
+        folded: float64 weights with the input step sizes folded in.
+        bits: code width of uniform weights (2 to 8).
+        binary: binary weights.
+        method: scale of uniform weights: ``"mse"`` or ``"max"``.
+        stochastic: sample binary codes (training only).
+        l1_budget: cap on ``sum |codes|`` per output channel (uniform only).
+        generator: torch generator of the stochastic sampling (``None``: torch's global).
+
+    Returns:
+        ``(codes, quantizer)``: the int64 codes and the :class:`UniformQuantizer` (scale
+        per output channel, axis 0) that the lowering reads.
+
+    Examples:
+        >>> w = np.array([[0.3, -0.6, 0.05], [0.0, 0.0, 0.0]])
+        >>> codes, q = quantize_weight(w, bits=3, binary=False, method="max")
+        >>> codes.tolist(), q.scale
+        ([[2, -3, 0], [0, 0, 0]], (0.19999999999999998, 1.0))
+        >>> codes, q = quantize_weight(w, bits=3, binary=True)
+        >>> codes.tolist(), q.scale[0]
+        ([[1, -1, 1], [1, 1, 1]], 0.31666666666666665)
+    """
+    folded = np.asarray(folded, dtype=np.float64)
+    magnitude = np.abs(folded)
+    top = magnitude.max(axis=1)
+    if binary:
+        if stochastic:
+            safe = np.where(top > 0, top, 1.0)[:, None]
+            probability = np.clip((folded / safe + 1.0) / 2.0, 0.0, 1.0)
+            draw = torch.rand(folded.shape, generator=generator, dtype=torch.float64).numpy()
+            codes = np.where(draw < probability, 1, -1)
+        else:
+            codes = np.where(folded >= 0, 1, -1)
+        scale = magnitude.mean(axis=1)
+        bits = 2
+    else:
+        qmax = 2 ** (bits - 1) - 1
+        scale = _least_squares_scale(folded, top, qmax) if method == "mse" else top / qmax
+        if l1_budget is not None:
+            scale = np.maximum(scale, magnitude.sum(axis=1) / l1_budget)
+    scale = np.where(scale > 0, scale, 1.0)
+    if not binary:
+        ratio = folded / scale[:, None]
+        codes = np.clip(np.rint(ratio), -qmax, qmax)
+        if l1_budget is not None:
+            codes = _budget_fixup(codes, ratio, l1_budget)
+    quantizer = UniformQuantizer(
+        bits=bits,
+        scale=tuple(scale.tolist()),
+        zero_point=(0,) * len(scale),
+        signed=True,
+        narrow_range=True,
+        axis=0,
+    )
+    return codes.astype(np.int64), quantizer
+
+
+# --------------------------------------------------------------------------- activations
+
+
+def _zero_points(low: np.ndarray, high: np.ndarray, qmax: int) -> np.ndarray:
+    """Affine zero points of the ranges ``[low, high]`` (which contain 0)."""
+    width = high - low
+    safe = np.where(width > 0, width, 1.0)
+    return np.where(width > 0, np.clip(np.rint(-low * qmax / safe), 0, qmax), 0).astype(np.int64)
+
+
+def _steps_for_range(low: Any, high: Any, zero_point: Any, qmax: int) -> Any:
+    """Smallest step sizes whose codes ``0..qmax`` around the fixed zero points cover
+    ``[low, high]`` (NumPy or torch); :data:`DEAD_FEATURE_SCALE` for a ``[0, 0]`` range."""
+    lib: Any = torch if isinstance(low, Tensor) else np
+    z = zero_point.to(low.dtype) if isinstance(low, Tensor) else zero_point.astype(np.float64)
+    up = lib.where(z < qmax, high / lib.clip(qmax - z, 1, None), 0.0 * high)
+    down = lib.where(z > 0, -low / lib.clip(z, 1, None), 0.0 * low)
+    step = lib.maximum(up, down)
+    return lib.where(step > 0, step, DEAD_FEATURE_SCALE + 0.0 * step)
+
+
+class ActivationQuantizer(nn.Module):
+    """Unsigned affine quantizer with one step size per feature (last axis).
+
+    The integer zero points are fixed by :meth:`initialize`. With ``method="lsq"`` the
+    step sizes are the parameter ``scale``, initialised per feature to the clipping range
+    of least squared error on the first data (:class:`~fhe_quant.quant.calibrate.
+    MSEObserver`) and then learned. With ``method="ema"`` they are derived from the
+    buffers ``running_min``/``running_max`` (updated by :meth:`observe` in training):
+    the smallest step whose codes cover the range around the fixed zero point.
+
+    Args:
+        n_features: number of features (size of the last axis).
+        bits: code width, 1 to 8.
+        method: ``"lsq"`` or ``"ema"``.
+        momentum: weight of a new batch in the moving averages (``"ema"``).
+
+    Examples:
+        >>> q = ActivationQuantizer(2, bits=2, method="lsq")
+        >>> q.initialize(np.array([[0.0, -1.0], [3.0, 2.0]]))
+        >>> q.quantizer().zero_point
+        (0, 1)
+    """
+
+    def __init__(self, n_features: int, bits: int, method: str, momentum: float = 0.1) -> None:
+        super().__init__()
+        self.n_features = int(n_features)
+        self.bits = int(bits)
+        self.qmax = 2**self.bits - 1
+        self.method = _check_choice(method, "activation_scale", ACTIVATION_SCALES)
+        self.momentum = float(momentum)
+        ones = torch.ones(self.n_features, dtype=torch.float64)
+        if self.method == "lsq":
+            self.scale = nn.Parameter(ones.clone())
+        else:
+            self.register_buffer("running_min", torch.zeros_like(ones))
+            self.register_buffer("running_max", ones.clone())
+        self.register_buffer("zero_point", torch.zeros(self.n_features, dtype=torch.int64))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def extra_repr(self) -> str:
+        return f"n_features={self.n_features}, bits={self.bits}, method={self.method!r}"
+
+    @property
+    def is_initialized(self) -> bool:
+        return bool(self.initialized)
+
+    def _features(self, values: np.ndarray) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        if values.ndim < 1 or values.shape[-1] != self.n_features:
+            raise InputError(
+                f"An ActivationQuantizer of {self.n_features} features got values of shape "
+                f"{values.shape}; the last axis must hold the features."
+            )
+        return values.reshape(-1, self.n_features)
+
+    @torch.no_grad()
+    def initialize(self, values: np.ndarray) -> None:
+        """Set the zero points and step sizes from float values ``(..., n_features)``."""
+        flat = self._features(values)
+        low = np.minimum(flat.min(axis=0), 0.0)
+        high = np.maximum(flat.max(axis=0), 0.0)
+        dead = (low == 0) & (high == 0)
+        if self.method == "lsq":
+            observer = MSEObserver(axis=1, grid=50)
+            observer.observe(flat)
+            mse = observer.quantizer(self.bits, signed=False, symmetric=False)
+            zero_point = np.asarray(mse.zero_point, dtype=np.int64)
+            step = np.where(dead, DEAD_FEATURE_SCALE, np.asarray(mse.scale))
+            self.scale.copy_(torch.from_numpy(step))
+        else:
+            zero_point = _zero_points(low, high, self.qmax)
+            self.running_min.copy_(torch.from_numpy(low))
+            self.running_max.copy_(torch.from_numpy(high))
+        self.zero_point.copy_(torch.from_numpy(zero_point))
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def observe(self, values: Tensor) -> None:
+        """Move the ``"ema"`` ranges towards a training batch's per-feature min/max."""
+        if self.method != "ema":
+            return
+        flat = values.detach().reshape(-1, self.n_features).to(torch.float64)
+        low = torch.clamp(flat.amin(dim=0), max=0.0)
+        high = torch.clamp(flat.amax(dim=0), min=0.0)
+        self.running_min.lerp_(low, self.momentum)
+        self.running_max.lerp_(high, self.momentum)
+
+    def step_size(self) -> Tensor:
+        """The current positive step sizes ``(n_features,)`` (with gradient for LSQ)."""
+        if self.method == "lsq":
+            return torch.clamp(self.scale, min=_MIN_STEP)
+        return _steps_for_range(
+            self.running_min, self.running_max, self.zero_point, self.qmax
+        ).clamp_min(_MIN_STEP)
+
+    def gradient_scaled_step(self, values: Tensor) -> Tensor:
+        """:meth:`step_size` with LSQ's gradient scale ``1 / sqrt(N * Qp)``, ``N`` the
+        values one step size quantizes per sample."""
+        step = self.step_size()
+        if self.method != "lsq":
+            return step
+        per_sample = max(1, values[0].numel() // self.n_features) if len(values) else 1
+        return scale_gradient(step, 1.0 / math.sqrt(per_sample * self.qmax))
+
+    def quantizer(self) -> UniformQuantizer:
+        """The current quantizer (what the integer program uses)."""
+        return UniformQuantizer(
+            bits=self.bits,
+            scale=tuple(self.step_size().detach().tolist()),
+            zero_point=tuple(int(z) for z in self.zero_point.tolist()),
+            signed=False,
+            axis=-1,
+        )
+
+
+# --------------------------------------------------------------------------- the module
+
+
+class QATLinear(nn.Module):
+    """A dense layer's shadow weights and the quantizer of its input."""
+
+    def __init__(self, node: Node, input_quantizer: ActivationQuantizer) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(np.array(node.params["weight"])))
+        bias = node.params.get("bias")
+        self.bias = None if bias is None else nn.Parameter(torch.tensor(np.array(bias)))
+        self.input_quantizer = input_quantizer
+
+
+@dataclass(frozen=True, eq=False)
+class _Snapshot:
+    """The integer program of one state, and the pieces the torch forward needs."""
+
+    quantized: QuantizedGraph
+    program: IntegerProgram
+    codes: tuple[Tensor, ...]  # integer weights per layer (float64, no gradient)
+    scales: tuple[Tensor, ...]  # weight scales per layer (1-D, no gradient)
+
+
+def _graph_data(graph: Graph) -> dict[str, Any]:
+    """A graph as plain (picklable) data."""
+    return {
+        "nodes": [
+            (n.name, n.op, n.inputs, dict(n.attrs), dict(n.params), n.source) for n in graph.nodes
+        ],
+        "input_name": graph.input_name,
+        "output_name": graph.output_name,
+        "input_shape": graph.input_shape,
+    }
+
+
+def _graph_from_data(data: dict[str, Any]) -> Graph:
+    nodes = tuple(Node(*fields) for fields in data["nodes"])
+    return Graph(nodes, data["input_name"], data["output_name"], data["input_shape"])
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy().astype(np.float64)
+
+
+class QATModule(nn.Module):
+    """A quantization-aware ``torch.nn.Module`` whose forward is its integer program.
+
+    Build it with :func:`fhe_quant.qat.prepare_qat`; train it like any module (it
+    computes in float64 and returns float64 outputs); compile it with
+    :func:`fhe_quant.qat.compile_qat_model`. Its quantizers are initialised on the first
+    training batch (or by :meth:`initialize`); using it in eval mode before that raises
+    :class:`~fhe_quant.errors.NotFittedError`.
+
+    Args:
+        graph: a simplified chain graph of dense layers and elementwise operations.
+        config: the quantization settings.
+
+    Raises:
+        UnsupportedOpError: a linear operation other than a dense layer, or an
+            elementwise operation without a torch version.
+
+    Examples:
+        >>> from fhe_quant.qat import prepare_qat
+        >>> qat = prepare_qat(torch.nn.Linear(3, 2), n_bits=4)
+        >>> qat.initialize(np.random.default_rng(0).normal(size=(50, 3)))
+        >>> out = qat.eval()(np.ones((1, 3)))
+        >>> out.dtype, bool((qat.forward_integers(np.ones((1, 3))) >= 0).all())
+        (torch.float64, True)
+    """
+
+    def __init__(self, graph: Graph, config: QATConfig) -> None:
+        super().__init__()
+        if not isinstance(config, QATConfig):
+            raise TypeError(f"Expected a QATConfig, got {type(config).__name__}.")
+        _, parts = _split(graph)
+        for node in graph.nodes:
+            self._check_supported(node)
+        self.graph = graph
+        self.config = config
+        values = graph.run(np.zeros((1,) + graph.input_shape))
+        layers = []
+        for index, (node, _) in enumerate(parts):
+            n_features = values[node.inputs[0]].shape[-1]
+            quantizer = ActivationQuantizer(
+                n_features, config.input_bits(index), config.activation_scale, config.ema_momentum
+            )
+            layers.append(QATLinear(node, quantizer))
+        self.layers = nn.ModuleList(layers)
+        self.slopes = nn.ParameterDict(
+            {
+                self._slope_key(node): nn.Parameter(torch.tensor(np.array(node.params["weight"])))
+                for node in graph.nodes
+                if node.op == "prelu"
+            }
+        )
+        self._generator: torch.Generator | None = None
+        if config.seed is not None:
+            self._generator = torch.Generator().manual_seed(int(config.seed))
+        self._cache: tuple[Any, _Snapshot] | None = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> QATModule:
+        # NOTE: the float graph is immutable (and its read-only mappings refuse to be
+        # copied): copies share it; the cached program is rebuilt on demand.
+        memo[id(self.graph)] = self.graph
+        state = dict(self.__dict__, _cache=None)
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(state, memo))
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        # NOTE: pickling (torch.save of the whole module) stores the graph as plain data.
+        state = dict(self.__dict__, _cache=None)
+        state["graph"] = _graph_data(self.graph)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        state["graph"] = _graph_from_data(state["graph"])
+        super().__setstate__(state)
+
+    # ------------------------------------------------------------------ structure
+    @staticmethod
+    def _check_supported(node: Node) -> None:
+        where = node.source or node.name
+        if node.kind == "linear" and node.op != "linear":
+            raise UnsupportedOpError(
+                node.op,
+                where,
+                "Quantization-aware training supports dense (Linear) layers for now; "
+                "quantize convolutional models after training with compile_torch_model.",
+            )
+        if node.kind == "elementwise" and node.op not in TORCH_ELEMENTWISE:
+            raise UnsupportedOpError(
+                node.op, where, "Quantization-aware training has no torch version of it."
+            )
+
+    def _slope_key(self, node: Node) -> str:
+        return f"slope{[n.name for n in self.graph.nodes].index(node.name)}"
+
+    def extra_repr(self) -> str:
+        q = self.config.quant
+        return (
+            f"bits(inputs={q.n_bits_inputs}, weights={q.n_bits_weights}, "
+            f"activations={q.n_bits_activations}, outputs={q.n_bits_outputs}), "
+            f"activation_scale={self.config.activation_scale!r}, "
+            f"weight_mode={self.config.weight_mode!r}, weight_scale={self.config.weight_scale!r}, "
+            f"accumulator_bits={self.config.accumulator_bits}"
+        )
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input sample."""
+        return self.graph.input_shape
+
+    @property
+    def is_initialized(self) -> bool:
+        """Whether every quantizer has been initialised from data."""
+        return all(layer.input_quantizer.is_initialized for layer in self.layers)
+
+    def require_initialized(self) -> None:
+        """Raise :class:`NotFittedError` unless the quantizers are initialised."""
+        if not self.is_initialized:
+            raise NotFittedError(
+                "The QAT module's quantizers are not initialised yet: train it (the first "
+                "training batch initialises them) or call initialize(X) with "
+                "representative inputs."
+            )
+
+    def float_graph(self) -> Graph:
+        """The float graph with the current shadow weights, biases and slopes."""
+        current: dict[str, Node] = {}
+        _, parts = _split(self.graph)
+        for (node, _), layer in zip(parts, self.layers, strict=True):
+            params = {"weight": _np(layer.weight)}
+            if layer.bias is not None:
+                params["bias"] = _np(layer.bias)
+            current[node.name] = Node(
+                node.name, node.op, node.inputs, node.attrs, params, node.source
+            )
+        for node in self.graph.nodes:
+            if node.op == "prelu":
+                params = {"weight": _np(self.slopes[self._slope_key(node)])}
+                current[node.name] = Node(
+                    node.name, node.op, node.inputs, node.attrs, params, node.source
+                )
+        return self.graph.replace([current.get(node.name, node) for node in self.graph.nodes])
+
+    # ------------------------------------------------------------------ quantizers
+    @torch.no_grad()
+    def initialize(self, x: Any) -> None:
+        """Initialise every activation quantizer from the float model's values on ``x``.
+
+        Args:
+            x: representative inputs ``(N, *input_shape)``.
+        """
+        x = self._check_input(x)
+        values = self.float_graph().run(x)
+        _, parts = _split(self.graph)
+        for (node, _), layer in zip(parts, self.layers, strict=True):
+            layer.input_quantizer.initialize(values[node.inputs[0]])
+        self._cache = None
+
+    def _budget(self, index: int) -> int | None:
+        bits = self.config.accumulator_bits
+        if bits is None:
+            return None
+        # NOTE: every input code lies in [0, qmax], so the proven accumulator range is at
+        # most qmax * sum |W_j| <= 2**bits - 1 (lower.py proves a tighter one).
+        return max(1, (2**bits - 1) // self.layers[index].input_quantizer.qmax)
+
+    def _cache_key(self) -> tuple[Any, ...]:
+        # NOTE: torch bumps a tensor's _version on every in-place change (optimizer steps,
+        # load_state_dict, EMA updates), so equal keys mean an unchanged state.
+        tensors = list(self.parameters()) + list(self.buffers())
+        return (self.training, tuple((id(t), t._version) for t in tensors))
+
+    @torch.no_grad()
+    def _snapshot(self, stochastic: bool) -> _Snapshot:
+        key = None if stochastic else self._cache_key()
+        if key is not None and self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        graph = self.float_graph()
+        pre, parts = _split(graph)
+        input_quantizers = [layer.input_quantizer.quantizer() for layer in self.layers]
+        segments, codes, scales = [], [], []
+        for index, ((node, chain), layer) in enumerate(zip(parts, self.layers, strict=True)):
+            last = index == len(parts) - 1
+            folded = _np(layer.weight * layer.input_quantizer.step_size())
+            w_codes, w_quantizer = quantize_weight(
+                folded,
+                bits=self.config.weight_bits(last),
+                binary=self.config.is_binary(last),
+                method=self.config.weight_scale,
+                stochastic=stochastic,
+                l1_budget=self._budget(index),
+                generator=self._generator,
+            )
+            linear = QuantizedLinear(node, w_codes, w_quantizer, input_quantizers[index])
+            output_quantizer = None if last else input_quantizers[index + 1]
+            segments.append(Segment(linear, chain, output_quantizer))
+            codes.append(torch.from_numpy(w_codes.astype(np.float64)))
+            scales.append(torch.tensor(w_quantizer.scale, dtype=torch.float64))
+        quantized = QuantizedGraph(graph, pre, tuple(segments), self.config.quant)
+        snapshot = _Snapshot(quantized, lower(quantized), tuple(codes), tuple(scales))
+        if key is not None:
+            self._cache = (key, snapshot)
+        return snapshot
+
+    def to_quantized_graph(self) -> QuantizedGraph:
+        """The quantized graph of the current state (deterministic weights, as in eval
+        mode): what :func:`fhe_quant.qat.compile_qat_model` lowers and compiles."""
+        self.require_initialized()
+        return self._snapshot(stochastic=False).quantized
+
+    def integer_program(self) -> IntegerProgram:
+        """The integer program of the current state (deterministic weights)."""
+        self.require_initialized()
+        return self._snapshot(stochastic=False).program
+
+    # ------------------------------------------------------------------ forward
+    def _check_input(self, x: Any) -> np.ndarray:
+        if isinstance(x, Tensor):
+            x = x.detach().cpu().numpy()
+        return check_calibration_data(np.asarray(x), self.input_shape, "input")
+
+    @staticmethod
+    def _run_exact(
+        snapshot: _Snapshot, x: np.ndarray
+    ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """The integer program on ``x``: the codes entering each layer, the dequantized
+        last accumulator, and the final output after the client's post-processing."""
+        program, quantized = snapshot.program, snapshot.quantized
+        value = x
+        for node in quantized.pre:
+            value = node.evaluate(value)
+        value = program.input_quantizer.quantize(value)
+        codes = [value]
+        for step in program.steps:
+            value = step(value, NUMPY)
+            if isinstance(step, TableStep):
+                codes.append(value)
+        real = program.output_step.dequantize(value)
+        final = real
+        for node in quantized.post:
+            final = node.evaluate(final)
+        return codes, real, final
+
+    def forward_integers(self, x: Any) -> np.ndarray:
+        """The integer program's last accumulator on ``x`` (no gradient), for the
+        current state with deterministic weights: what the compiled model's
+        ``forward_integers`` returns.
+
+        Args:
+            x: a batch ``(N, *input_shape)``, NumPy or torch.
+
+        Returns:
+            The int64 accumulators of the last layer.
+        """
+        x_np = self._check_input(x)
+        self.require_initialized()
+        snapshot = self._snapshot(stochastic=False)
+        value = x_np
+        for node in snapshot.quantized.pre:
+            value = node.evaluate(value)
+        q = snapshot.program.input_quantizer.quantize(value)
+        return np.asarray(snapshot.program(q), dtype=np.int64)
+
+    def _chain(self, nodes: tuple[Node, ...], x: Tensor) -> Tensor:
+        for node in nodes:
+            params = {"weight": self.slopes[self._slope_key(node)]} if node.op == "prelu" else None
+            x = torch_elementwise(node, x, params)
+        return x
+
+    def forward(self, x: Any) -> Tensor:
+        """The integer program's output on ``x`` (float64), with STE gradients.
+
+        Args:
+            x: a batch ``(N, *input_shape)``, NumPy or torch.
+
+        Returns:
+            The dequantized output, bit for bit what the compiled model's
+            ``fhe="disable"`` returns for the same state in eval mode. Gradients flow to
+            the parameters (weights, biases, LSQ step sizes, PReLU slopes), not to ``x``.
+        """
+        x_np = self._check_input(x)
+        if self.training and not self.is_initialized:
+            self.initialize(x_np)
+        self.require_initialized()
+        stochastic = self.training and self.config.weight_mode == "binary_stochastic"
+        snapshot = self._snapshot(stochastic)
+        codes_exact, real_exact, final_exact = self._run_exact(snapshot, x_np)
+        observing = self.training and self.config.activation_scale == "ema"
+        if not torch.is_grad_enabled() and not observing:
+            return torch.from_numpy(np.ascontiguousarray(final_exact))
+
+        def exact(t: Tensor, value: np.ndarray) -> Tensor:
+            # NOTE: value of `value` bit for bit (t - t.detach() is exactly 0), gradient of t.
+            return torch.from_numpy(np.asarray(value, dtype=np.float64)) + (t - t.detach())
+
+        _, parts = _split(snapshot.quantized.graph)
+        v = self._chain(snapshot.quantized.pre, torch.tensor(x_np))
+        seen: list[Tensor] = []
+        for index, ((_, chain), layer) in enumerate(zip(parts, self.layers, strict=True)):
+            quantizer = layer.input_quantizer
+            step = quantizer.gradient_scaled_step(v)
+            zero = quantizer.zero_point.to(torch.float64)
+            seen.append(v)
+            codes = exact(fake_codes(v, step, zero, quantizer.qmax), codes_exact[index])
+            folded = layer.weight * step
+            ratio = folded / snapshot.scales[index].unsqueeze(1)
+            w_codes = snapshot.codes[index] + (ratio - ratio.detach())
+            y = ((codes - zero) @ w_codes.T) * snapshot.scales[index]
+            if layer.bias is not None:
+                y = y + layer.bias
+            if index == len(parts) - 1:
+                y = exact(y, real_exact)
+                out = exact(self._chain(snapshot.quantized.post, y), final_exact)
+            else:
+                v = self._chain(chain, y)
+        if observing:
+            for value, layer in zip(seen, self.layers, strict=True):
+                layer.input_quantizer.observe(value)
+        return out

@@ -1,0 +1,44 @@
+"""Shared QAT fixtures: a small MLP factory, and one trained on digits once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from fhe_quant.qat import prepare_qat
+from fhe_quant.quant.qat import QATModule
+from fhe_quant.training import fit
+
+MLPFactory = Callable[..., nn.Module]
+
+
+def _mlp(
+    n_in: int = 64,
+    width: int = 24,
+    n_out: int = 10,
+    act: type[nn.Module] = nn.ReLU,
+    seed: int = 0,
+) -> nn.Module:
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(n_in, width), act(), nn.Linear(width, width), act(), nn.Linear(width, n_out)
+    )
+
+
+@pytest.fixture(scope="session")
+def make_mlp() -> MLPFactory:
+    """``make_mlp(n_in, width, n_out, act, seed)``: a 3-layer MLP, deterministic."""
+    return _mlp
+
+
+@pytest.fixture(scope="session")
+def trained_qat(digits: tuple[np.ndarray, ...]) -> QATModule:
+    """A 3-bit QAT MLP (64-24-24-10) trained 3 epochs on digits, in eval mode."""
+    x_train, _, y_train, _ = digits
+    qat = prepare_qat(_mlp(), n_bits=3)
+    fit(qat, x_train, y_train, epochs=3, lr=1e-2, verbose=False)
+    return qat.eval()

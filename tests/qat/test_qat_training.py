@@ -1,0 +1,195 @@
+"""Training behaviour: LSQ and EMA step sizes, binarization, accumulator budgets, fit."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from fhe_quant.errors import NotFittedError
+from fhe_quant.lower import LinearStep
+from fhe_quant.qat import compile_qat_model, prepare_qat
+from fhe_quant.quant.qat import DEAD_FEATURE_SCALE, quantize_weight
+from fhe_quant.training import fit
+
+
+def _accuracy(module, x, y) -> float:
+    with torch.no_grad():
+        return float(np.mean(module.eval()(x).numpy().argmax(axis=1) == y))
+
+
+def test_lsq_step_sizes_change_during_training(make_mlp, digits) -> None:
+    x_train, _, y_train, _ = digits
+    qat = prepare_qat(make_mlp(), n_bits=3)
+    qat.initialize(x_train)
+    before = [layer.input_quantizer.scale.detach().clone() for layer in qat.layers]
+    fit(qat, x_train, y_train, epochs=1, lr=1e-2, verbose=False)
+    for layer, initial in zip(qat.layers, before, strict=True):
+        changed = ~torch.isclose(layer.input_quantizer.scale.detach(), initial)
+        assert changed.sum() > len(initial) // 2
+
+
+def test_ema_ranges_move_in_training_and_freeze_in_eval(make_mlp, digits) -> None:
+    x_train, x_test, y_train, _ = digits
+    qat = prepare_qat(make_mlp(), n_bits=3, activation_scale="ema")
+    assert not any(True for name, _ in qat.named_parameters() if "scale" in name)
+    fit(qat, x_train[:256], y_train[:256], epochs=1, verbose=False)
+    hidden = qat.layers[1].input_quantizer
+    frozen = hidden.running_max.clone()
+    qat.train()
+    qat(x_train[256:512])
+    assert not torch.equal(hidden.running_max, frozen)
+    moved = hidden.running_max.clone()
+    qat.eval()
+    qat(x_test)
+    assert torch.equal(hidden.running_max, moved)
+    qm = compile_qat_model(qat, x_test, compile=False)
+    np.testing.assert_array_equal(qm.forward(x_test), qat(x_test).detach().numpy())
+
+
+def _binary_run(make_mlp, digits, seed: int) -> tuple[list[torch.Tensor], np.ndarray]:
+    x_train, x_test, y_train, _ = digits
+    qat = prepare_qat(make_mlp(), n_bits=3, weight_mode="binary_stochastic", seed=seed)
+    fit(qat, x_train[:512], y_train[:512], epochs=1, verbose=False)
+    weights = [p.detach().clone() for p in qat.parameters()]
+    return weights, qat(x_test).detach().numpy()
+
+
+def test_stochastic_binarization_is_reproducible_under_a_seed(make_mlp, digits) -> None:
+    weights_a, out_a = _binary_run(make_mlp, digits, seed=3)
+    weights_b, out_b = _binary_run(make_mlp, digits, seed=3)
+    weights_c, out_c = _binary_run(make_mlp, digits, seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(weights_a, weights_b, strict=True))
+    np.testing.assert_array_equal(out_a, out_b)
+    assert not all(torch.equal(a, c) for a, c in zip(weights_a, weights_c, strict=True))
+    assert not np.array_equal(out_a, out_c)
+
+
+def test_stochastic_binarization_samples_in_training_only(make_mlp, digits) -> None:
+    x = digits[0][:64]
+    qat = prepare_qat(make_mlp(), n_bits=3, weight_mode="binary_stochastic", seed=0)
+    qat.initialize(x)
+    with torch.no_grad():
+        assert not torch.equal(qat.train()(x), qat(x))  # a new draw per training step
+        assert torch.equal(qat.eval()(x), qat(x))  # eval: the deterministic sign
+
+
+def test_binary_weights_are_plus_or_minus_one_except_the_last_layer(make_mlp, digits) -> None:
+    x = digits[0]
+    qat = prepare_qat(make_mlp(), n_bits=3, weight_mode="binary")
+    qat.initialize(x)
+    segments = qat.to_quantized_graph().segments
+    for segment in segments[:-1]:
+        assert set(np.unique(segment.linear.weight_q)) <= {-1, 1}
+        assert segment.linear.weight_quantizer.bits == 2
+    last = segments[-1].linear
+    assert last.weight_quantizer.bits == 3 and 0 in last.weight_q
+
+
+def test_two_epoch_qat_beats_random(make_mlp, digits) -> None:
+    x_train, x_test, y_train, y_test = digits
+    qat = prepare_qat(make_mlp(), n_bits=2)
+    fit(qat, x_train, y_train, epochs=2, lr=1e-2, verbose=False)
+    assert _accuracy(qat, x_test, y_test) > 0.3
+
+
+def test_accumulator_budget_bounds_every_proven_accumulator(make_mlp, digits) -> None:
+    x_train, _, y_train, _ = digits
+    qat = prepare_qat(make_mlp(), n_bits=3, accumulator_bits=7)
+    fit(qat, x_train[:256], y_train[:256], epochs=1, verbose=False)
+    widths = [s.acc_bits for s in qat.integer_program().steps if isinstance(s, LinearStep)]
+    assert max(widths) <= 7
+    unbounded = prepare_qat(make_mlp(), n_bits=3)
+    unbounded.initialize(x_train)
+    steps = unbounded.integer_program().steps
+    assert max(s.acc_bits for s in steps if isinstance(s, LinearStep)) > 7
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    weights=arrays(
+        np.float64,
+        st.tuples(st.integers(1, 4), st.integers(1, 12)),
+        elements=st.floats(-4, 4, allow_nan=False, width=32),
+    ),
+    bits=st.integers(2, 6),
+    budget=st.integers(1, 40),
+    method=st.sampled_from(["mse", "max"]),
+)
+def test_weight_budget_holds_and_codes_stay_in_range(weights, bits, budget, method) -> None:
+    codes, quantizer = quantize_weight(
+        weights, bits=bits, binary=False, method=method, l1_budget=budget
+    )
+    assert np.abs(codes).sum(axis=1).max() <= budget
+    assert codes.min() >= quantizer.qmin and codes.max() <= quantizer.qmax
+    free, _ = quantize_weight(weights, bits=bits, binary=False, method=method)
+    # the budget only moves codes towards zero
+    assert np.all(np.abs(codes) <= np.abs(free) + (np.abs(free).sum(axis=1) == 0)[:, None])
+    assert np.all(np.sign(codes) * np.sign(weights) >= 0)
+
+
+def test_quantizers_initialise_on_the_first_training_batch(make_mlp, digits) -> None:
+    x = digits[0][:64]
+    qat = prepare_qat(make_mlp(), n_bits=3)
+    with pytest.raises(NotFittedError, match="initialize"):
+        qat.eval()(x)
+    qat.train()(x)
+    assert qat.is_initialized
+    # a constant input pixel (always 0 after standardization) costs nothing
+    dead = np.all(x == 0, axis=0)
+    assert dead.any()
+    scales = qat.layers[0].input_quantizer.scale.detach().numpy()
+    np.testing.assert_array_equal(scales[dead], DEAD_FEATURE_SCALE)
+    weight_q = qat.to_quantized_graph().segments[0].linear.weight_q
+    assert not weight_q[:, dead].any()
+
+
+def test_state_dict_copy_and_pickle_give_the_same_program(trained_qat, make_mlp, digits) -> None:
+    x = digits[1]
+    fresh = prepare_qat(make_mlp(), n_bits=3)
+    fresh.load_state_dict(trained_qat.state_dict())
+    np.testing.assert_array_equal(fresh.eval()(x).detach().numpy(), trained_qat(x).detach().numpy())
+    for clone in (copy.deepcopy(trained_qat), pickle.loads(pickle.dumps(trained_qat))):
+        np.testing.assert_array_equal(clone(x).detach().numpy(), trained_qat(x).detach().numpy())
+
+
+def test_fit_is_deterministic_under_its_seed(make_mlp, digits) -> None:
+    x, _, y, _ = digits
+    runs = []
+    for _ in range(2):
+        qat = prepare_qat(make_mlp(), n_bits=3)
+        history = fit(qat, x[:256], y[:256], epochs=2, seed=5, verbose=False)
+        runs.append((history["loss"], [p.detach().clone() for p in qat.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][1], runs[1][1], strict=True))
+
+
+def test_fit_reports_validation_and_leaves_the_random_state_alone(make_mlp, digits) -> None:
+    x_train, x_test, y_train, y_test = digits
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    net = make_mlp()
+    history = fit(
+        net, x_train[:128], y_train[:128], epochs=2, validation=(x_test, y_test), verbose=False
+    )
+    assert set(history) == {"loss", "seconds", "val_loss", "val_accuracy"}
+    assert len(history["val_accuracy"]) == 2 and 0 <= history["val_accuracy"][-1] <= 1
+    assert not net.training
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(1), expected)
+
+
+def test_fit_mse_on_a_regression_target(make_mlp) -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 4))
+    y = x[:, 0] - 0.5 * x[:, 1]
+    qat = prepare_qat(make_mlp(n_in=4, width=8, n_out=1), n_bits=4)
+    history = fit(qat, x, y, epochs=3, loss="mse", lr=1e-2, schedule="cosine", verbose=False)
+    assert history["loss"][-1] < history["loss"][0]
