@@ -22,7 +22,9 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
+from fhe_quant.errors import CompilationError
 from fhe_quant.torch import compile_torch_model
+from fhe_quant.training import fit
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -30,19 +32,11 @@ RESULTS = Path(__file__).parent / "results"
 def train_mlp(x: np.ndarray, y: np.ndarray, epochs: int = 40, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = torch.nn.Sequential(
-        torch.nn.Linear(64, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 64),
-        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64), torch.nn.ReLU(),
+        torch.nn.Linear(64, 64), torch.nn.ReLU(),
         torch.nn.Linear(64, 10),
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(xt)).split(64):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[batch]), yt[batch]).backward()
-            optimizer.step()
+    fit(model, x, y, epochs=epochs, seed=seed, verbose=False)
     return model.eval()
 
 
@@ -54,7 +48,12 @@ def run(bits: list[int], execute_samples: int, rounding: str) -> list[dict]:
     model = train_mlp(x_train, y_train)
     rows = []
     for n_bits in bits:
-        qm = compile_torch_model(model, x_train, n_bits=n_bits, rounding=rounding)
+        try:
+            qm = compile_torch_model(model, x_train, n_bits=n_bits, rounding=rounding)
+        except CompilationError as exc:
+            print(json.dumps({"n_bits": n_bits, "rounding": rounding, "error": str(exc)}))
+            rows.append({"n_bits": n_bits, "rounding": rounding, "error": str(exc)})
+            continue
         report = qm.report(x_test, y_test, fhe="simulate")
         stats = qm.statistics
         row = {
@@ -101,6 +100,9 @@ def table(rows: list[dict]) -> str:
     )
     lines = [head, "|---" * 10 + "|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['rounding']} | {r['n_bits']} | compile failed: {r['error']} |")
+            continue
         lines.append(
             f"| {r['rounding']} | {r['n_bits']} | {r['float_accuracy']:.4f} "
             f"| {r['disable_accuracy']:.4f} | {r['simulate_accuracy']:.4f} | {r['pbs_count']} "

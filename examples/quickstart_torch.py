@@ -9,32 +9,24 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
 import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from fhe_quant.torch import compile_torch_model
+from fhe_quant.training import fit
 
 
-def train_mlp(x: np.ndarray, y: np.ndarray, epochs: int = 60, seed: int = 0) -> torch.nn.Module:
+def make_mlp(n_features: int, seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(x.shape[1], 64),
+    return torch.nn.Sequential(
+        torch.nn.Linear(n_features, 64),
         torch.nn.ReLU(),
         torch.nn.Linear(64, 64),
         torch.nn.ReLU(),
         torch.nn.Linear(64, 10),
     )
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(xt)).split(64):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[batch]), yt[batch]).backward()
-            optimizer.step()
-    return model.eval()
 
 
 def main() -> None:
@@ -48,7 +40,8 @@ def main() -> None:
     scaler = StandardScaler().fit(x_train)
     x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
 
-    model = train_mlp(x_train, y_train)
+    model = make_mlp(x_train.shape[1])
+    fit(model, x_train, y_train, epochs=60, verbose=True)
     start = time.perf_counter()
     qm = compile_torch_model(model, x_train, n_bits=args.n_bits, verbose=True)
     print(f"compiled in {time.perf_counter() - start:.1f} s")

@@ -9,25 +9,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-
-def train(
-    model: torch.nn.Module,
-    x: np.ndarray,
-    y: np.ndarray,
-    epochs: int,
-    lr: float = 1e-2,
-    seed: int = 0,
-) -> torch.nn.Module:
-    """A plain Adam + cross-entropy loop (deterministic under ``seed``)."""
-    torch.manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
-    for _ in range(epochs):
-        for batch in torch.randperm(len(xt)).split(64):
-            optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(xt[batch]), yt[batch]).backward()
-            optimizer.step()
-    return model.eval()
+from fhe_quant.training import fit
 
 
 @pytest.fixture(scope="session")
@@ -51,4 +33,5 @@ def digits_mlp(digits: tuple[np.ndarray, ...]) -> torch.nn.Module:
         torch.nn.ReLU(),
         torch.nn.Linear(64, 10),
     )
-    return train(model, x_train, y_train, epochs=40)
+    fit(model, x_train, y_train, epochs=40, verbose=False)
+    return model.eval()
