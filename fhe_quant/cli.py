@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -60,6 +61,30 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _info(args: argparse.Namespace) -> int:
+    from fhe_quant.deploy import artifact_info
+
+    info = artifact_info(args.artifact)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    stats = info["statistics"]
+    print(
+        f"artifact format {info['manifest']['format_version']}, "
+        f"fhe_quant {info['manifest']['fhe_quant_version']}"
+    )
+    print(
+        f"input: shape {info['input_shape']}, {info['input_bits']} bits "
+        f"(client pre-processing: {info['client_pre_processing'] or 'none'})"
+    )
+    print(f"PBS per sample: {stats.get('pbs_count')}, max bit width: {stats.get('max_bit_width')}")
+    for layer in stats["layers"]:
+        print(f"  {layer}")
+    print(f"client post-processing: {info['client_post_processing'] or 'none'}")
+    print(info["program"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fhe-quant", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--program", action="store_true", help="print the integer program")
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
     rep.set_defaults(func=_report)
+    info = sub.add_parser("info", help="describe a saved client artifact (FHEModelDev)")
+    info.add_argument("artifact", help="the artifact's client directory")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.set_defaults(func=_info)
     return parser
 
 

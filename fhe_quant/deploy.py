@@ -51,7 +51,7 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # pkg_resources, imported by concrete
     from concrete import fhe
 
-__all__ = ["FORMAT_VERSION", "FHEModelDev", "FHEModelClient", "FHEModelServer"]
+__all__ = ["FORMAT_VERSION", "FHEModelDev", "FHEModelClient", "FHEModelServer", "artifact_info"]
 
 #: Version of the artifact layout; loading refuses any other.
 FORMAT_VERSION = 1
@@ -232,6 +232,35 @@ class _ClientProcessing:
         return run_chain(self.post, value)
 
 
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def artifact_info(path: str | Path) -> dict[str, Any]:
+    """What a saved client artifact holds: manifest, input format, statistics, program.
+
+    Checks the manifest (version, checksums) first, like :class:`FHEModelClient`.
+    """
+    directory = Path(path)
+    manifest = _check_manifest(directory, "client")
+    model = json.loads((directory / "model.json").read_text())
+    report = json.loads((directory / "report.json").read_text())
+    return {
+        "manifest": manifest,
+        "input_shape": model["input_shape"],
+        "input_bits": model["input_quantizer"]["bits"],
+        "client_pre_processing": [n["op"] for n in model["pre"]],
+        "client_post_processing": [n["op"] for n in model["post"]],
+        **report,
+    }
+
+
 # ------------------------------------------------------------------ the three roles
 
 
@@ -259,6 +288,12 @@ class FHEModelDev:
         _write_manifest(server_dir, "server", ["server.zip"])
         circuit.client.save(client_dir / "client.zip")
         files = ["client.zip", *_ClientProcessing.from_model(self.model).save(client_dir)]
+        summary = {
+            "statistics": _jsonable(self.model.statistics),
+            "program": self.model.program.source(),
+        }
+        (client_dir / "report.json").write_text(json.dumps(summary, indent=2))
+        files.append("report.json")
         _write_manifest(client_dir, "client", files)
 
 

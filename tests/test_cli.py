@@ -94,3 +94,19 @@ def test_version(capsys) -> None:
         main(["--version"])
     assert exit_info.value.code == 0
     assert "fhe-quant" in capsys.readouterr().out
+
+
+def test_info_describes_a_saved_artifact(tmp_path: Path, capsys) -> None:
+    from fhe_quant.deploy import FHEModelDev
+    from fhe_quant.torch import compile_torch_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    qm = compile_torch_model(model, np.random.default_rng(0).normal(size=(20, 3)), n_bits=3)
+    FHEModelDev(tmp_path, qm).save()
+    assert main(["info", str(tmp_path / "client")]) == 0
+    out = capsys.readouterr().out
+    assert f"PBS per sample: {qm.statistics['pbs_count']}" in out and "def program(q)" in out
+    (tmp_path / "client" / "model.json").write_text("{}")
+    assert main(["info", str(tmp_path / "client")]) == 2
+    assert "checksum" in capsys.readouterr().err

@@ -63,7 +63,7 @@ def test_server_directory_holds_no_secret_material(saved) -> None:
     files = sorted(p.name for p in (root / "server").iterdir())
     assert files == ["manifest.json", "server.zip"]
     client_files = sorted(p.name for p in (root / "client").iterdir())
-    assert client_files == ["client.zip", "manifest.json", "model.json", "model.npz"]
+    assert client_files == ["client.zip", "manifest.json", "model.json", "model.npz", "report.json"]
     # keys live only where the client puts them
     assert not any("key" in p.name.lower() for p in root.rglob("*"))
     assert any((root.parent / "keys_a").iterdir())
@@ -139,6 +139,15 @@ def test_ciphertexts_under_other_keys_are_refused(saved) -> None:
     result = server.run(alice.quantize_encrypt_serialize(x[:1])[0], alice_keys)
     with pytest.raises(DeploymentError, match="other keys"):
         bob.deserialize_decrypt([result])
+
+
+def test_artifact_info_reports_the_model(saved) -> None:
+    root, qm, _ = saved
+    info = deploy.artifact_info(root / "client")
+    assert info["input_shape"] == [4] and info["input_bits"] == 5
+    assert info["client_post_processing"] == ["sigmoid"]
+    assert info["statistics"]["pbs_count"] == qm.statistics["pbs_count"] == 0
+    assert info["program"] == qm.program.source()
 
 
 def test_saving_needs_a_compiled_model_and_never_overwrites(saved, tmp_path: Path) -> None:
