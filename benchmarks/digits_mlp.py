@@ -13,14 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
+from _common import digits_split, measure_execute
 
 from fhe_quant.errors import CompilationError
 from fhe_quant.torch import compile_torch_model
@@ -43,10 +40,7 @@ def train_mlp(x: np.ndarray, y: np.ndarray, epochs: int = 40, seed: int = 0) -> 
 
 
 def run(bits: list[int], execute_samples: int, rounding: str) -> list[dict]:
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0)
-    scaler = StandardScaler().fit(x_train)
-    x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
+    x_train, x_test, y_train, y_test = digits_split()
     model = train_mlp(x_train, y_train)
     rows = []
     for n_bits in bits:
@@ -80,16 +74,7 @@ def run(bits: list[int], execute_samples: int, rounding: str) -> list[dict]:
             "estimated_latency_seconds": report.estimated_latency_seconds,
         }
         if execute_samples:
-            row["keygen_seconds"] = qm.keygen()
-            clear = qm.forward_integers(x_test[:execute_samples], fhe="disable")
-            latencies, equal = [], True
-            for i in range(execute_samples):
-                start = time.perf_counter()
-                out = qm.forward_integers(x_test[i : i + 1], fhe="execute")
-                latencies.append(time.perf_counter() - start)
-                equal &= bool(np.array_equal(out, clear[i : i + 1]))
-            row["execute_seconds_per_sample"] = float(np.mean(latencies))
-            row["execute_equals_disable"] = equal
+            row.update(measure_execute(qm, x_test, execute_samples))
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -97,10 +82,10 @@ def run(bits: list[int], execute_samples: int, rounding: str) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| n_bits | float | disable | simulate | PBS | max bits | table in | compile s "
-        "| keygen s | latency s |"
+        "| rounding | n_bits | float | disable | simulate | PBS | max bits | table in "
+        "| keys MB | compile s | keygen s | latency s |"
     )
-    lines = [head, "|---" * 10 + "|"]
+    lines = [head, "|---" * 12 + "|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['rounding']} | {r['n_bits']} | compile failed: {r['error']} |")

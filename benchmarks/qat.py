@@ -27,9 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from sklearn.preprocessing import StandardScaler
+from _common import digits_split, measure_execute
 
 from fhe_quant.lower import lower
 from fhe_quant.model import QuantizedModule
@@ -52,10 +50,7 @@ QAT_RUNS: dict[str, dict[str, Any]] = {
 
 
 def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    x, y = load_digits(return_X_y=True)
-    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0)
-    scaler = StandardScaler().fit(x_train)
-    return scaler.transform(x_train), scaler.transform(x_test), y_train, y_test
+    return digits_split()
 
 
 def float_mlp(x: np.ndarray, y: np.ndarray) -> tuple[torch.nn.Module, float]:
@@ -98,16 +93,7 @@ def measure(qm: QuantizedModule, x_test: np.ndarray, y_test: np.ndarray, samples
         "estimated_latency_seconds": report.estimated_latency_seconds,
     }
     if samples:
-        row["keygen_seconds"] = qm.keygen()
-        clear = qm.forward_integers(x_test[:samples], fhe="disable")
-        latencies, equal = [], True
-        for i in range(samples):
-            start = time.perf_counter()
-            out = qm.forward_integers(x_test[i : i + 1], fhe="execute")
-            latencies.append(time.perf_counter() - start)
-            equal &= bool(np.array_equal(out, clear[i : i + 1]))
-        row["execute_seconds_per_sample"] = float(np.mean(latencies))
-        row["execute_equals_disable"] = equal
+        row.update(measure_execute(qm, x_test, samples))
     return row
 
 

@@ -1,0 +1,40 @@
+"""What the benchmark scripts share: the digits split and the encrypted-run measurement."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+
+from fhe_quant.model import QuantizedModule
+
+__all__ = ["digits_split", "measure_execute"]
+
+
+def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """scikit-learn's digits, standardized on the training part, 75/25, random_state=0."""
+    x, y = load_digits(return_X_y=True)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.25, random_state=0)
+    scaler = StandardScaler().fit(x_train)
+    return scaler.transform(x_train), scaler.transform(x_test), y_train, y_test
+
+
+def measure_execute(qm: QuantizedModule, x: np.ndarray, samples: int) -> dict[str, Any]:
+    """Key generation time, encrypted latency per sample, and equality with ``disable``."""
+    keygen = qm.keygen()
+    clear = qm.forward_integers(x[:samples], fhe="disable")
+    latencies, equal = [], True
+    for i in range(samples):
+        start = time.perf_counter()
+        out = qm.forward_integers(x[i : i + 1], fhe="execute")
+        latencies.append(time.perf_counter() - start)
+        equal &= bool(np.array_equal(out, clear[i : i + 1]))
+    return {
+        "keygen_seconds": keygen,
+        "execute_seconds_per_sample": float(np.mean(latencies)),
+        "execute_equals_disable": equal,
+    }
