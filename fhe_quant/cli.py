@@ -85,6 +85,32 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from fhe_quant.http import serve
+
+    serve(args.server_dir, args.host, args.port, args.max_body_bytes)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import uuid
+
+    from fhe_quant.deploy import FHEModelClient
+    from fhe_quant.http import Client
+
+    client = FHEModelClient(args.client_dir, key_dir=args.key_dir)
+    x = np.load(args.data, allow_pickle=False)[: args.samples]
+    api = Client(args.url, timeout=args.timeout)
+    client_id = uuid.uuid4().hex
+    api.upload_keys(client_id, client.get_serialized_evaluation_keys())
+    replies = [api.predict(client_id, c) for c in client.quantize_encrypt_serialize(x)]
+    outputs = client.deserialize_decrypt_dequantize(replies)
+    for i, row in enumerate(outputs.reshape(len(outputs), -1)):
+        label = f"  argmax {int(row.argmax())}" if row.size > 1 else ""
+        print(f"sample {i}: {np.array2string(row, precision=6)}{label}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fhe-quant", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -112,6 +138,20 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("artifact", help="the artifact's client directory")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_info)
+    srv = sub.add_parser("serve", help="serve a server artifact over HTTP (fhe_quant.http)")
+    srv.add_argument("server_dir", help="the artifact's server directory")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    srv.add_argument("--max-body-bytes", type=int, default=512 * 2**20)
+    srv.set_defaults(func=_serve)
+    pre = sub.add_parser("predict", help="encrypt .npy inputs, run them on a server, decrypt")
+    pre.add_argument("client_dir", help="the artifact's client directory")
+    pre.add_argument("--data", required=True, help=".npy inputs, one sample per row")
+    pre.add_argument("--url", default="http://127.0.0.1:8000")
+    pre.add_argument("--samples", type=int, default=None, help="only the first N samples")
+    pre.add_argument("--key-dir", help="where to keep the keys (default: memory)")
+    pre.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    pre.set_defaults(func=_predict)
     return parser
 
 

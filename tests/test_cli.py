@@ -110,3 +110,42 @@ def test_info_describes_a_saved_artifact(tmp_path: Path, capsys) -> None:
     (tmp_path / "client" / "model.json").write_text("{}")
     assert main(["info", str(tmp_path / "client")]) == 2
     assert "checksum" in capsys.readouterr().err
+
+
+def test_predict_runs_encrypted_inference_through_an_http_server(tmp_path: Path, capsys) -> None:
+    import threading
+
+    from fhe_quant.deploy import FHEModelDev
+    from fhe_quant.http import make_server
+    from fhe_quant.torch import compile_torch_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    qm = compile_torch_model(model, x, n_bits=2, p_error=1e-12)
+    FHEModelDev(tmp_path, qm).save()
+    np.save(tmp_path / "x.npy", x[:2])
+    httpd = make_server(tmp_path / "server", port=0)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        code = main(
+            [
+                "predict",
+                str(tmp_path / "client"),
+                "--data",
+                str(tmp_path / "x.npy"),
+                "--url",
+                url,
+                "--timeout",
+                "120",
+            ]
+        )
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0 and len(out) == 2
+    expected = qm.forward(x[:2]).argmax(axis=1)
+    assert [int(line.rsplit(" ", 1)[1]) for line in out] == expected.tolist()
