@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import platform
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from fhe_quant.model import QuantizedModule
 
-__all__ = ["digits_split", "measure_execute"]
+__all__ = ["digits_split", "measure_execute", "write_results"]
 
 
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -38,3 +42,10 @@ def measure_execute(qm: QuantizedModule, x: np.ndarray, samples: int) -> dict[st
         "execute_seconds_per_sample": float(np.mean(latencies)),
         "execute_equals_disable": equal,
     }
+
+
+def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
+    """Write ``rows`` as the results JSON, with the machine they were measured on."""
+    out.parent.mkdir(exist_ok=True)
+    meta = {"machine": platform.platform(), "cpus": torch.get_num_threads()}
+    out.write_text(json.dumps({**meta, "rows": rows}, indent=2))

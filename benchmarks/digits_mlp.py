@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import numpy as np
 import torch
-from _common import digits_split, measure_execute
+from _common import digits_split, measure_execute, write_results
 
 from fhe_quant.errors import CompilationError
 from fhe_quant.torch import compile_torch_model
@@ -118,12 +117,7 @@ def main() -> None:
         if (r["n_bits"], r["rounding"]) not in {(x["n_bits"], x["rounding"]) for x in rows}
     ]
     merged = sorted(keep + rows, key=lambda r: (r["rounding"], r["n_bits"]))
-    out.write_text(
-        json.dumps(
-            {"machine": platform.platform(), "cpus": torch.get_num_threads(), "rows": merged},
-            indent=2,
-        )
-    )
+    write_results(out, merged)
     print(table(merged))
 
 

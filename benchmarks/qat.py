@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from _common import digits_split, measure_execute
+from _common import digits_split, measure_execute, write_results
 
 from fhe_quant.lower import lower
 from fhe_quant.model import QuantizedModule
@@ -206,12 +205,7 @@ def main() -> None:
     order = ["ptq-6bit", *QAT_RUNS]
     merged = [r for r in previous if r["name"] not in names] + rows
     merged.sort(key=lambda r: order.index(r["name"]) if r["name"] in order else len(order))
-    out.write_text(
-        json.dumps(
-            {"machine": platform.platform(), "cpus": torch.get_num_threads(), "rows": merged},
-            indent=2,
-        )
-    )
+    write_results(out, merged)
     print(table(merged))
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "NUMPY_ARRAYS",
     "conv_numpy",
     "weight_input_channels",
+    "describe_mismatch",
 ]
 
 Kind = Literal["input", "linear", "elementwise", "reshape"]
@@ -500,6 +501,23 @@ def op_spec(op: str, where: str) -> OpSpec:
         return OPS[op]
     except KeyError:
         raise UnsupportedOpError(op, where) from None
+
+
+def describe_mismatch(
+    got: np.ndarray, expected: np.ndarray, rtol: float, atol: float
+) -> str | None:
+    """How ``got`` differs from ``expected`` (shape or largest difference), or ``None``
+    when they agree within the tolerances; frontends use it to check a translation.
+
+    Examples:
+        >>> describe_mismatch(np.zeros(2), np.ones(2), 1e-6, 1e-8)
+        'max abs difference 1'
+    """
+    if got.shape != expected.shape:
+        return f"shape {got.shape} instead of {expected.shape}"
+    if not np.allclose(got, expected, rtol=rtol, atol=atol):
+        return f"max abs difference {np.max(np.abs(got - expected)):.3g}"
+    return None
 
 
 def linear_bounds(

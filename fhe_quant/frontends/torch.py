@@ -34,7 +34,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fhe_quant.errors import TraceError, UnsupportedOpError
-from fhe_quant.ir import ConvGeometry, Graph, Node
+from fhe_quant.ir import ConvGeometry, Graph, Node, describe_mismatch
 
 __all__ = ["trace_module"]
 
@@ -685,12 +685,8 @@ def _check_translation(model: nn.Module, graph: Graph, sample: np.ndarray) -> No
     with torch.no_grad():
         with _quiet_torch():
             expected = model(torch.as_tensor(x)).numpy()
-    got = graph(x)
-    if got.shape != expected.shape:
-        difference = f"shape {got.shape} instead of {expected.shape}"
-    elif not np.allclose(got, expected, rtol=1e-6, atol=1e-8):
-        difference = f"max abs difference {np.max(np.abs(got - expected)):.3g}"
-    else:
+    difference = describe_mismatch(graph(x), expected, rtol=1e-6, atol=1e-8)
+    if difference is None:
         return
     raise TraceError(
         f"The traced graph does not reproduce the module's output ({difference}); an "

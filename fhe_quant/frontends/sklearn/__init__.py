@@ -36,7 +36,7 @@ from scipy.special import expit
 from sklearn.base import is_classifier
 
 from fhe_quant.errors import TraceError, UnsupportedOpError
-from fhe_quant.ir import Graph
+from fhe_quant.ir import Graph, describe_mismatch
 
 __all__ = [
     "SklearnGraph",
@@ -245,11 +245,8 @@ def check_translation(estimator: Any, imported: SklearnGraph, x: np.ndarray) -> 
         pairs = _expected_outputs(estimator, imported, x)
     for method, ours, expected in pairs:
         expected = np.asarray(expected, dtype=np.float64)
-        if ours.shape != expected.shape:
-            difference = f"shape {ours.shape} instead of {expected.shape}"
-        elif not np.allclose(ours, expected, rtol=1e-5, atol=1e-7):
-            difference = f"max abs difference {np.max(np.abs(ours - expected)):.3g}"
-        else:
+        difference = describe_mismatch(ours, expected, rtol=1e-5, atol=1e-7)
+        if difference is None:
             continue
         raise TraceError(
             f"The graph built from {type(estimator).__name__} does not reproduce its "
