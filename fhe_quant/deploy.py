@@ -31,10 +31,12 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,27 +53,52 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", UserWarning)  # pkg_resources, imported by concrete
     from concrete import fhe
 
-__all__ = ["FORMAT_VERSION", "FHEModelDev", "FHEModelClient", "FHEModelServer", "artifact_info"]
+__all__ = [
+    "FORMAT_VERSION",
+    "MESSAGE_MAGIC",
+    "TASKS",
+    "PostProcessing",
+    "FHEModelDev",
+    "FHEModelClient",
+    "FHEModelServer",
+    "artifact_info",
+    "is_fhe_quant_message",
+]
 
-#: Version of the artifact layout; loading refuses any other.
-FORMAT_VERSION = 1
+#: Version of the artifact layout; loading refuses any other. Version 2 added the
+#: estimators' post-processing (``post_processing`` in ``model.json``).
+FORMAT_VERSION = 2
 _MANIFEST = "manifest.json"
+#: The first 4 bytes of every message fhe_quant sends: evaluation-key messages
+#: (``MESSAGE_MAGIC + nonce + keys``) and ciphertext envelopes (``MESSAGE_MAGIC + key id +
+#: ciphertext``). A server can refuse anything else before parsing it.
+MESSAGE_MAGIC = b"FHQ1"
 # NOTE: TFHE cannot tell that a ciphertext was encrypted under other keys: the server
 # computes garbage. So every ciphertext travels in an envelope naming its keys (the
 # SHA-256 of the client's evaluation-key message), and both sides check it. The key
 # message starts with a random client nonce: a circuit without bootstrap has empty
 # evaluation keys, identical for every client.
-_MAGIC = b"FHQ1"
 _DIGEST = 32
 _NONCE = 16
 
 
+def is_fhe_quant_message(message: object) -> bool:
+    """Whether ``message`` is bytes starting with :data:`MESSAGE_MAGIC` (a key message or
+    a ciphertext envelope); a cheap check before any parsing.
+
+    Examples:
+        >>> is_fhe_quant_message(MESSAGE_MAGIC + bytes(48)), is_fhe_quant_message(b"GET /")
+        (True, False)
+    """
+    return isinstance(message, bytes) and message.startswith(MESSAGE_MAGIC)
+
+
 def _seal(key_id: bytes, payload: bytes) -> bytes:
-    return _MAGIC + key_id + payload
+    return MESSAGE_MAGIC + key_id + payload
 
 
 def _open(message: bytes, key_id: bytes, what: str) -> bytes:
-    if not isinstance(message, bytes) or not message.startswith(_MAGIC) or len(message) <= 36:
+    if not is_fhe_quant_message(message) or len(message) <= len(MESSAGE_MAGIC) + _DIGEST:
         raise DeploymentError(f"The {what} is not an fhe_quant message (bad header).")
     if message[4 : 4 + _DIGEST] != key_id:
         raise DeploymentError(
@@ -165,6 +192,7 @@ class _ClientProcessing:
         zero: np.ndarray,
         bias: np.ndarray,
         post: tuple[Node, ...],
+        post_processing: PostProcessing,
     ) -> None:
         self.input_shape = input_shape
         self.pre = pre
@@ -172,9 +200,12 @@ class _ClientProcessing:
         self.encrypted_shape = encrypted_shape
         self.scale, self.zero, self.bias = scale, zero, bias
         self.post = post
+        self.post_processing = post_processing
 
     @classmethod
-    def from_model(cls, model: QuantizedModule) -> _ClientProcessing:
+    def from_model(
+        cls, model: QuantizedModule, post_processing: PostProcessing
+    ) -> _ClientProcessing:
         out = model.program.output_step
         return cls(
             model.input_shape,
@@ -185,6 +216,7 @@ class _ClientProcessing:
             out.zero,
             out.bias,
             model.quantized.post,
+            post_processing,
         )
 
     def save(self, directory: Path) -> list[str]:
@@ -199,6 +231,7 @@ class _ClientProcessing:
             "input_quantizer": self.input_quantizer.to_dict(),
             "pre": [_node_to_json(n, arrays, "pre") for n in self.pre],
             "post": [_node_to_json(n, arrays, "post") for n in self.post],
+            "post_processing": self.post_processing.to_dict(),
         }
         (directory / "model.json").write_text(json.dumps(data, indent=2))
         np.savez(directory / "model.npz", **arrays)
@@ -218,6 +251,7 @@ class _ClientProcessing:
             loaded["output.zero"],
             loaded["output.bias"],
             tuple(_node_from_json(n, loaded) for n in data["post"]),
+            PostProcessing.from_dict(data["post_processing"]),
         )
 
     def quantize(self, x: Any) -> np.ndarray:
@@ -230,6 +264,287 @@ class _ClientProcessing:
     def dequantize(self, acc: np.ndarray) -> np.ndarray:
         value = self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
         return run_chain(self.post, value)
+
+    def raw(self, acc: np.ndarray) -> np.ndarray:
+        """The float outputs as the estimators decode them: ``(N, n_outputs)`` float64."""
+        value = np.asarray(self.dequantize(acc), dtype=np.float64)
+        return value.reshape(len(value), -1)
+
+
+# ------------------------------------------------------------------ estimators' outputs
+
+#: What a saved model is: a torch/QAT module (float outputs), or a scikit-learn style
+#: classifier or regressor (labels, probabilities, predictions).
+TASKS = ("module", "classifier", "regressor")
+
+
+def _classes_to_json(classes: np.ndarray) -> dict[str, Any]:
+    """``classes_`` as JSON with its dtype, so the client returns labels of the same type."""
+    kind = classes.dtype.kind
+    if kind in "biufU":
+        return {"dtype": classes.dtype.str, "values": classes.tolist()}
+    if kind == "O":
+        values = classes.tolist()
+        types = {type(v) for v in values}
+        if len(types) == 1 and types <= {str, int, float, bool}:
+            return {"dtype": "object", "values": values}
+        names = sorted(t.__name__ for t in types)
+    else:
+        names = [str(classes.dtype)]
+    raise DeploymentError(
+        f"The classes_ of the model must be numbers, booleans or strings (of one type) to be "
+        f"saved as JSON; got values of type {', '.join(names)} instead. Re-fit the model "
+        "with integer or string labels."
+    )
+
+
+def _classes_from_json(data: dict[str, Any]) -> np.ndarray:
+    if data["dtype"] == "object":
+        classes = np.empty(len(data["values"]), dtype=object)
+        classes[:] = data["values"]
+        return classes
+    return np.array(data["values"], dtype=np.dtype(data["dtype"]))
+
+
+@dataclass(frozen=True, eq=False)
+class PostProcessing:
+    """What the client computes, in clear, from the decrypted float outputs ``raw``
+    ``(N, n_outputs)``: labels, probabilities or predictions, exactly as the estimator's
+    own ``predict``/``predict_proba``/``decision_function`` do.
+
+    Attributes:
+        task: one of :data:`TASKS`.
+        classes: a classifier's ``classes_`` (dtype kept); ``None`` otherwise.
+        output: the key in ``fhe_quant.frontends.sklearn.OUTPUT_FUNCTIONS`` applied to
+            ``raw``: a classifier's probability function (``None``: no probabilities) or
+            a regressor's inverse link (``None``: identity).
+        ravel: a regressor with one target returns 1-D predictions.
+        has_decision_function: the classifier has ``decision_function`` (the raw
+            outputs, 1-D for one column).
+        target_scale, target_offset: a regressor's predictions are
+            ``output(raw) * target_scale + target_offset`` (the QAT regressor's target
+            standardization, undone); ``None`` for none.
+
+    Examples:
+        >>> post = PostProcessing("classifier", classes=np.array(["no", "yes"]), output="sigmoid")
+        >>> raw = np.array([[-0.5], [2.0]])
+        >>> post.predict(raw).tolist(), post.predict_proba(raw).round(3).tolist()
+        (['no', 'yes'], [[0.622, 0.378], [0.119, 0.881]])
+        >>> PostProcessing.from_dict(post.to_dict()).predict(raw).dtype
+        dtype('<U3')
+    """
+
+    task: str
+    classes: np.ndarray | None = None
+    output: str | None = None
+    ravel: bool = False
+    has_decision_function: bool = False
+    target_scale: np.ndarray | None = None
+    target_offset: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        from fhe_quant.frontends.sklearn import OUTPUT_FUNCTIONS
+
+        if self.task not in TASKS:
+            raise ValueError(
+                f"The 'task' of a PostProcessing must be one of {TASKS}; got {self.task!r}."
+            )
+        if (self.classes is not None) != (self.task == "classifier"):
+            raise ValueError(
+                "The 'classes' of a PostProcessing are required for a classifier and only "
+                f"for one; got task {self.task!r} with classes {self.classes!r}."
+            )
+        if self.classes is not None and (self.classes.ndim != 1 or len(self.classes) == 0):
+            raise ValueError(
+                "The 'classes' of a PostProcessing must be a non-empty 1-D array; got shape "
+                f"{self.classes.shape}."
+            )
+        if self.output is not None and self.output not in OUTPUT_FUNCTIONS:
+            raise ValueError(
+                f"The 'output' of a PostProcessing must be one of {sorted(OUTPUT_FUNCTIONS)} "
+                f"or None; got {self.output!r}."
+            )
+        if self.task == "module" and (self.output is not None or self.ravel):
+            raise ValueError("A PostProcessing of task 'module' has no 'output' and no 'ravel'.")
+        if (self.target_scale is None) != (self.target_offset is None) or (
+            self.target_scale is not None and self.task != "regressor"
+        ):
+            raise ValueError(
+                "The 'target_scale' and 'target_offset' of a PostProcessing go together, "
+                f"for a regressor only; got task {self.task!r}, target_scale "
+                f"{self.target_scale!r}, target_offset {self.target_offset!r}."
+            )
+
+    # ------------------------------------------------------------------ from a model
+    @classmethod
+    def from_estimator(cls, estimator: Any) -> PostProcessing:
+        """Read a fitted fhe_quant estimator's post-processing from its attributes
+        (``classes_``, ``_output``, ``_ravel``; the QAT estimators' ``y_scale_`` and
+        ``y_mean_``).
+
+        Raises:
+            DeploymentError: an attribute is missing or cannot be saved as JSON.
+        """
+        from sklearn.base import is_classifier, is_regressor
+
+        name = type(estimator).__name__
+        output, ravel = _estimator_output(estimator)
+        if is_classifier(estimator):
+            return cls(
+                "classifier",
+                classes=np.asarray(_attribute(estimator, "classes_")),
+                output=output,
+                has_decision_function=hasattr(estimator, "decision_function"),
+            )
+        if not is_regressor(estimator):
+            raise DeploymentError(
+                f"{name} is neither a classifier nor a regressor (scikit-learn's "
+                "is_classifier/is_regressor): FHEModelDev cannot tell how to decode its outputs."
+            )
+        scale, offset = getattr(estimator, "y_scale_", None), getattr(estimator, "y_mean_", None)
+        if (scale is None) != (offset is None):
+            raise DeploymentError(f"{name} has only one of y_scale_ and y_mean_.")
+        return cls(
+            "regressor",
+            output=output,
+            ravel=ravel,
+            target_scale=None if scale is None else np.asarray(scale, dtype=np.float64),
+            target_offset=None if offset is None else np.asarray(offset, dtype=np.float64),
+        )
+
+    # ------------------------------------------------------------------ as JSON
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe form (``classes`` with their dtype; floats round-trip exactly)."""
+        data = dataclasses.asdict(self)
+        if self.classes is not None:
+            data["classes"] = _classes_to_json(self.classes)
+        for key in ("target_scale", "target_offset"):
+            if data[key] is not None:
+                data[key] = np.asarray(data[key], dtype=np.float64).tolist()
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PostProcessing:
+        data = dict(data)
+        if data.get("classes") is not None:
+            data["classes"] = _classes_from_json(data["classes"])
+        for key in ("target_scale", "target_offset"):
+            if data.get(key) is not None:
+                data[key] = np.asarray(data[key], dtype=np.float64)
+        return cls(**data)
+
+    # ------------------------------------------------------------------ decoding
+    def require(self, tasks: tuple[str, ...], method: str) -> None:
+        """Raise :class:`DeploymentError` unless this model's task is one of ``tasks``."""
+        if self.task not in tasks:
+            hint = (
+                " A torch or QAT module's artifact has no labels: use "
+                "deserialize_decrypt_dequantize for its float outputs."
+                if self.task == "module"
+                else ""
+            )
+            raise DeploymentError(
+                f"{method} needs the artifact of a {' or '.join(tasks)}; this one holds a "
+                f"{self.task}.{hint}"
+            )
+
+    def predict(self, raw: np.ndarray) -> np.ndarray:
+        """Labels (classifier) or predictions (regressor), as the estimator's ``predict``."""
+        if self.task == "classifier":
+            assert self.classes is not None
+            if len(self.classes) == 1:  # a model fitted on one class predicts it
+                return np.repeat(self.classes, len(raw))
+            if raw.shape[1] == 1:
+                return self.classes[(raw[:, 0] > 0).astype(np.intp)]
+            return self.classes[np.argmax(raw, axis=1)]
+        self.require(("regressor",), "predict")
+        from fhe_quant.frontends.sklearn import OUTPUT_FUNCTIONS
+
+        out = OUTPUT_FUNCTIONS[self.output or "identity"](raw)
+        if self.target_scale is not None:
+            out = out * self.target_scale + self.target_offset
+        return out.reshape(-1) if self.ravel else out
+
+    def predict_proba(self, raw: np.ndarray) -> np.ndarray:
+        """Class probabilities ``(N, n_classes)``, as the estimator's ``predict_proba``."""
+        self.require(("classifier",), "predict_proba")
+        if self.output is None:
+            raise DeploymentError("This classifier has no predict_proba (no probability output).")
+        from fhe_quant.frontends.sklearn import OUTPUT_FUNCTIONS
+
+        return OUTPUT_FUNCTIONS[self.output](raw)
+
+    def decision_function(self, raw: np.ndarray) -> np.ndarray:
+        """Decision values, as the estimator's ``decision_function``."""
+        self.require(("classifier",), "decision_function")
+        if not self.has_decision_function:
+            raise DeploymentError("This classifier has no decision_function.")
+        return raw[:, 0] if raw.shape[1] == 1 else raw
+
+    def outputs(self, raw: np.ndarray) -> np.ndarray:
+        """The default decoding: a module's float outputs as they are; a regressor's
+        predictions; a classifier's probabilities (or, without them, its decision values)."""
+        if self.task == "module":
+            return raw
+        if self.task == "regressor":
+            return self.predict(raw)
+        if self.output is not None:
+            return self.predict_proba(raw)
+        return raw[:, 0] if raw.shape[1] == 1 else raw
+
+
+def _attribute(estimator: Any, name: str) -> Any:
+    if not hasattr(estimator, name):
+        raise DeploymentError(
+            f"{type(estimator).__name__} has no attribute {name!r}: FHEModelDev saves fitted "
+            "fhe_quant estimators (classes_, _output, _ravel, quantized_module_)."
+        )
+    return getattr(estimator, name)
+
+
+def _estimator_output(estimator: Any) -> tuple[str | None, bool]:
+    """``(_output, _ravel)`` of an estimator; the QAT estimators, which decode with a
+    softmax (classifier) or an identity (regressor), do not set ``_output``."""
+    if hasattr(estimator, "_output"):
+        return estimator._output, bool(getattr(estimator, "_ravel", False))
+    from fhe_quant import qat
+
+    if isinstance(estimator, qat.NeuralNetClassifier):
+        return "softmax", False
+    if isinstance(estimator, qat.NeuralNetRegressor):
+        return None, bool(_attribute(estimator, "_ravel"))
+    _attribute(estimator, "_output")  # raises, naming the attribute
+    raise AssertionError("unreachable")
+
+
+def _check_post_processing(estimator: Any, module: QuantizedModule, post: PostProcessing) -> None:
+    """Refuse to save a post-processing that does not reproduce the estimator: compare
+    the estimator's own ``predict`` (and ``predict_proba``, ``decision_function``) with
+    the client's decoding of the module's outputs, on random inputs, in clear."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(scale=3.0, size=(16, *module.input_shape))
+    raw = np.asarray(module.forward(x), dtype=np.float64).reshape(len(x), -1)
+    methods = ["predict"]
+    if post.task == "classifier" and post.output is not None:
+        methods.append("predict_proba")
+    if post.task == "classifier" and post.has_decision_function:
+        methods.append("decision_function")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="X does not have valid feature names")
+        for method in methods:
+            expected = np.asarray(getattr(estimator, method)(x))
+            got = getattr(post, method)(raw)
+            same = (
+                np.array_equal(expected, got)
+                if method == "predict" and post.task == "classifier"
+                else expected.shape == got.shape and np.allclose(expected, got, rtol=1e-12, atol=0)
+            )
+            if not same:
+                raise DeploymentError(
+                    f"The client-side {method} of {type(estimator).__name__} (from classes_, "
+                    "_output, _ravel) does not reproduce the estimator's own: the artifact "
+                    "would decode wrongly, so it is not saved. Please report this."
+                )
 
 
 def _jsonable(value: Any) -> Any:
@@ -257,6 +572,9 @@ def artifact_info(path: str | Path) -> dict[str, Any]:
         "input_bits": model["input_quantizer"]["bits"],
         "client_pre_processing": [n["op"] for n in model["pre"]],
         "client_post_processing": [n["op"] for n in model["post"]],
+        "task": model["post_processing"]["task"],
+        "classes": (model["post_processing"]["classes"] or {}).get("values"),
+        "output_function": model["post_processing"]["output"],
         **report,
     }
 
@@ -264,21 +582,66 @@ def artifact_info(path: str | Path) -> dict[str, Any]:
 # ------------------------------------------------------------------ the three roles
 
 
+def _resolve(model: Any) -> tuple[QuantizedModule, PostProcessing | None]:
+    """The compiled module of ``model`` and, for an estimator, its post-processing
+    (``None`` until checked against the estimator)."""
+    if isinstance(model, QuantizedModule):
+        return model, None
+    module = getattr(model, "quantized_module_", None)
+    if isinstance(module, QuantizedModule):
+        return module, None
+    hint = (
+        " Fit it first, then call compile(X)."
+        if hasattr(model, "fit") and hasattr(model, "get_params")
+        else " For a torch module, compile it first with fhe_quant.torch.compile_torch_model "
+        "(or compile_qat_model for a QAT module)."
+    )
+    raise DeploymentError(
+        "FHEModelDev saves a compiled model: a QuantizedModule (compile_torch_model, "
+        "compile_qat_model) or a fitted and compiled fhe_quant estimator (with "
+        f"quantized_module_). Got {type(model).__name__} instead.{hint}"
+    )
+
+
 class FHEModelDev:
     """Saves a compiled model as a client directory and a server directory.
 
     Args:
         path: directory to create (``path/client`` and ``path/server`` are written).
-        model: a compiled :class:`~fhe_quant.model.QuantizedModule`.
+        model: a compiled :class:`~fhe_quant.model.QuantizedModule` (torch PTQ or QAT),
+            or a fitted and compiled fhe_quant scikit-learn estimator (linear models,
+            MLPs, ``NeuralNetClassifier``/``Regressor``, and any estimator with
+            ``classes_``, ``_output``, ``_ravel`` and ``quantized_module_``). For an
+            estimator, the client's :meth:`FHEModelClient.predict` and
+            :meth:`~FHEModelClient.predict_proba` decode the results as its own
+            ``predict``/``predict_proba`` do; this is checked before saving.
+
+    Raises:
+        DeploymentError: ``model`` is none of these (at construction).
     """
 
-    def __init__(self, path: str | Path, model: QuantizedModule) -> None:
+    def __init__(self, path: str | Path, model: Any) -> None:
         self.path = Path(path)
         self.model = model
+        self.module, _ = _resolve(model)
+
+    def _post_processing(self) -> PostProcessing:
+        if isinstance(self.model, QuantizedModule):
+            return PostProcessing("module")
+        post = PostProcessing.from_estimator(self.model)
+        _check_post_processing(self.model, self.module, post)
+        return post
 
     def save(self) -> None:
-        """Write the artifacts; refuses to overwrite existing ones."""
-        circuit = self.model.circuit  # raises NotCompiledError if not compiled
+        """Write the artifacts; refuses to overwrite existing ones.
+
+        Raises:
+            NotCompiledError: the model has no circuit yet.
+            DeploymentError: an artifact exists there already, or an estimator's outputs
+                cannot be decoded by the client exactly as the estimator does.
+        """
+        circuit = self.module.circuit  # raises NotCompiledError if not compiled
+        post = self._post_processing()
         client_dir, server_dir = self.path / "client", self.path / "server"
         for directory in (client_dir, server_dir):
             if (directory / _MANIFEST).exists():
@@ -287,10 +650,11 @@ class FHEModelDev:
         circuit.server.save(server_dir / "server.zip")
         _write_manifest(server_dir, "server", ["server.zip"])
         circuit.client.save(client_dir / "client.zip")
-        files = ["client.zip", *_ClientProcessing.from_model(self.model).save(client_dir)]
+        processing = _ClientProcessing.from_model(self.module, post)
+        files = ["client.zip", *processing.save(client_dir)]
         summary = {
-            "statistics": _jsonable(self.model.statistics),
-            "program": self.model.program.source(),
+            "statistics": _jsonable(self.module.statistics),
+            "program": self.module.program.source(),
         }
         (client_dir / "report.json").write_text(json.dumps(summary, indent=2))
         files.append("report.json")
@@ -340,7 +704,8 @@ class FHEModelClient:
     def get_serialized_evaluation_keys(self) -> bytes:
         """The public evaluation keys (with this client's nonce), to send to the server."""
         if self._key_message is None:
-            self._key_message = _MAGIC + self._nonce + self.client.evaluation_keys.serialize()
+            keys = self.client.evaluation_keys.serialize()
+            self._key_message = MESSAGE_MAGIC + self._nonce + keys
         return self._key_message
 
     def quantize_encrypt_serialize(self, x: Any) -> list[bytes]:
@@ -364,9 +729,52 @@ class FHEModelClient:
             out.append(np.asarray(self.client.decrypt(value), dtype=np.int64))
         return np.concatenate([o.reshape(1, *o.shape[1:]) for o in out])
 
+    @property
+    def post_processing(self) -> PostProcessing:
+        """What the artifact's model is (``task``) and how its outputs are decoded."""
+        return self.processing.post_processing
+
     def deserialize_decrypt_dequantize(self, results: list[bytes]) -> np.ndarray:
-        """The float outputs (as the model's ``forward``) of the server's results."""
-        return self.processing.dequantize(self.deserialize_decrypt(results))
+        """The server's results, decrypted, dequantized and post-processed.
+
+        * a torch or QAT module: its float outputs, as its ``forward``;
+        * a regressor: its predictions (inverse link applied), as its ``predict``;
+        * a classifier: its probabilities, as its ``predict_proba``, or its decision
+          values for a classifier without probabilities.
+
+        Use :meth:`predict`, :meth:`predict_proba` and :meth:`decision_function` for a
+        given one.
+        """
+        acc = self.deserialize_decrypt(results)
+        if self.post_processing.task == "module":
+            return self.processing.dequantize(acc)
+        return self.post_processing.outputs(self.processing.raw(acc))
+
+    def predict(self, results: list[bytes]) -> np.ndarray:
+        """Labels (a classifier's ``classes_``) or predictions of the server's results,
+        equal to the estimator's ``predict`` on the same inputs.
+
+        Raises:
+            DeploymentError: the artifact holds a torch/QAT module (no labels).
+        """
+        self.post_processing.require(("classifier", "regressor"), "predict")
+        return self.post_processing.predict(self.processing.raw(self.deserialize_decrypt(results)))
+
+    def predict_proba(self, results: list[bytes]) -> np.ndarray:
+        """Class probabilities, equal to the estimator's ``predict_proba``.
+
+        Raises:
+            DeploymentError: not a classifier, or one without probabilities.
+        """
+        self.post_processing.require(("classifier",), "predict_proba")
+        raw = self.processing.raw(self.deserialize_decrypt(results))
+        return self.post_processing.predict_proba(raw)
+
+    def decision_function(self, results: list[bytes]) -> np.ndarray:
+        """Decision values, equal to the estimator's ``decision_function``."""
+        self.post_processing.require(("classifier",), "decision_function")
+        raw = self.processing.raw(self.deserialize_decrypt(results))
+        return self.post_processing.decision_function(raw)
 
 
 class FHEModelServer:
@@ -383,9 +791,7 @@ class FHEModelServer:
 
     def run(self, serialized_input: bytes, serialized_evaluation_keys: bytes) -> bytes:
         """Run on one serialized encrypted sample; returns the serialized result."""
-        if not isinstance(serialized_evaluation_keys, bytes) or not (
-            serialized_evaluation_keys.startswith(_MAGIC)
-        ):
+        if not is_fhe_quant_message(serialized_evaluation_keys):
             raise DeploymentError("The evaluation keys are not an fhe_quant key message.")
         key_id = hashlib.sha256(serialized_evaluation_keys).digest()
         payload = _open(serialized_input, key_id, "input")
@@ -394,7 +800,8 @@ class FHEModelServer:
         except Exception as exc:
             raise DeploymentError(f"The input is not a serialized ciphertext: {exc}") from None
         try:
-            keys = fhe.EvaluationKeys.deserialize(serialized_evaluation_keys[4 + _NONCE :])
+            payload = serialized_evaluation_keys[len(MESSAGE_MAGIC) + _NONCE :]
+            keys = fhe.EvaluationKeys.deserialize(payload)
         except Exception as exc:
             raise DeploymentError(f"The evaluation keys cannot be read: {exc}") from None
         try:

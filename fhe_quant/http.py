@@ -49,7 +49,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from fhe_quant.deploy import _MAGIC, FHEModelServer
+from fhe_quant.deploy import FHEModelServer, is_fhe_quant_message
 from fhe_quant.errors import DeploymentError, FHEQuantError
 
 __all__ = [
@@ -213,7 +213,7 @@ class _Handler(BaseHTTPRequestHandler):
             )
         if action == "keys":
             body = self._read_body()
-            if not body.startswith(_MAGIC):
+            if not is_fhe_quant_message(body):
                 raise _RefusalError(
                     HTTPStatus.BAD_REQUEST, "The body is not an fhe_quant evaluation-key message."
                 )
