@@ -27,15 +27,17 @@ from __future__ import annotations
 import copy
 import inspect
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
 import numpy as np
 import sklearn.exceptions
+from sklearn import ensemble as _ensemble
 from sklearn import linear_model as _linear_model
 from sklearn import neural_network as _neural_network
 from sklearn import svm as _svm
+from sklearn import tree as _tree
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.metrics import accuracy_score, d2_tweedie_score, r2_score
 from sklearn.utils import get_tags
@@ -52,6 +54,7 @@ from fhe_quant.frontends.sklearn import (
     converter_for,
     sklearn_to_graph,
 )
+from fhe_quant.frontends.sklearn import tree as _trees
 from fhe_quant.lower import lower
 from fhe_quant.model import QuantizedModule, build_quantized_module, make_config
 from fhe_quant.passes import simplify
@@ -75,6 +78,14 @@ __all__ = [
     "TweedieRegressor",
     "MLPClassifier",
     "MLPRegressor",
+    "DecisionTreeClassifier",
+    "DecisionTreeRegressor",
+    "RandomForestClassifier",
+    "RandomForestRegressor",
+    "ExtraTreesClassifier",
+    "ExtraTreesRegressor",
+    "GradientBoostingClassifier",
+    "GradientBoostingRegressor",
     "from_sklearn",
     "NeuralNetClassifier",  # noqa: F822 - lazy, see __getattr__
     "NeuralNetRegressor",  # noqa: F822 - lazy, see __getattr__
@@ -515,7 +526,13 @@ Attributes:
 """
 
 
-def _make_estimator(sklearn_class: type, base: type, default_n_bits: int) -> type:
+def _make_estimator(
+    sklearn_class: type,
+    base: type,
+    default_n_bits: int,
+    defaults: dict[str, Any] | None = None,
+    doc: str = _DOC,
+) -> type:
     """A public estimator class wrapping ``sklearn_class``.
 
     NOTE: the ``__init__`` signature is generated from the installed scikit-learn class
@@ -526,8 +543,18 @@ def _make_estimator(sklearn_class: type, base: type, default_n_bits: int) -> typ
     ``__signature__`` (scikit-learn's ``get_params``, ``clone`` and ``repr`` read it,
     and so do ``help()`` and IDEs), binds its arguments against it (unknown or missing
     arguments raise ``TypeError`` as usual) and only stores them.
+
+    ``defaults`` replaces some of scikit-learn's defaults (tree models get FHE-friendly
+    sizes); ``doc`` is the class docstring template.
     """
     sk_signature = inspect.signature(sklearn_class.__init__)
+    if defaults:
+        sk_signature = sk_signature.replace(
+            parameters=[
+                p.replace(default=defaults[p.name]) if p.name in defaults else p
+                for p in sk_signature.parameters.values()
+            ]
+        )
     fhe_params = [
         inspect.Parameter("n_bits", inspect.Parameter.KEYWORD_ONLY, default=default_n_bits),
         inspect.Parameter("rounding_bits", inspect.Parameter.KEYWORD_ONLY, default=None),
@@ -555,8 +582,9 @@ def _make_estimator(sklearn_class: type, base: type, default_n_bits: int) -> typ
     if has_verbose:
         constraints["verbose"] = sklearn_class._parameter_constraints["verbose"]  # type: ignore[attr-defined]
     path = f"{sklearn_class.__module__.split('._')[0]}.{name}"
-    doc = _DOC.format(
+    doc = doc.format(
         name=name,
+        defaults=", ".join(f"``{k}={v!r}``" for k, v in (defaults or {}).items()),
         path=path,
         n_bits=default_n_bits,
         verbose_note=(
@@ -603,6 +631,139 @@ SGDClassifier = _make_estimator(_linear_model.SGDClassifier, _FHEClassifier, _LI
 MLPClassifier = _make_estimator(_neural_network.MLPClassifier, _FHEClassifier, _MLP_N_BITS)
 MLPRegressor = _make_estimator(_neural_network.MLPRegressor, _FHERegressor, _MLP_N_BITS)
 
+
+# --------------------------------------------------------------------------- tree models
+# NOTE: trees do not go through the float graph and PTQ: fhe_quant.frontends.sklearn.tree
+# converts a fitted tree model straight to an integer program (compares as tables on the
+# input grid, path matching as a clear matrix product plus one table per leaf, leaf values
+# summed). The estimators share everything else with the linear models and perceptrons.
+
+_TREE_DOC = """{name} for encrypted inference: scikit-learn's :class:`{path}`, converted
+to compares on a quantized input grid, path matching and summed leaf values.
+
+Constructor parameters: those of :class:`{path}` (same names; see its documentation),
+plus the ones below. FHE-friendly defaults differ from scikit-learn's: {defaults}
+(every compare and every leaf costs one table lookup per sample).
+
+Args:
+    n_bits: an int in [1, 8]: bits of the per-feature input grid, also the input width
+        of every compare table (up to 5 bits a lookup is cheap; 6 costs about 4x more);
+        leaf values then use 8 bits (they are only summed: their width costs nothing
+        in FHE). Or a dict with keys ``inputs`` (the grid, default 6) and ``outputs``
+        (the signed leaf values, 2 to 16 bits, default 8). Default {n_bits}.
+    rounding_bits: must be ``None``: a tree has no accumulator to round.
+    p_error: error probability of each table lookup in FHE (``None``: Concrete's
+        default for the whole circuit).
+    verbose: show progress bars{verbose_note}.
+
+Attributes:
+    sklearn_model_: the fitted scikit-learn model (float).
+    quantized_module_: the quantized model
+        (:class:`fhe_quant.frontends.sklearn.tree.TreeModule`); its circuit exists after
+        :meth:`compile`.{classes}
+    n_features_in_: number of features seen during ``fit``.
+"""
+
+
+class _FHETreeEstimator(_FHEEstimator):
+    """Tree models: fit, compile and predict as the other estimators; the quantized
+    module comes from :func:`fhe_quant.frontends.sklearn.tree.build_tree_module`."""
+
+    def _config(self) -> Any:  # type: ignore[override]
+        try:
+            self._validate_params()
+        except InvalidParameterError as exc:
+            raise EstimatorParameterError(str(exc)) from None
+        if self.rounding_bits is not None:
+            raise errors.ParameterError(
+                f"The 'rounding_bits' parameter of {type(self).__name__} must be None: a "
+                f"tree model's tables read the input codes directly, there is no "
+                f"accumulator to round. Got {self.rounding_bits!r} instead (set n_bits "
+                "to change the tables' width)."
+            )
+        return _trees.TreeQuantConfig.from_n_bits(self.n_bits)
+
+    def _set_fitted(
+        self, model: Any, X: np.ndarray, config: Any, imported: SklearnGraph | None = None
+    ) -> None:
+        module = _trees.build_tree_module(model, config, X)
+        # NOTE: every fitted attribute is set at the end, so a failure leaves the
+        # estimator as it was.
+        if hasattr(model, "classes_"):
+            self.classes_ = model.classes_
+        if hasattr(model, "n_estimators_"):
+            self.n_estimators_ = model.n_estimators_
+        self.sklearn_model_ = model
+        self.quantized_module_ = module
+        self._output = module.ensemble.output
+        self._ravel = module.ensemble.ravel
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        if tags.classifier_tags is not None:
+            tags.target_tags.multi_output = False  # multi-output classifiers: unsupported
+        return tags
+
+    def __getstate__(self) -> dict[str, Any]:
+        # NOTE: the module holds closures pickle refuses; it is rebuilt from the pickled
+        # scikit-learn model and the calibrated grid (plain data), bit for bit.
+        state = dict(BaseEstimator.__getstate__(self))
+        module = state.pop("quantized_module_", None)
+        if module is not None:
+            quantized = module.quantized
+            state["_tree_state"] = {
+                "config": asdict(quantized.config),
+                "low": quantized.low,
+                "high": quantized.high,
+            }
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        tree_state = state.pop("_tree_state", None)
+        BaseEstimator.__setstate__(self, state)
+        if tree_state is not None:
+            self.quantized_module_ = _trees.build_tree_module(
+                self.sklearn_model_,
+                _trees.TreeQuantConfig(**tree_state["config"]),
+                low=tree_state["low"],
+                high=tree_state["high"],
+            )
+
+
+class _FHETreeClassifier(_FHETreeEstimator, _FHEClassifier):
+    """Tree classifiers: labels from the argmax of the class probabilities (decision
+    trees, forests) or of the boosted scores."""
+
+
+class _FHETreeRegressor(_FHETreeEstimator, _FHERegressor):
+    """Tree regressors: predictions are the decrypted, dequantized sums of leaf values."""
+
+
+#: Tree models' default grid: 5-bit compare tables (6 bits cost about 4x more per lookup).
+_TREE_N_BITS = 5
+_SINGLE_TREE = {"max_depth": 5}
+_FOREST = {"n_estimators": 20, "max_depth": 4}
+_BOOSTING = {"n_estimators": 20}
+
+
+def _make_tree(sklearn_class: type, base: type, defaults: dict[str, Any]) -> type:
+    return _make_estimator(sklearn_class, base, _TREE_N_BITS, defaults, _TREE_DOC)
+
+
+DecisionTreeClassifier = _make_tree(_tree.DecisionTreeClassifier, _FHETreeClassifier, _SINGLE_TREE)
+DecisionTreeRegressor = _make_tree(_tree.DecisionTreeRegressor, _FHETreeRegressor, _SINGLE_TREE)
+RandomForestClassifier = _make_tree(_ensemble.RandomForestClassifier, _FHETreeClassifier, _FOREST)
+RandomForestRegressor = _make_tree(_ensemble.RandomForestRegressor, _FHETreeRegressor, _FOREST)
+ExtraTreesClassifier = _make_tree(_ensemble.ExtraTreesClassifier, _FHETreeClassifier, _FOREST)
+ExtraTreesRegressor = _make_tree(_ensemble.ExtraTreesRegressor, _FHETreeRegressor, _FOREST)
+GradientBoostingClassifier = _make_tree(
+    _ensemble.GradientBoostingClassifier, _FHETreeClassifier, _BOOSTING
+)
+GradientBoostingRegressor = _make_tree(
+    _ensemble.GradientBoostingRegressor, _FHETreeRegressor, _BOOSTING
+)
+
 #: The public estimator of each supported scikit-learn class.
 _WRAPPERS: dict[type, type] = {
     cls._sklearn_class: cls
@@ -621,6 +782,14 @@ _WRAPPERS: dict[type, type] = {
         SGDClassifier,
         MLPClassifier,
         MLPRegressor,
+        DecisionTreeClassifier,
+        DecisionTreeRegressor,
+        RandomForestClassifier,
+        RandomForestRegressor,
+        ExtraTreesClassifier,
+        ExtraTreesRegressor,
+        GradientBoostingClassifier,
+        GradientBoostingRegressor,
     )
 }
 
@@ -669,11 +838,14 @@ def from_sklearn(
         >>> bool(np.allclose(model.predict(x[:3]), trained.predict(x[:3]), atol=0.05))
         True
     """
-    converter_for(estimator)  # unsupported classes fail here, by name
+    is_tree = isinstance(estimator, _trees.TREE_CLASSES)
+    if not is_tree:
+        converter_for(estimator)  # unsupported classes fail here, by name
     wrapper_class = next(_WRAPPERS[cls] for cls in type(estimator).__mro__ if cls in _WRAPPERS)
     _check_fitted(estimator, None)
     estimator = copy.deepcopy(estimator)
-    imported = sklearn_to_graph(estimator)  # and unsupported options here
+    # Unsupported options fail here (trees: when the module is built).
+    imported = None if is_tree else sklearn_to_graph(estimator)
     params = {
         name: value
         for name, value in estimator.get_params(deep=False).items()

@@ -123,6 +123,9 @@ OUTPUT_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "ovr_sigmoid": _ovr_sigmoid,
     "softmax": _softmax,
     "modified_huber": _modified_huber,
+    # Tree models: the decrypted class probabilities, renormalized to sum to one (their
+    # leaf values are quantized separately).
+    "normalize": lambda raw: _normalize(np.clip(raw, 0.0, None)),
 }
 
 
