@@ -87,7 +87,15 @@ def _sample(module: nn.Module, X_sample: Any) -> np.ndarray:
         sample = np.array(check_calibration_data(np.asarray(X_sample), None, "X_sample"))
         sample.setflags(write=True)
         return sample
-    first = next((m for m in module.modules() if isinstance(m, nn.Linear)), None)
+    first = next(
+        (m for m in module.modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)), None
+    )
+    if isinstance(first, nn.Conv1d | nn.Conv2d):
+        raise ParameterError(
+            f"prepare_qat needs X_sample to know the input shape of {type(module).__name__}: "
+            f"its first layer is a {type(first).__name__}, whose input size is not fixed. "
+            "Pass X_sample=<a batch of inputs>."
+        )
     if first is None:
         raise ParameterError(
             f"prepare_qat needs X_sample to know the input shape: {type(module).__name__} "

@@ -62,8 +62,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fhe_quant.errors import InputError, NotFittedError, UnsupportedOpError
-from fhe_quant.ir import Graph, Node
+from fhe_quant.errors import InputError, NotFittedError, ParameterError, UnsupportedOpError
+from fhe_quant.ir import OPS, ConvGeometry, Graph, Node, weight_input_channels
 from fhe_quant.lower import NUMPY, IntegerProgram, TableStep, lower
 from fhe_quant.quant.calibrate import MSEObserver
 from fhe_quant.quant.config import MAX_ROUNDING_BITS, QuantConfig
@@ -71,7 +71,6 @@ from fhe_quant.quant.ptq import (
     QuantizedGraph,
     QuantizedLinear,
     Segment,
-    _split,
     check_calibration_data,
 )
 from fhe_quant.quant.quantizer import UniformQuantizer
@@ -89,6 +88,9 @@ __all__ = [
     "fake_codes",
     "quantize_weight",
     "ActivationQuantizer",
+    "QAT_LINEAR_OPS",
+    "torch_linear",
+    "split_chain",
     "QATLinear",
     "QATModule",
 ]
@@ -504,7 +506,13 @@ def _steps_for_range(low: Any, high: Any, zero_point: Any, qmax: int) -> Any:
 
 
 class ActivationQuantizer(nn.Module):
-    """Unsigned affine quantizer with one step size per feature (last axis).
+    """Unsigned affine quantizer with one step size per feature (on ``axis``).
+
+    The features are the axis that the consuming layer mixes with its weights, as in
+    post-training quantization (:mod:`fhe_quant.quant.ptq`): the last axis for a dense
+    layer, the channel axis (1) for a convolution or an average pooling, whose step size
+    is then shared by every spatial position of a channel (so that it folds into the
+    weights).
 
     The integer zero points are fixed by :meth:`initialize`. With ``method="lsq"`` the
     step sizes are the parameter ``scale``, initialised per feature to the clipping range
@@ -518,16 +526,25 @@ class ActivationQuantizer(nn.Module):
         bits: code width, 1 to 8.
         method: ``"lsq"`` or ``"ema"``.
         momentum: weight of a new batch in the moving averages (``"ema"``).
+        axis: the feature axis of the values (``-1``: last; ``1``: channels of
+            ``(N, C, ...)`` tensors).
 
     Examples:
         >>> q = ActivationQuantizer(2, bits=2, method="lsq")
         >>> q.initialize(np.array([[0.0, -1.0], [3.0, 2.0]]))
         >>> q.quantizer().zero_point
         (0, 1)
+        >>> q = ActivationQuantizer(2, bits=2, method="ema", axis=1)
+        >>> q.initialize(np.stack([np.full((3, 3), 2.0), np.full((3, 3), -1.0)])[None])
+        >>> q.quantizer().zero_point, q.quantizer().axis
+        ((0, 3), 1)
     """
 
-    def __init__(self, n_features: int, bits: int, method: str, momentum: float = 0.1) -> None:
+    def __init__(
+        self, n_features: int, bits: int, method: str, momentum: float = 0.1, axis: int = -1
+    ) -> None:
         super().__init__()
+        self.axis = int(axis)
         self.n_features = int(n_features)
         self.bits = int(bits)
         self.qmax = 2**self.bits - 1
@@ -543,7 +560,10 @@ class ActivationQuantizer(nn.Module):
         self.register_buffer("initialized", torch.tensor(False))
 
     def extra_repr(self) -> str:
-        return f"n_features={self.n_features}, bits={self.bits}, method={self.method!r}"
+        return (
+            f"n_features={self.n_features}, bits={self.bits}, method={self.method!r}, "
+            f"axis={self.axis}"
+        )
 
     @property
     def is_initialized(self) -> bool:
@@ -551,12 +571,14 @@ class ActivationQuantizer(nn.Module):
 
     def _features(self, values: np.ndarray) -> np.ndarray:
         values = np.asarray(values, dtype=np.float64)
-        if values.ndim < 1 or values.shape[-1] != self.n_features:
+        if not -values.ndim <= self.axis < values.ndim or (
+            values.shape[self.axis] != self.n_features
+        ):
             raise InputError(
                 f"An ActivationQuantizer of {self.n_features} features got values of shape "
-                f"{values.shape}; the last axis must hold the features."
+                f"{values.shape}; axis {self.axis} must hold the features."
             )
-        return values.reshape(-1, self.n_features)
+        return np.moveaxis(values, self.axis, -1).reshape(-1, self.n_features)
 
     @torch.no_grad()
     def initialize(self, values: np.ndarray) -> None:
@@ -584,7 +606,8 @@ class ActivationQuantizer(nn.Module):
         """Move the ``"ema"`` ranges towards a training batch's per-feature min/max."""
         if self.method != "ema":
             return
-        flat = values.detach().reshape(-1, self.n_features).to(torch.float64)
+        flat = values.detach().movedim(self.axis, -1).reshape(-1, self.n_features)
+        flat = flat.to(torch.float64)
         low = torch.clamp(flat.amin(dim=0), max=0.0)
         high = torch.clamp(flat.amax(dim=0), min=0.0)
         self.running_min.lerp_(low, self.momentum)
@@ -614,22 +637,170 @@ class ActivationQuantizer(nn.Module):
             scale=tuple(self.step_size().detach().tolist()),
             zero_point=tuple(int(z) for z in self.zero_point.tolist()),
             signed=False,
-            axis=-1,
+            axis=self.axis,
         )
+
+    def along(self, vector: Tensor, ndim: int) -> Tensor:
+        """A per-feature ``vector`` shaped to broadcast against ``ndim``-axis values."""
+        return _along(vector, self.axis, ndim)
 
 
 # --------------------------------------------------------------------------- the module
 
 
+#: The linear-kind operations QAT trains: dense layers and convolutions (trainable
+#: weights), and average pooling (fixed weights ``1/k``).
+QAT_LINEAR_OPS = ("linear", "conv", "avg_pool")
+
+_SUPPORTED = (
+    "Quantization-aware training supports chains of Linear, Conv1d/Conv2d, "
+    "AvgPool/AdaptiveAvgPool, Flatten and elementwise layers (batch norm folds into the "
+    "layer before it); quantize other models after training with compile_torch_model."
+)
+
+
+def _check_supported(node: Node) -> None:
+    where = node.source or node.name
+    kind = node.kind
+    if kind == "linear" and node.op not in QAT_LINEAR_OPS:
+        raise UnsupportedOpError(node.op, where, _SUPPORTED)
+    if kind == "elementwise" and node.op not in TORCH_ELEMENTWISE:
+        raise UnsupportedOpError(
+            node.op, where, "Quantization-aware training has no torch version of it."
+        )
+    if kind not in ("linear", "elementwise", "reshape"):
+        raise UnsupportedOpError(node.op, where, _SUPPORTED)
+
+
+def split_chain(graph: Graph) -> tuple[tuple[Node, ...], list[tuple[Node, tuple[Node, ...]]]]:
+    """Check that QAT can train ``graph`` and cut it as post-training quantization does.
+
+    The graph must be a chain (every node reads the one before it) of supported
+    operations (:data:`QAT_LINEAR_OPS`, elementwise operations with a torch version,
+    reshapes); it is cut into the client-side operations before the first linear layer
+    and one ``(linear node, chain after it)`` pair per linear layer, up to the output.
+
+    Raises:
+        UnsupportedOpError: an operation QAT does not train, or a branch (residual
+            connection, concatenation), naming the layer.
+
+    Examples:
+        >>> nodes = (Node("x", "input"), Node("fc", "linear", ("x",), {},
+        ...          {"weight": np.ones((2, 3))}), Node("r", "relu", ("fc",)))
+        >>> pre, parts = split_chain(Graph(nodes, "x", "r", (3,)))
+        >>> pre, [(node.name, [n.name for n in chain]) for node, chain in parts]
+        ((), [('fc', ['r'])])
+    """
+    pre: list[Node] = []
+    parts: list[tuple[Node, list[Node]]] = []
+    previous = graph.input_name
+    for node in graph.nodes:
+        if node.op == "input":
+            continue
+        if node.inputs != (previous,):
+            raise UnsupportedOpError(
+                f"{node.op} reading {', '.join(node.inputs) or 'nothing'}",
+                node.source or node.name,
+                "Quantization-aware training needs a chain of layers, each reading the "
+                "one before it: no residual connection, concatenation or branch. " + _SUPPORTED,
+            )
+        _check_supported(node)
+        previous = node.name
+        if node.kind == "linear":
+            parts.append((node, []))
+        elif parts:
+            parts[-1][1].append(node)
+        else:
+            pre.append(node)
+        if node.name == graph.output_name:
+            break
+    if not parts:
+        raise UnsupportedOpError(
+            "a model without a linear layer",
+            "model",
+            "fhe_quant compiles models with at least one Linear layer.",
+        )
+    return tuple(pre), [(node, tuple(chain)) for node, chain in parts]
+
+
+def torch_linear(node: Node, x: Tensor, weight: Tensor) -> Tensor:
+    """A linear-kind ``node``'s operation (without bias) on a torch batch, with the
+    given weights: ``x @ weight.T`` or the zero-padded convolution of its geometry.
+
+    Examples:
+        >>> from fhe_quant.ir import ConvGeometry
+        >>> attrs = ConvGeometry((1,), ((1, 0),), (1,)).to_attrs()
+        >>> node = Node("c", "conv", ("x",), attrs, {"weight": np.ones((1, 1, 2))})
+        >>> torch_linear(node, torch.tensor([[[1.0, 2.0, 3.0]]]), torch.ones(1, 1, 2)).tolist()
+        [[[1.0, 3.0, 5.0]]]
+    """
+    if node.op == "linear":
+        return x @ weight.T
+    geometry = ConvGeometry.from_attrs(node.attrs)
+    # NOTE: F.pad takes (begin, end) pairs from the last axis backwards; padding apart,
+    # torch's convolution is the same cross-correlation as fhe_quant.ir.conv_numpy.
+    pad = [p for pair in reversed(geometry.padding) for p in pair]
+    if any(pad):
+        x = F.pad(x, pad)
+    conv = F.conv1d if geometry.ndim == 1 else F.conv2d
+    return conv(x, weight, None, geometry.stride, 0, geometry.dilation, geometry.groups)
+
+
+def _along(vector: Tensor, axis: int, ndim: int) -> Tensor:
+    shape = [1] * ndim
+    shape[axis % ndim] = -1
+    return vector.reshape(shape)
+
+
+def _unit_weights(folded: np.ndarray) -> tuple[np.ndarray, UniformQuantizer]:
+    """Average pooling's folded weights (one positive constant per output channel):
+    codes all 1, the constant as the scale (exact, as post-training quantization)."""
+    scale = folded.reshape(len(folded), -1)[:, 0]
+    quantizer = UniformQuantizer(
+        bits=2,
+        scale=tuple(scale.tolist()),
+        zero_point=(0,) * len(scale),
+        signed=True,
+        narrow_range=True,
+        axis=0,
+    )
+    return np.ones(folded.shape, dtype=np.int64), quantizer
+
+
 class QATLinear(nn.Module):
-    """A dense layer's shadow weights and the quantizer of its input."""
+    """A linear-kind layer: its float shadow weights and the quantizer of its input.
+
+    Dense layers and convolutions hold their weights ``(out, in / groups, *kernel)`` and
+    bias as parameters. Average pooling has none (``weight`` and ``bias`` are ``None``):
+    its weights ``1/k`` quantize exactly to 1, the step size ``s_in / k`` going into the
+    scale, as in post-training quantization.
+    """
 
     def __init__(self, node: Node, input_quantizer: ActivationQuantizer) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.tensor(np.array(node.params["weight"])))
-        bias = node.params.get("bias")
-        self.bias = None if bias is None else nn.Parameter(torch.tensor(np.array(bias)))
+        self.op = node.op
+        self.weight: nn.Parameter | None
+        self.bias: nn.Parameter | None
+        if OPS[node.op].unit_weights:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        else:
+            self.weight = nn.Parameter(torch.tensor(np.array(node.params["weight"])))
+            bias = node.params.get("bias")
+            self.bias = None if bias is None else nn.Parameter(torch.tensor(np.array(bias)))
         self.input_quantizer = input_quantizer
+        # NOTE: the input channel each weight column reads (groups), to fold step sizes;
+        # a plain tensor (not a buffer): it is derived from the graph, never trained.
+        self.channels = torch.from_numpy(weight_input_channels(node).astype(np.int64))
+
+    @property
+    def trainable(self) -> bool:
+        """Whether the layer has weights to train (not an average pooling)."""
+        return self.weight is not None
+
+    def extra_repr(self) -> str:
+        shape = tuple(self.weight.shape) if self.weight is not None else "unit"
+        return f"op={self.op!r}, weight={shape}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -673,12 +844,15 @@ class QATModule(nn.Module):
     :class:`~fhe_quant.errors.NotFittedError`.
 
     Args:
-        graph: a simplified chain graph of dense layers and elementwise operations.
+        graph: a simplified chain graph (see :func:`split_chain`): dense layers,
+            convolutions, average poolings, reshapes and elementwise operations.
         config: the quantization settings.
 
     Raises:
-        UnsupportedOpError: a linear operation other than a dense layer, or an
-            elementwise operation without a torch version.
+        UnsupportedOpError: an operation QAT does not train (max pooling, ...) or a
+            branch, naming the layer.
+        ParameterError: ``accumulator_bits`` below an average pooling's fixed
+            accumulator (``qmax * k``).
 
     Examples:
         >>> from fhe_quant.qat import prepare_qat
@@ -693,19 +867,26 @@ class QATModule(nn.Module):
         super().__init__()
         if not isinstance(config, QATConfig):
             raise TypeError(f"Expected a QATConfig, got {type(config).__name__}.")
-        _, parts = _split(graph)
-        for node in graph.nodes:
-            self._check_supported(node)
+        _, parts = split_chain(graph)
         self.graph = graph
         self.config = config
         values = graph.run(np.zeros((1,) + graph.input_shape))
         layers = []
         for index, (node, _) in enumerate(parts):
-            n_features = values[node.inputs[0]].shape[-1]
+            # NOTE: the step sizes live on the axis the layer mixes with its weights (the
+            # last for a dense layer, the channels for a convolution), as in PTQ.
+            axis = OPS[node.op].channel_axis
+            n_features = values[node.inputs[0]].shape[axis]
             quantizer = ActivationQuantizer(
-                n_features, config.input_bits(index), config.activation_scale, config.ema_momentum
+                n_features,
+                config.input_bits(index),
+                config.activation_scale,
+                config.ema_momentum,
+                axis=axis,
             )
-            layers.append(QATLinear(node, quantizer))
+            layer = QATLinear(node, quantizer)
+            self._check_pooling_budget(node, layer)
+            layers.append(layer)
         self.layers = nn.ModuleList(layers)
         self.slopes = nn.ParameterDict(
             {
@@ -741,19 +922,20 @@ class QATModule(nn.Module):
         super().__setstate__(state)
 
     # ------------------------------------------------------------------ structure
-    @staticmethod
-    def _check_supported(node: Node) -> None:
-        where = node.source or node.name
-        if node.kind == "linear" and node.op != "linear":
-            raise UnsupportedOpError(
-                node.op,
-                where,
-                "Quantization-aware training supports dense (Linear) layers for now; "
-                "quantize convolutional models after training with compile_torch_model.",
-            )
-        if node.kind == "elementwise" and node.op not in TORCH_ELEMENTWISE:
-            raise UnsupportedOpError(
-                node.op, where, "Quantization-aware training has no torch version of it."
+    def _check_pooling_budget(self, node: Node, layer: QATLinear) -> None:
+        bits = self.config.accumulator_bits
+        if bits is None or layer.trainable:
+            return
+        # NOTE: a pooling's weights are fixed (all 1 once quantized): its accumulator
+        # reaches qmax * k, whatever is trained.
+        window = int(np.prod(node.params["weight"].shape[1:]))
+        widest = layer.input_quantizer.qmax * window
+        if widest > 2**bits - 1:
+            raise ParameterError(
+                f"The average pooling {node.source or node.name!r} sums {window} codes of "
+                f"{layer.input_quantizer.bits} bits: its accumulator reaches {widest}, more "
+                f"than accumulator_bits={bits} allows ({2**bits - 1}). Raise "
+                "accumulator_bits, lower the activation bits or use a smaller window."
             )
 
     def _slope_key(self, node: Node) -> str:
@@ -791,8 +973,10 @@ class QATModule(nn.Module):
     def float_graph(self) -> Graph:
         """The float graph with the current shadow weights, biases and slopes."""
         current: dict[str, Node] = {}
-        _, parts = _split(self.graph)
+        _, parts = split_chain(self.graph)
         for (node, _), layer in zip(parts, self.layers, strict=True):
+            if layer.weight is None:
+                continue
             params = {"weight": _np(layer.weight)}
             if layer.bias is not None:
                 params["bias"] = _np(layer.bias)
@@ -817,14 +1001,14 @@ class QATModule(nn.Module):
         """
         x = self._check_input(x)
         values = self.float_graph().run(x)
-        _, parts = _split(self.graph)
+        _, parts = split_chain(self.graph)
         for (node, _), layer in zip(parts, self.layers, strict=True):
             layer.input_quantizer.initialize(values[node.inputs[0]])
         self._cache = None
 
     def _budget(self, index: int) -> int | None:
         bits = self.config.accumulator_bits
-        if bits is None:
+        if bits is None or not self.layers[index].trainable:
             return None
         # NOTE: every input code lies in [0, qmax], so the proven accumulator range is at
         # most qmax * sum |W_j| <= 2**bits - 1 (lower.py proves a tighter one).
@@ -842,21 +1026,33 @@ class QATModule(nn.Module):
         if key is not None and self._cache is not None and self._cache[0] == key:
             return self._cache[1]
         graph = self.float_graph()
-        pre, parts = _split(graph)
+        pre, parts = split_chain(graph)
         input_quantizers = [layer.input_quantizer.quantizer() for layer in self.layers]
         segments, codes, scales = [], [], []
         for index, ((node, chain), layer) in enumerate(zip(parts, self.layers, strict=True)):
             last = index == len(parts) - 1
-            folded = _np(layer.weight * layer.input_quantizer.step_size())
-            w_codes, w_quantizer = quantize_weight(
-                folded,
-                bits=self.config.weight_bits(last),
-                binary=self.config.is_binary(last),
-                method=self.config.weight_scale,
-                stochastic=stochastic,
-                l1_budget=self._budget(index),
-                generator=self._generator,
+            # NOTE: weight column (j, i, ...) reads input channel channels[j, i]: fold its
+            # step size in (groups make it differ from i).
+            steps = layer.input_quantizer.step_size()[layer.channels]
+            weight = (
+                layer.weight
+                if layer.weight is not None
+                else torch.from_numpy(np.array(node.params["weight"]))
             )
+            folded = _np(weight * steps.reshape(steps.shape + (1,) * (weight.ndim - 2)))
+            if layer.weight is None:
+                w_codes, w_quantizer = _unit_weights(folded)
+            else:
+                flat_codes, w_quantizer = quantize_weight(
+                    folded.reshape(len(folded), -1),
+                    bits=self.config.weight_bits(last),
+                    binary=self.config.is_binary(last),
+                    method=self.config.weight_scale,
+                    stochastic=stochastic,
+                    l1_budget=self._budget(index),
+                    generator=self._generator,
+                )
+                w_codes = flat_codes.reshape(folded.shape)
             linear = QuantizedLinear(node, w_codes, w_quantizer, input_quantizers[index])
             output_quantizer = None if last else input_quantizers[index + 1]
             segments.append(Segment(linear, chain, output_quantizer))
@@ -959,21 +1155,36 @@ class QATModule(nn.Module):
             # NOTE: value of `value` bit for bit (t - t.detach() is exactly 0), gradient of t.
             return torch.from_numpy(np.asarray(value, dtype=np.float64)) + (t - t.detach())
 
-        _, parts = _split(snapshot.quantized.graph)
+        _, parts = split_chain(snapshot.quantized.graph)
         v = self._chain(snapshot.quantized.pre, torch.tensor(x_np))
         seen: list[Tensor] = []
-        for index, ((_, chain), layer) in enumerate(zip(parts, self.layers, strict=True)):
+        for index, ((node, chain), layer) in enumerate(zip(parts, self.layers, strict=True)):
             quantizer = layer.input_quantizer
             step = quantizer.gradient_scaled_step(v)
             zero = quantizer.zero_point.to(torch.float64)
             seen.append(v)
-            codes = exact(fake_codes(v, step, zero, quantizer.qmax), codes_exact[index])
-            folded = layer.weight * step
-            ratio = folded / snapshot.scales[index].unsqueeze(1)
-            w_codes = snapshot.codes[index] + (ratio - ratio.detach())
-            y = ((codes - zero) @ w_codes.T) * snapshot.scales[index]
+            fake = fake_codes(
+                v, quantizer.along(step, v.ndim), quantizer.along(zero, v.ndim), quantizer.qmax
+            )
+            codes = exact(fake, codes_exact[index])
+            steps = step[layer.channels]  # the step size of every weight column
+            if layer.weight is None:
+                # Pooling: codes all 1, scale s_in / k (its gradient reaches the step size).
+                w_codes = snapshot.codes[index]
+                unit = torch.from_numpy(node.params["weight"].reshape(len(steps), -1)[:, 0].copy())
+                scale = unit * steps[:, 0]
+            else:
+                # STE through the weights' rounding: the codes' value, the gradient of
+                # (w * s_in) / s_w towards the shadow weights and the step sizes.
+                folded = layer.weight * steps.reshape(steps.shape + (1,) * (layer.weight.ndim - 2))
+                scale = snapshot.scales[index]
+                ratio = folded / scale.reshape((-1,) + (1,) * (folded.ndim - 1))
+                w_codes = snapshot.codes[index] + (ratio - ratio.detach())
+            axis = OPS[node.op].channel_axis
+            y = torch_linear(node, codes - quantizer.along(zero, v.ndim), w_codes)
+            y = y * _along(scale, axis, y.ndim)
             if layer.bias is not None:
-                y = y + layer.bias
+                y = y + _along(layer.bias, axis, y.ndim)
             if index == len(parts) - 1:
                 y = exact(y, real_exact)
                 out = exact(self._chain(snapshot.quantized.post, y), final_exact)

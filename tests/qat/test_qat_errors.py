@@ -13,7 +13,10 @@ from fhe_quant.errors import (
     ParameterError,
     UnsupportedOpError,
 )
+from fhe_quant.ir import Graph, Node
 from fhe_quant.qat import NotAQATModuleError, compile_qat_model, prepare_qat
+from fhe_quant.quant.config import QuantConfig
+from fhe_quant.quant.qat import QATConfig, QATModule
 from fhe_quant.training import fit
 
 
@@ -23,11 +26,68 @@ def test_unsupported_layer_is_named(make_mlp) -> None:
         prepare_qat(model)
 
 
-def test_convolutions_are_refused_with_a_hint() -> None:
+def test_max_pooling_is_refused_naming_the_layer() -> None:
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(18, 2))
+    with pytest.raises(UnsupportedOpError, match=r"MaxPool2d") as info:
+        prepare_qat(model, X_sample=np.zeros((2, 1, 8, 8)))
+    assert "MaxPool2d" in info.value.where
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(2 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(x + torch.relu(self.conv(x)), 1))
+
+
+class _Concat(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+        self.head = nn.Linear(4 * 4 * 4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.flatten(torch.cat([x, self.conv(x)], dim=1), 1))
+
+
+@pytest.mark.parametrize("model", [_Residual(), _Concat()], ids=["residual", "cat"])
+def test_branching_models_are_refused_with_a_place(model) -> None:
+    # Whether the frontend or QAT refuses it, the error is typed and says where.
+    with pytest.raises(UnsupportedOpError) as info:
+        prepare_qat(model, X_sample=np.zeros((2, 2, 4, 4)))
+    assert info.value.where
+
+
+def test_a_branch_in_the_graph_is_refused_by_qat_itself() -> None:
+    # Independently of the frontend: a graph whose node reads an earlier one (a skip).
+    weight = np.ones((3, 3))
+    nodes = (
+        Node("x", "input"),
+        Node("fc1", "linear", ("x",), {}, {"weight": weight}, "fc1 (Linear)"),
+        Node("r", "relu", ("fc1",)),
+        Node("fc2", "linear", ("x",), {}, {"weight": weight}, "fc2 (Linear)"),
+    )
+    graph = Graph(nodes, "x", "fc2", (3,))
+    with pytest.raises(UnsupportedOpError, match="chain of layers") as info:
+        QATModule(graph, QATConfig(QuantConfig.from_n_bits(3)))
+    assert info.value.where == "fc2 (Linear)"
+
+
+def test_conv_models_need_a_sample_for_their_input_shape() -> None:
     model = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(12, 2))
-    with pytest.raises(UnsupportedOpError, match=r"dense \(Linear\) layers") as info:
-        prepare_qat(model, X_sample=np.zeros((2, 1, 8)))
-    assert "compile_torch_model" in str(info.value)
+    with pytest.raises(ParameterError, match="X_sample"):
+        prepare_qat(model)
+
+
+def test_accumulator_budget_below_a_pooling_window_is_refused() -> None:
+    # 3-bit codes summed over a 2x2 window reach 28: 5 bits, more than 4.
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(18, 2))
+    with pytest.raises(ParameterError, match=r"AvgPool2d.*accumulator reaches 28"):
+        prepare_qat(model, n_bits=3, accumulator_bits=4, X_sample=np.zeros((2, 1, 8, 8)))
+    prepare_qat(model, n_bits=3, accumulator_bits=5, X_sample=np.zeros((2, 1, 8, 8)))
 
 
 @pytest.mark.parametrize(
