@@ -1,9 +1,16 @@
 """The ``fhe-quant`` command line.
 
-``fhe-quant report`` quantizes a PyTorch model (a module class named by its import path
-plus a ``torch.save``'d state dict) on calibration data from a ``.npy`` file, compiles
-it, and prints its report: accuracy in clear, quantized and simulated FHE (when labels
-are given), bits per layer and PBS count.
+* ``fhe-quant report``: quantize a PyTorch model (a module class named by its import path
+  plus a ``torch.save``'d state dict) on calibration data from a ``.npy`` file, compile
+  it, and print its report: accuracy in clear, quantized and simulated FHE (when labels
+  are given), bits per layer and PBS count.
+* ``fhe-quant compile``: the same for a PyTorch model or a trained scikit-learn
+  estimator, then write the deployment directory (``OUT/client``, ``OUT/server``).
+* ``fhe-quant info``: describe a saved client directory.
+* ``fhe-quant serve``: serve a server directory over HTTP.
+* ``fhe-quant predict``: encrypt ``.npy`` inputs, run them on a server, decrypt.
+
+Run ``fhe-quant <command> --help`` for each command's options.
 """
 
 from __future__ import annotations
@@ -13,51 +20,181 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from fhe_quant import __version__
-from fhe_quant.errors import FHEQuantError
+from fhe_quant.errors import FHEQuantError, InputError, ParameterError
 
 __all__ = ["main", "build_parser"]
 
+#: File suffixes ``--sklearn`` reads with joblib (which unpickles: trusted files only).
+_PICKLE_SUFFIXES = (".joblib", ".pkl", ".pickle")
 
-def _load_module(spec: str, state: str | None, kwargs: Sequence[str]) -> Any:
+
+def _import_object(spec: str, option: str) -> Any:
+    """The object named ``'package.module:Name'`` (the current directory is importable)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ParameterError(
+            f"{option} must look like 'package.module:Name'; got {spec!r} instead."
+        )
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, ".")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ParameterError(
+            f"{option} {spec!r}: cannot import module {module_name!r} ({exc}). Run from the "
+            "directory that holds it, or install its package."
+        ) from None
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ParameterError(
+            f"{option} {spec!r}: module {module_name!r} has no attribute {attr!r}."
+        ) from None
+
+
+def _parse_kwargs(items: Sequence[str]) -> dict[str, Any]:
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParameterError(f"--kwarg must look like key=value; got {item!r} instead.")
+        parsed[key] = int(value) if value.lstrip("-").isdigit() else value
+    return parsed
+
+
+def _existing_file(path: str, option: str) -> Path:
+    file = Path(path)
+    if not file.is_file():
+        raise InputError(f"{option}: no such file {path!r}.")
+    return file
+
+
+def _load_array(path: str, option: str) -> np.ndarray:
+    file = _existing_file(path, option)
+    try:
+        return np.load(file, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise InputError(f"{option}: {path!r} is not a NumPy .npy array ({exc}).") from None
+
+
+def _load_module(spec: str, state: str | None, kwargs: Sequence[str], option: str) -> Any:
     import torch
 
-    if ":" not in spec:
-        raise SystemExit(f"--module must look like 'package.module:ClassName', got {spec!r}")
-    module_name, attr = spec.split(":", 1)
-    sys.path.insert(0, ".")
-    factory = getattr(importlib.import_module(module_name), attr)
-    parsed = {}
-    for item in kwargs:
-        key, _, value = item.partition("=")
-        parsed[key] = int(value) if value.lstrip("-").isdigit() else value
-    model = factory(**parsed)
+    factory = _import_object(spec, option)
+    model = factory(**_parse_kwargs(kwargs))
+    if not isinstance(model, torch.nn.Module):
+        raise ParameterError(
+            f"{option} {spec!r} returned a {type(model).__name__}, not a torch.nn.Module."
+        )
     if state:
+        file = _existing_file(state, "--state")
         # NOTE: weights_only=True reads tensors only: no code from the file runs.
-        model.load_state_dict(torch.load(state, weights_only=True))
+        try:
+            loaded = torch.load(file, weights_only=True)
+        except Exception as exc:
+            raise InputError(f"--state: cannot read {state!r} as a state dict ({exc}).") from None
+        try:
+            model.load_state_dict(loaded)
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise InputError(f"--state {state!r} does not fit {spec!r}: {exc}") from None
     return model.eval()
+
+
+def _load_estimator(spec: str, kwargs: Sequence[str]) -> Any:
+    """A trained estimator from a joblib/pickle file or from a factory function."""
+    if spec.endswith(_PICKLE_SUFFIXES):
+        import joblib
+
+        file = _existing_file(spec, "--sklearn")
+        # NOTE: unpickling runs code from the file: it must be the user's own, trusted
+        # file. Deployment artifacts never use pickle; this is only the model's input.
+        return joblib.load(file)
+    return _import_object(spec, "--sklearn")(**_parse_kwargs(kwargs))
 
 
 def _report(args: argparse.Namespace) -> int:
     from fhe_quant.torch import compile_torch_model
 
-    model = _load_module(args.module, args.state, args.kwarg)
-    x = np.load(args.calib)
+    model = _load_module(args.module, args.state, args.kwarg, "--module")
+    x = _load_array(args.calib, "--calib")
     qm = compile_torch_model(
         model, x, n_bits=args.n_bits, rounding_bits=args.rounding_bits, verbose=not args.quiet
     )
-    x_eval = np.load(args.data) if args.data else x
-    y = np.load(args.labels) if args.labels else None
+    x_eval = _load_array(args.data, "--data") if args.data else x
+    y = _load_array(args.labels, "--labels") if args.labels else None
     report = qm.report(
         x_eval if y is not None else None, y, fhe="disable" if args.no_simulate else "simulate"
     )
     print(report)
     if args.program:
         print("\n" + report.program)
+    return 0
+
+
+def _compile_sklearn(args: argparse.Namespace, x: np.ndarray) -> Any:
+    from fhe_quant.sklearn import from_sklearn
+
+    estimator = _load_estimator(args.sklearn, args.kwarg)
+    if hasattr(estimator, "quantized_module_"):  # an fhe_quant estimator, already fitted
+        if args.n_bits is not None or args.rounding_bits is not None:
+            raise ParameterError(
+                f"--sklearn {args.sklearn!r} is an fhe_quant {type(estimator).__name__}, "
+                "already quantized: drop --n-bits/--rounding-bits (set them when fitting it)."
+            )
+        model = estimator
+        if args.p_error is not None:
+            model.set_params(p_error=args.p_error)
+    else:
+        model = from_sklearn(
+            estimator,
+            x,
+            n_bits=args.n_bits,
+            rounding_bits=args.rounding_bits,
+            p_error=args.p_error,
+            verbose=not args.quiet,
+        )
+    model.compile(x)
+    return model
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from fhe_quant.deploy import FHEModelDev
+
+    out = Path(args.out)
+    if (out / "client" / "manifest.json").exists() or (out / "server" / "manifest.json").exists():
+        raise InputError(f"--out {args.out!r} already holds an artifact; remove it first.")
+    x = _load_array(args.calibration, "--calibration")
+    if args.torch is not None:
+        from fhe_quant.torch import compile_torch_model
+
+        module = _load_module(args.torch, args.state, args.kwarg, "--torch")
+        model: Any = compile_torch_model(
+            module,
+            x,
+            n_bits=6 if args.n_bits is None else args.n_bits,
+            rounding_bits=args.rounding_bits,
+            p_error=args.p_error,
+            verbose=not args.quiet,
+        )
+        module_model = model
+    else:
+        if args.state is not None:
+            raise ParameterError("--state goes with --torch only.")
+        model = _compile_sklearn(args, x)
+        module_model = model.quantized_module_
+    FHEModelDev(out, model).save()
+    stats = module_model.statistics
+    print(f"wrote {out / 'client'} and {out / 'server'}")
+    print(
+        f"{type(model).__name__}: input shape {list(module_model.input_shape)}, "
+        f"{stats['pbs_count']} PBS per sample, max bit width {stats['max_bit_width']}"
+    )
     return 0
 
 
@@ -81,6 +218,9 @@ def _info(args: argparse.Namespace) -> int:
     for layer in stats["layers"]:
         print(f"  {layer}")
     print(f"client post-processing: {info['client_post_processing'] or 'none'}")
+    print(f"task: {info['task']}, output function: {info['output_function'] or 'none'}")
+    if info["classes"] is not None:
+        print(f"classes: {info['classes']}")
     print(info["program"])
     return 0
 
@@ -99,16 +239,58 @@ def _predict(args: argparse.Namespace) -> int:
     from fhe_quant.http import Client
 
     client = FHEModelClient(args.client_dir, key_dir=args.key_dir)
-    x = np.load(args.data, allow_pickle=False)[: args.samples]
+    x = _load_array(args.data, "--data")[: args.samples]
     api = Client(args.url, timeout=args.timeout)
     client_id = uuid.uuid4().hex
     api.upload_keys(client_id, client.get_serialized_evaluation_keys())
     replies = [api.predict(client_id, c) for c in client.quantize_encrypt_serialize(x)]
+    post = client.post_processing
+    if post.task != "module":
+        # NOTE: one line per sample: the prediction (repr, so labels keep their type),
+        # then the probabilities of a classifier that has them.
+        predictions = client.predict(replies)
+        probabilities = client.predict_proba(replies) if post.output else None
+        for i, prediction in enumerate(predictions):
+            extra = (
+                f"  probabilities {np.array2string(probabilities[i], precision=6)}"
+                if probabilities is not None and post.task == "classifier"
+                else ""
+            )
+            if isinstance(prediction, np.ndarray):  # a regressor with several targets
+                text = np.array2string(prediction, precision=6)
+            else:
+                text = repr(prediction.item() if isinstance(prediction, np.generic) else prediction)
+            print(f"sample {i}: prediction {text}{extra}")
+        return 0
     outputs = client.deserialize_decrypt_dequantize(replies)
     for i, row in enumerate(outputs.reshape(len(outputs), -1)):
         label = f"  argmax {int(row.argmax())}" if row.size > 1 else ""
         print(f"sample {i}: {np.array2string(row, precision=6)}{label}")
     return 0
+
+
+_COMPILE_DESCRIPTION = """\
+Quantize and compile a model, then write the deployment directory OUT/client (for the
+user: keys, encryption, decryption, post-processing) and OUT/server (the circuit only).
+
+  fhe-quant compile --torch pkg.module:ClassName --state model.pt \\
+      --calibration X.npy --n-bits 4 --out DIR
+  fhe-quant compile --sklearn estimator.joblib --calibration X.npy --n-bits 6 --out DIR
+  fhe-quant compile --sklearn pkg.module:train_model --calibration X.npy --out DIR
+
+--torch names a torch.nn.Module class (or a function returning one); --kwarg passes its
+arguments; --state is a state dict saved with torch.save(model.state_dict()), read with
+torch.load(weights_only=True), so it runs no code.
+
+--sklearn takes a fitted scikit-learn estimator of a supported class (or a fitted
+fhe_quant estimator), either from a file saved with joblib.dump/pickle or from a
+function (pkg.module:name, called with the --kwarg arguments) that returns it. Loading a
+joblib/pickle file runs code from it: only pass files you made or trust. The artifacts
+written to OUT never use pickle.
+
+The calibration inputs (one sample per row, shaped like the model's inputs) set the
+quantization ranges: pass the training data or a representative sample of it.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +316,48 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--program", action="store_true", help="print the integer program")
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
     rep.set_defaults(func=_report)
+    com = sub.add_parser(
+        "compile",
+        help="quantize + compile a torch model or a scikit-learn estimator, save the artifact",
+        description=_COMPILE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    source = com.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--torch",
+        metavar="PKG.MODULE:NAME",
+        help="the torch.nn.Module class or factory, by import path (with --state)",
+    )
+    source.add_argument(
+        "--sklearn",
+        metavar="FILE.joblib|PKG.MODULE:FACTORY",
+        help="a trained estimator: a joblib/pickle file (TRUSTED files only: loading it "
+        "runs code) or a function returning it",
+    )
+    com.add_argument(
+        "--kwarg",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="argument of the class/factory (repeatable; integers are converted)",
+    )
+    com.add_argument(
+        "--state", help="torch state dict, torch.save(model.state_dict()); read weights_only"
+    )
+    com.add_argument(
+        "--calibration", required=True, help=".npy calibration inputs (n_samples, ...)"
+    )
+    com.add_argument(
+        "--n-bits",
+        type=int,
+        default=None,
+        help="quantization bits (default: 6 for torch, the estimator class's default)",
+    )
+    com.add_argument("--rounding-bits", type=int, default=None, help="table input width")
+    com.add_argument("--p-error", type=float, default=None, help="error probability per PBS")
+    com.add_argument("--out", required=True, help="directory to write client/ and server/ to")
+    com.add_argument("--quiet", action="store_true", help="no progress bars")
+    com.set_defaults(func=_compile)
     info = sub.add_parser("info", help="describe a saved client artifact (FHEModelDev)")
     info.add_argument("artifact", help="the artifact's client directory")
     info.add_argument("--json", action="store_true", help="print JSON")
