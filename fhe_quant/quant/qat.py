@@ -1,8 +1,10 @@
 """Quantization-aware training whose forward pass *is* the integer program.
 
 A :class:`QATModule` holds float shadow weights and the quantizers of a traced chain of
-linear layers (a simplified :class:`~fhe_quant.ir.Graph`, cut into segments as PTQ cuts
-it). Every forward pass, in training and in evaluation:
+linear-kind layers (dense, 1-d/2-d convolution with any stride, zero padding, dilation
+and groups, average pooling) with reshapes and elementwise operations between them (a
+simplified :class:`~fhe_quant.ir.Graph`, cut into segments as PTQ cuts it, see
+:func:`split_chain`). Every forward pass, in training and in evaluation:
 
 1. builds the :class:`~fhe_quant.quant.ptq.QuantizedGraph` of the current state (input
    scales, weights folded and quantized per output channel) and lowers it to the
@@ -13,7 +15,9 @@ it). Every forward pass, in training and in evaluation:
 3. computes the same layers in torch with fake quantization and straight-through
    estimators (STE), only to carry gradients: each torch value is replaced by the exact
    one with ``exact + (t - t.detach())``, whose value is ``exact`` bit for bit and whose
-   gradient is ``t``'s.
+   gradient is ``t``'s. The torch layers are :func:`torch_linear` (the same map as the
+   op table's ``linear_apply``, padding and groups included), so the gradients follow
+   the real geometry.
 
 The program is cached while the parameters and buffers are unchanged (eval mode); in
 training it is rebuilt at every step, which is cheap for the models FHE can run: on the
@@ -26,10 +30,27 @@ runs encrypted, including the accumulator bits dropped before each table. Gradie
 as if there were no rounding (STE) to the float shadow weights (BinaryConnect style) and
 to the learned step sizes (LSQ).
 
+Batch norm is folded into the layer before it when the model is prepared, from its
+running statistics (``w' = w * gamma / sqrt(var + eps)``, ``b' = (b - mean) * gamma /
+sqrt(var + eps) + beta``, :func:`fhe_quant.passes.fold_affine_into_linear`), and the
+folded layer trains as one. Keeping batch norm in float during training and folding at
+compile time would break the parity above: the integer program only has the folded
+weights (and their quantization error depends on the folded values), and batch
+statistics differ from the running ones that the compiled model would use. QAT usually
+fine-tunes a model trained in float, whose running statistics are already meaningful;
+the folded affine map is exactly what the eval-mode float model computes.
+
+Average pooling trains nothing: its weights ``1/k`` quantize exactly to 1 (the step
+size ``s_in / k`` goes into the scale), so its accumulator is ``qmax * k`` at most
+whatever is learned; the step sizes of its input are learned (LSQ) like any other.
+
 Quantizers:
 
 * Activations (every tensor entering a linear layer, inputs included): unsigned affine,
-  one step size per feature (last axis), integer zero point fixed at initialisation.
+  one step size per feature, integer zero point fixed at initialisation. The features
+  are the axis the layer mixes with its weights, as in PTQ: the last axis for a dense
+  layer, the channels (axis 1) for a convolution or a pooling (one step size shared by
+  all positions of a channel, so that it folds into the weights).
   ``"lsq"``: the step sizes are parameters learned with LSQ's gradient (the STE through
   ``round`` and ``clamp`` gives it exactly) scaled by ``1 / sqrt(N * Qp)``, initialised
   on the first training batch (or :meth:`QATModule.initialize`) to each feature's
@@ -45,7 +66,10 @@ Quantizers:
   ``{-1, +1} * alpha_j`` with ``alpha_j = mean |w_j * s_in|`` (deterministic sign, or
   stochastic with a hard sigmoid probability in training). An optional accumulator
   budget (``accumulator_bits``) bounds every proven accumulator, A2Q style (see
-  :func:`quantize_weight`).
+  :func:`quantize_weight`): ``qmax_in * sum |codes|`` over an output channel's fan-in
+  (``in_features``, or ``in_channels / groups * kernel area`` for a convolution), which
+  zero padding can only lower. The weights of a convolution ``(out, in / groups,
+  *kernel)`` are quantized as the rows ``(out, -1)``.
 """
 
 from __future__ import annotations
