@@ -4,6 +4,7 @@ quantizers, batch-norm folding, pooling, accumulator budgets, training."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import numpy as np
 import pytest
@@ -75,6 +76,18 @@ def test_step_sizes_and_weights_change_in_training(make_cnn, digit_images) -> No
         key = f"layers.{index}.input_quantizer.scale"
         assert not torch.equal(before[key], after[key]), key
     assert not torch.equal(before["layers.0.weight"], after["layers.0.weight"])
+
+
+def test_state_dict_copy_and_pickle_give_the_same_program(
+    trained_cnn, make_cnn, digit_images
+) -> None:
+    x_train, x_test, _, _ = digit_images
+    fresh = prepare_qat(make_cnn(), n_bits=3, X_sample=x_train[:2])
+    fresh.load_state_dict(trained_cnn.state_dict())
+    expected = trained_cnn(x_test).detach().numpy()
+    np.testing.assert_array_equal(fresh.eval()(x_test).detach().numpy(), expected)
+    for clone in (copy.deepcopy(trained_cnn), pickle.loads(pickle.dumps(trained_cnn))):
+        np.testing.assert_array_equal(clone(x_test).detach().numpy(), expected)
 
 
 def test_gradients_reach_conv_weights_and_every_step_size(make_cnn, digit_images) -> None:
