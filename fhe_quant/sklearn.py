@@ -43,7 +43,7 @@ from sklearn.metrics import accuracy_score, d2_tweedie_score, r2_score
 from sklearn.utils import get_tags
 from sklearn.utils._param_validation import Interval, InvalidParameterError
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
 from fhe_quant import errors
 from fhe_quant.fhe import check_fhe_mode
@@ -734,6 +734,17 @@ class _FHETreeEstimator(_FHEEstimator):
 class _FHETreeClassifier(_FHETreeEstimator, _FHEClassifier):
     """Tree classifiers: labels from the argmax of the class probabilities (decision
     trees, forests) or of the boosted scores."""
+
+    def _validate(self, X: Any, y: Any = "no_validation", *, reset: bool) -> Any:
+        out = super()._validate(X, y, reset=reset)
+        if isinstance(y, str) and y == "no_validation":
+            return out
+        X, y = out
+        if y.ndim == 2 and y.shape[1] == 1:
+            # NOTE: as scikit-learn's single-output classifiers: a column becomes 1-D,
+            # with its warning (several columns are refused when the model is built).
+            y = column_or_1d(y, warn=True)
+        return X, y
 
 
 class _FHETreeRegressor(_FHETreeEstimator, _FHERegressor):

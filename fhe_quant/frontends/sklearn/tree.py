@@ -178,6 +178,7 @@ class TreeEnsemble:
         values: ``(L, O)`` float, each leaf's contribution to the raw outputs.
         init: ``(O,)`` float, the constant part of the raw outputs.
         tree: ``(L,)`` int, the tree of each leaf (each tree reaches exactly one leaf).
+        node: ``(L,)`` int, each leaf's node id in its scikit-learn tree (``apply``).
         output: the client's output function (a key of ``OUTPUT_FUNCTIONS``).
         ravel: scikit-learn returns the single output as a 1-D array.
     """
@@ -189,12 +190,13 @@ class TreeEnsemble:
     values: np.ndarray
     init: np.ndarray
     tree: np.ndarray
+    node: np.ndarray
     output: str
     ravel: bool
 
     def __post_init__(self) -> None:
         n_compares, n_leaves = len(self.feature), len(self.values)
-        if self.tree.shape != (n_leaves,):
+        if self.tree.shape != (n_leaves,) or self.node.shape != (n_leaves,):
             raise ValueError(f"TreeEnsemble needs one tree index per leaf. Got {self.tree.shape}.")
         if self.threshold.shape != (n_compares,) or self.path.shape != (n_leaves, n_compares):
             raise ValueError(
@@ -279,6 +281,7 @@ def _assemble(
     leaf_rows: list[dict[int, int]] = []
     leaf_values: list[np.ndarray] = []
     leaf_tree: list[int] = []
+    leaf_node: list[int] = []
     for i, (tree, weight) in enumerate(trees):
         f, th, leaves = _tree_paths(tree, len(features))
         features += f
@@ -287,6 +290,7 @@ def _assemble(
             leaf_rows.append(leaf["conditions"])
             leaf_values.append(value_of(tree.tree_, leaf["node"]) * weight)
             leaf_tree.append(i)
+            leaf_node.append(leaf["node"])
     path = np.zeros((len(leaf_rows), len(features)), dtype=np.int64)
     for i, row in enumerate(leaf_rows):
         for c, sign in row.items():
@@ -299,6 +303,7 @@ def _assemble(
         np.asarray(leaf_values, dtype=np.float64).reshape(len(leaf_rows), len(init)),
         np.asarray(init, dtype=np.float64),
         np.asarray(leaf_tree, dtype=np.int64),
+        np.asarray(leaf_node, dtype=np.int64),
         output,
         ravel,
     )
@@ -437,7 +442,8 @@ def check_ensemble(model: Any, ensemble: TreeEnsemble, x: np.ndarray) -> None:
 class TreeQuantized:
     """What the client runs around a tree program: ``pre`` (the per-feature shift
     before quantization), ``post`` (nothing: the output function is applied by the
-    estimator), and the config. Same surface as a
+    estimator), the config and calibrated range, and ``rows``: the ensemble's leaves
+    behind each leaf-match lookup (one leaf per tree it merges). Same surface as a
     :class:`~fhe_quant.quant.ptq.QuantizedGraph` for the deployment code."""
 
     pre: tuple[Node, ...]
@@ -445,6 +451,39 @@ class TreeQuantized:
     config: TreeQuantConfig
     low: np.ndarray
     high: np.ndarray
+    rows: tuple[tuple[int, ...], ...] = ()
+
+
+#: Offsets tried per feature when aligning the grid with the thresholds.
+_ALIGN_STEPS = 64
+
+
+def _aligned_grid(
+    ensemble: TreeEnsemble, low: np.ndarray, high: np.ndarray, qmax: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-feature grid ``origin + k * scale`` (``k = 0..qmax``) covering ``[low, high]``.
+
+    An input is decided like the float tree unless it lies between a threshold and the
+    border of its grid cell (the inputs that round to a grid point on the other side).
+    So the grid spends one spare code to be free to slide by up to one step, and slides
+    to put the cell borders as near as possible to the feature's thresholds (the sum of
+    distances, in steps, is minimized over :data:`_ALIGN_STEPS` offsets): a feature
+    split once is then decided exactly for every input.
+    """
+    span = high - low
+    scale = np.where(span > 0, span / max(qmax - 1, 1), 1.0)
+    origin = low.astype(np.float64).copy()
+    shifts = np.arange(_ALIGN_STEPS) / _ALIGN_STEPS
+    for f in range(ensemble.n_features):
+        thresholds = ensemble.threshold[ensemble.feature == f]
+        inside = thresholds[(thresholds > low[f]) & (thresholds < high[f])]
+        if span[f] <= 0 or qmax < 2 or inside.size == 0:
+            continue
+        # Cell borders sit at origin + (k + 1/2) * scale, origin = low - shift * scale.
+        position = (inside[None, :] - low[f]) / scale[f] + shifts[:, None] - 0.5
+        distance = np.abs(position - np.rint(position)).sum(axis=1)
+        origin[f] = low[f] - shifts[int(np.argmin(distance))] * scale[f]
+    return origin, scale
 
 
 def _grid_thresholds(
@@ -546,13 +585,12 @@ def _build_program(
     ensemble: TreeEnsemble, low: np.ndarray, high: np.ndarray, config: TreeQuantConfig
 ) -> tuple[IntegerProgram, TreeQuantized]:
     qmax = 2**config.input_bits - 1
-    span = high - low
-    scale = np.where(span > 0, span / qmax, 1.0)
+    origin, scale = _aligned_grid(ensemble, low, high, qmax)
     n_features = ensemble.n_features
     quantizer = UniformQuantizer(
         config.input_bits, tuple(scale), (0,) * n_features, signed=False, axis=1
     )
-    k = _grid_thresholds(ensemble, low, scale, qmax)
+    k = _grid_thresholds(ensemble, origin, scale, qmax)
     # Constant compares: K = -1 is always false, K = qmax always true.
     kept = np.where(k >= qmax, 1, 0)
     varying = (k >= 0) & (k < qmax)
@@ -569,7 +607,12 @@ def _build_program(
     )
     conditions, members, constant = _leaf_rows(ensemble, kept, compare_of, len(pairs))
     quantized = TreeQuantized(
-        (_shift_node(low),), (), config, low.astype(np.float64), high.astype(np.float64)
+        (_shift_node(origin),),
+        (),
+        config,
+        low.astype(np.float64),
+        high.astype(np.float64),
+        tuple(tuple(row) for row in members),
     )
     steps = _steps(pairs, conditions, members, ensemble, constant + ensemble.init, config)
     return IntegerProgram(quantizer, (n_features,), steps), quantized
@@ -606,21 +649,28 @@ def _quantize_leaves(
         # NOTE: rounding each tree's values can widen the range by up to one step per
         # tree; a slightly coarser scale brings it back.
         scale = np.where(too_wide, scale * (1 + 1 / limit), scale)
-    weight = np.stack([codes[row].sum(axis=0) for row in members], axis=1)
+    # NOTE: each tree's codes are shifted by that tree's minimum (the sum of the minima
+    # is ``lo``, a constant of the dequantization), so every weight is non-negative and
+    # the sum never goes below 0, not even before an offset: Concrete types it unsigned.
+    shift = np.zeros_like(codes)
+    for g in groups:
+        shift[g] = codes[g].min(axis=0)
+    weight = np.stack([(codes[row] - shift[row]).sum(axis=0) for row in members], axis=1)
     return weight.reshape(n_outputs, len(members)).astype(np.int64), scale, lo, hi
 
 
 def _leaf_value_step(
     ensemble: TreeEnsemble, members: list[list[int]], bias: np.ndarray, bits: int
 ) -> LinearStep:
-    """``acc = m @ V.T - lo``: integer leaf values summed over every tree, shifted to
-    ``[0, hi - lo]``; dequantizes to the raw outputs ``scale * (acc - zero) + bias``."""
+    """``acc = m @ V.T``: integer leaf values (each tree's shifted by its minimum)
+    summed over every tree, in ``[0, hi - lo]``; dequantizes to the raw outputs
+    ``scale * (acc - zero) + bias`` with ``zero = -lo``."""
     weight, scale, lo, hi = _quantize_leaves(ensemble, members, bits)
     return LinearStep(
         "leaves",
         "linear",
         weight,
-        -lo.reshape(1, -1),
+        np.zeros((1, len(lo)), dtype=np.int64),
         (hi - lo).reshape(1, -1),
         scale.reshape(1, -1),
         (-lo).reshape(1, -1).astype(np.float64),
