@@ -1,0 +1,732 @@
+"""k-nearest-neighbours classification under encryption: scikit-learn's
+``KNeighborsClassifier`` (uniform weights, euclidean metric) as an integer program.
+
+The client quantizes its sample on the grid the stored training points were quantized
+on; the server holds the points in clear. What runs encrypted, per sample, with ``F``
+features, ``N`` stored points, ``k`` neighbours and ``C`` classes:
+
+1. **Squared distances, exact.** Every feature is clipped to its calibrated range and
+   quantized with *one* step for all features (so distances between codes are
+   proportional to euclidean distances between the clipped values). With ``c_f`` the
+   largest code of feature ``f`` and ``p_i`` the stored codes::
+
+       |q - p_i|^2 = sum_f (q_f - c_f)^2 + 2 q . (c - p_i) - sum_f (c_f^2 - p_if^2)
+
+   One table per feature, ``(q_f - c_f)^2`` (``F`` lookups of ``n_bits`` inputs), then one
+   clear matrix product with non-negative weights and a clear constant: ``D_i``, exact,
+   ``0 <= D_i <= Dmax_i`` proven, with every intermediate value non-negative.
+2. **Distance levels.** Only near neighbours matter, so ``D_i`` becomes a level
+   ``min(floor(D_i / 2^t), 2^e - 1)`` (``e`` level bits, ``t`` chosen from the training
+   data so that the top level sits above the median distance to the k-th neighbour),
+   packed with the label: ``v_i = level * 2^L + label_i`` (``L`` label bits). A table
+   reading the wide ``D_i`` would cost seconds, so it is cut into narrow pieces:
+   ``floor(D/2^t)`` and ``floor(D/2^(t+e))`` by exact rounding (one small bootstrap per
+   dropped bit: ``t`` and ``t + e``), a table on the second (``[D >= 2^(t+e)]``, reading
+   ``W - t - e`` bits) and, from their clear difference, the ``e`` level bits plus that
+   flag, multiplied to the top of the ``W``-bit value and read by one per-point table of
+   ``e + 1`` input bits (its low bits are zeros, so removing them by approximate
+   rounding costs no bootstrap and cannot err: the value sits at the centre of its cell).
+   When no point can be that far, the flag and its rounding are left out.
+3. **Top-k.** A sorted list of ``k`` packed values; each point is inserted with
+   compare-exchanges, one lookup each: ``r = relu(a - b)`` (a table on ``a - b + V``),
+   ``min = a - r``, ``max = b + r``. The label travels with its distance, and equal
+   levels are ordered by label (smaller first), deterministically.
+4. **Votes.** For each of the ``k`` winners and each class, a 1-bit table
+   ``[label == c]``; a final clear sum gives the votes per class (all weights are
+   non-negative, so no intermediate value is ever negative). The client dequantizes
+   them with scale ``1/k``: scikit-learn's uniform ``predict_proba``; the argmax (first
+   maximum) is its ``predict``.
+
+Exact lookup count per sample::
+
+    F                                     squares (n_bits inputs)
+    + N * (t + t + e)   [flag present]    exactly dropped bits (1-bit bootstraps)
+    + N                 [flag present]    "far" flag (W - t - e bits)
+    + N                                   levels (e + 1 bits, e without the flag)
+    + sum_i min(i, k) = N*k - k(k+1)/2    compare-exchanges (e + L + 1 bits)
+    + k * C                               votes (e + L + 1 bits)
+
+(without the flag, the dropped bits are ``N * t``). The cost is dominated by the
+``~N*k`` compare-exchanges: with 3 classes they read 6 bits (~45 ms each on 2 cores),
+so about ``N * k * 45 ms`` per sample, e.g. ~25 s for iris' 105 stored points and
+``k = 5`` (see ``benchmarks/knn.py``). Keep the stored points to a few hundred.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from sklearn.neighbors import KNeighborsClassifier as _SkKNeighborsClassifier
+
+from fhe_quant import errors
+from fhe_quant.fhe import FHECircuit
+from fhe_quant.ir import Node
+from fhe_quant.lower import NUMPY, Backend, LinearStep, bits_for
+from fhe_quant.model import QuantizedModule
+from fhe_quant.quant.quantizer import UniformQuantizer
+
+__all__ = [
+    "KNNProgram",
+    "KNNModule",
+    "KNNStage",
+    "knn_to_module",
+    "check_knn_options",
+    "build_estimator",
+    "register_from_sklearn",
+    "DEFAULT_N_BITS",
+    "DEFAULT_LEVEL_BITS",
+]
+
+#: Default input bits of the neighbours classifier (measured: 3 bits keep iris exact).
+DEFAULT_N_BITS = 3
+#: Default distance level bits ``e`` (compare tables read ``e + L + 1`` bits).
+DEFAULT_LEVEL_BITS = 3
+
+
+@dataclass(frozen=True)
+class KNNStage:
+    """One stage of the program, for statistics and reports: its lookups and widths."""
+
+    name: str
+    accumulator_bits: int
+    lookups: int
+    table_input_bits: int
+    truncated_bits: int = 0
+    table_output_bits: int = 0
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "layer": self.name,
+            "accumulator_bits": self.accumulator_bits,
+            "accumulator_max": 2**self.accumulator_bits - 1,
+            "truncated_bits": self.truncated_bits,
+            "table_input_bits": self.table_input_bits,
+            "table_output_bits": self.table_output_bits,
+            "lookups": self.lookups,
+        }
+
+
+def _relu_shifted(offset: int) -> Callable[[np.ndarray], np.ndarray]:
+    # NOTE: not named "relu": Concrete converts a traced function by its name, and
+    # would replace a function called "relu" with its own max(x, 0).
+    def excess(x: np.ndarray) -> np.ndarray:
+        return np.maximum(np.asarray(x, dtype=np.int64) - offset, 0)
+
+    return excess
+
+
+@dataclass(frozen=True, eq=False)
+class KNNProgram:
+    """The encrypted k-NN program (see the module docstring), with the duck-typed surface
+    of :class:`fhe_quant.lower.IntegerProgram`.
+
+    Attributes:
+        input_quantizer: the client's quantizer (one step for every feature, zero 0).
+        input_shape: ``(n_features,)``.
+        points: stored codes ``(N, F)``, each in ``[0, code_max_f]``.
+        labels: class index of each stored point ``(N,)``.
+        n_classes: number of classes ``C >= 2``.
+        k: neighbours.
+        code_max: largest code of each feature ``(F,)`` (the client clips to it).
+        level_bits: ``e``.
+        shift: ``t``.
+    """
+
+    input_quantizer: UniformQuantizer
+    input_shape: tuple[int, ...]
+    points: np.ndarray
+    labels: np.ndarray
+    n_classes: int
+    k: int
+    code_max: np.ndarray
+    level_bits: int
+    shift: int
+
+    def __post_init__(self) -> None:
+        n, f = self.points.shape
+        if self.input_shape != (f,):
+            raise ValueError(f"input_shape {self.input_shape} does not match points {(n, f)}.")
+        if self.n_classes < 2 or not 1 <= self.k <= n:
+            raise ValueError(f"Need 2+ classes and 1 <= k <= {n}; got {self.n_classes}, {self.k}.")
+        if np.any(self.points < 0) or np.any(self.points > self.code_max):
+            raise ValueError("Stored codes must lie in [0, code_max] per feature.")
+        if self.level_bits < 1 or self.shift < 0:
+            raise ValueError(
+                f"level_bits >= 1 and shift >= 0; got {self.level_bits}, {self.shift}."
+            )
+
+    # ------------------------------------------------------------------ constants
+    @property
+    def input_bits(self) -> int:
+        return bits_for(self.input_quantizer.qmax)
+
+    @property
+    def label_bits(self) -> int:
+        return bits_for(self.n_classes - 1)
+
+    @functools.cached_property
+    def _consts(self) -> dict[str, Any]:
+        c = self.code_max.astype(np.int64)
+        p = self.points.astype(np.int64)
+        t, e = self.shift, self.level_bits
+        weight = 2 * (c[None, :] - p)  # (N, F), >= 0
+        const = (c[None, :] ** 2 - p**2).sum(axis=1)  # (N,), >= 0
+        a_max = int((c**2).sum() + (weight * c[None, :]).sum(axis=1).max())
+        d_max = np.maximum(p, c[None, :] - p) ** 2
+        d_max = d_max.sum(axis=1)
+        has_far = bool(d_max.max() >= 2 ** (t + e))
+        width = bits_for(max(a_max, int(d_max.max()) + 2 ** (t + e), 2 ** (t + e + 1) - 1))
+        packed_max = (2**e - 1) * 2**self.label_bits + self.n_classes - 1
+        return {
+            "weight": weight,
+            "const": const,
+            "a_max": a_max,
+            "d_max": d_max,
+            "has_far": has_far,
+            "width": width,
+            "z_bits": e + 1 if has_far else e,
+            "packed_max": packed_max,
+            "value_bits": bits_for(2 * packed_max),
+            "square_bits": bits_for(int((c**2).max())),
+        }
+
+    @property
+    def width(self) -> int:
+        """``W``: the width of the distances and of every value derived from them."""
+        return int(self._consts["width"])
+
+    @property
+    def value_bits(self) -> int:
+        """Width of the packed values and of the compare-exchange tables."""
+        return int(self._consts["value_bits"])
+
+    @property
+    def n_compares(self) -> int:
+        return sum(min(i, self.k) for i in range(len(self.points)))
+
+    @functools.cached_property
+    def output_step(self) -> LinearStep:
+        """Votes per class from the ``k * C`` indicators; dequantized with scale ``1/k``."""
+        k, c = self.k, self.n_classes
+        weight = np.tile(np.eye(c, dtype=np.int64), (1, k))  # (C, k*C), torch layout
+        return LinearStep(
+            "votes",
+            "linear",
+            weight,
+            np.zeros((1, c), dtype=np.int64),
+            np.full((1, c), k, dtype=np.int64),
+            np.full((1, c), 1.0 / k),
+            np.zeros((1, c)),
+            np.zeros((1, c)),
+        )
+
+    @functools.cached_property
+    def steps(self) -> tuple[KNNStage | LinearStep, ...]:
+        n, f = self.points.shape
+        t, e = self.shift, self.level_bits
+        w, vb = self.width, self.value_bits
+        has_far = self._consts["has_far"]
+        stages: list[KNNStage | LinearStep] = [
+            KNNStage("squares", self.input_bits, f, self.input_bits, 0, self._consts["square_bits"])
+        ]
+        if has_far:
+            stages.append(KNNStage("far", w, n, w - t - e, 2 * t + e, w))
+        stages.append(KNNStage("levels", w, n, self._consts["z_bits"], 0 if has_far else t, vb))
+        stages.append(KNNStage("top-k", vb, self.n_compares, vb, 0, vb))
+        stages.append(KNNStage("labels", vb, self.k * self.n_classes, vb, 0, 1))
+        stages.append(self.output_step)
+        return tuple(stages)
+
+    # ------------------------------------------------------------------ tables
+    def _square(self, q: np.ndarray) -> np.ndarray:
+        q = np.asarray(q, dtype=np.int64)
+        return (q - self.code_max.astype(np.int64)) ** 2
+
+    def _far(self, r2: np.ndarray) -> np.ndarray:
+        # r2 = (floor(D / 2^(t+e)) + 1) * 2^(t+e); far iff floor(...) >= 1.
+        top = self.shift + self.level_bits
+        far = (np.asarray(r2, dtype=np.int64) >> top) >= 2
+        return far.astype(np.int64) << (self.width - 1)
+
+    def _level(self, y: np.ndarray) -> np.ndarray:
+        e = self.level_bits
+        z = np.asarray(y, dtype=np.int64) >> (self.width - self._consts["z_bits"])
+        level = np.where(z >= 2**e, 2**e - 1, z & (2**e - 1))
+        return level * 2**self.label_bits + self.labels.astype(np.int64)
+
+    def _vote(self, v: np.ndarray) -> np.ndarray:
+        classes = np.tile(np.arange(self.n_classes), self.k)
+        label = np.asarray(v, dtype=np.int64) & (2**self.label_bits - 1)
+        return (label == classes).astype(np.int64)
+
+    # ------------------------------------------------------------------ program
+    def packed(self, q: Any, backend: Backend = NUMPY) -> Any:
+        """Stages 1 and 2: the packed ``level * 2^L + label`` of every stored point."""
+        consts = self._consts
+        n = len(self.points)
+        t, e, w = self.shift, self.level_bits, self.width
+        q = backend.hint(q, self.input_bits)
+        sq = backend.hint(backend.lookup(self._square, q), consts["square_bits"])
+        ones = np.ones((self.points.shape[1], n), dtype=np.int64)
+        acc = backend.hint(sq @ ones + q @ consts["weight"].T, w)
+        dist = backend.hint(acc - consts["const"], w)
+        if t:
+            r1 = backend.hint(backend.round(backend.hint(dist + 2 ** (t - 1), w), t, True), w)
+            floor1 = backend.hint(r1 - 2**t, w)  # floor(D / 2^t) * 2^t
+        else:
+            floor1 = dist
+        if consts["has_far"]:
+            r2 = backend.round(backend.hint(dist + 2 ** (t + e - 1), w), t + e, True)
+            r2 = backend.hint(r2, w)
+            far = backend.hint(backend.lookup(self._far, r2), w)
+            low = backend.hint(floor1 + 2 ** (t + e) - r2, w)  # (D mod 2^(t+e)) rounded to 2^t
+            y = backend.hint(low * 2 ** (w - 1 - e - t) + far, w)
+        else:
+            y = backend.hint(floor1 * 2 ** (w - e - t), w)
+        lsbs = w - consts["z_bits"]
+        if lsbs:
+            # NOTE: y's low `lsbs` bits are zeros: approximate rounding reads the centre of
+            # a cell, so it is exact and costs no bootstrap.
+            y = backend.hint(backend.round(y, lsbs, False), w)
+        return backend.hint(backend.lookup(self._level, y), self.value_bits)
+
+    def top_k(self, packed: Any, backend: Backend = NUMPY) -> list[Any]:
+        """Stage 3: the ``k`` smallest packed values, sorted, by insertion."""
+        vb, offset = self.value_bits, int(self._consts["packed_max"])
+        excess = _relu_shifted(offset)
+        best: list[Any] = []
+        for i in range(len(self.points)):
+            current = packed[:, i : i + 1]
+            for j, kept in enumerate(best):
+                diff = backend.hint((kept + offset) - current, vb)
+                r = backend.hint(backend.lookup(excess, diff), vb)
+                best[j] = backend.hint(kept - r, vb)
+                current = backend.hint(current + r, vb)
+            if len(best) < self.k:
+                best.append(current)
+        return best
+
+    def __call__(self, q: Any, backend: Backend = NUMPY) -> Any:
+        best = self.top_k(self.packed(q, backend), backend)
+        winners = np.concatenate(tuple(best), axis=1) if len(best) > 1 else best[0]
+        # NOTE: each winner copied once per class (a clear 0/1 matrix), then one lookup
+        # per copy: [label == c].
+        copies = np.kron(np.eye(self.k, dtype=np.int64), np.ones((1, self.n_classes), np.int64))
+        spread = backend.hint(winners @ copies, self.value_bits)
+        votes = backend.hint(backend.lookup(self._vote, spread), self.value_bits)
+        return self.output_step(votes, backend)
+
+    # ------------------------------------------------------------------ reference
+    def distances(self, q: np.ndarray) -> np.ndarray:
+        """Exact squared code distances ``(B, N)``."""
+        q = np.asarray(q, dtype=np.int64)
+        return ((q[:, None, :] - self.points[None].astype(np.int64)) ** 2).sum(axis=2)
+
+    def run_without_rounding(self, q: np.ndarray) -> np.ndarray:
+        """The votes with exact distances instead of levels (ties by label): the effect
+        of quantization alone."""
+        dist = self.distances(q)
+        packed = dist * 2**self.label_bits + self.labels[None].astype(np.int64)
+        order = np.argsort(packed, axis=1, kind="stable")[:, : self.k]
+        winners = self.labels[order]
+        return np.stack([(winners == c).sum(axis=1) for c in range(self.n_classes)], axis=1)
+
+    def lookups_by_width(self) -> dict[int, int]:
+        """Table lookups per sample by input width (width 1: exactly dropped bits)."""
+        counts: dict[int, int] = {}
+        for stage in self.steps:
+            if isinstance(stage, KNNStage):
+                counts[stage.table_input_bits] = (
+                    counts.get(stage.table_input_bits, 0) + stage.lookups
+                )
+                if stage.truncated_bits:
+                    n = len(self.points)
+                    counts[1] = counts.get(1, 0) + n * stage.truncated_bits
+        return counts
+
+    def source(self) -> str:
+        n, f = self.points.shape
+        t, e, w, vb = self.shift, self.level_bits, self.width, self.value_bits
+        far = self._consts["has_far"]
+        lines = [
+            f"def program(q):  # q: uint{self.input_bits}[{f}], codes clipped per feature",
+            f"    sq = (q - c)^2  # {f} lookups",
+            f"    D = sq @ 1 + q @ W[{f}x{n}] - const  # exact squared distances, {w} bits",
+        ]
+        if far:
+            lines += [
+                f"    F1 = floor(D / 2^{t}); F2 = floor(D / 2^{t + e})  # exact rounding, "
+                f"{2 * t + e} one-bit bootstraps per point",
+                f"    far = [F2 >= 1]  # {n} lookups of {w - t - e} bits",
+                f"    level = far ? {2**e - 1} : F1 - {2**e} F2  # {n} lookups of {e + 1} bits",
+            ]
+        else:
+            lines.append(f"    level = floor(D / 2^{t})  # < 2^{e}; {n} lookups of {e} bits")
+        lines += [
+            f"    v = level * {2**self.label_bits} + label  # packed, {vb} bits",
+            f"    best = top_{self.k}(v)  # {self.n_compares} compare-exchanges: "
+            f"r = relu(a - b), min = a - r, max = b + r",
+            f"    ind = [label(best_j) == c]  # {self.k * self.n_classes} lookups",
+            "    votes = sum_j ind  # per class",
+            f"    return votes  # the client divides by {self.k}",
+        ]
+        return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- module
+
+
+@dataclass(frozen=True)
+class _ClientChains:
+    """What :class:`~fhe_quant.deploy` reads of ``model.quantized``."""
+
+    pre: tuple[Node, ...]
+    post: tuple[Node, ...] = ()
+
+
+def _clip_chain(low: np.ndarray, span: np.ndarray) -> tuple[Node, ...]:
+    """``x -> clip(x - low, 0, span)`` per feature, as float ir nodes (client side)."""
+    return (
+        Node("shift", "add_const", ("x",), params={"constant": -low}),
+        Node("clip_low", "relu", ("shift",)),
+        Node("negate", "mul_const", ("clip_low",), params={"constant": np.array(-1.0)}),
+        Node("from_top", "add_const", ("negate",), params={"constant": span}),
+        Node("clip_high", "relu", ("from_top",)),
+        Node("negate_back", "mul_const", ("clip_high",), params={"constant": np.array(-1.0)}),
+        Node("clipped", "add_const", ("negate_back",), params={"constant": span}),
+    )
+
+
+class KNNModule(QuantizedModule):
+    """A compiled k-NN model: the :class:`~fhe_quant.model.QuantizedModule` surface
+    (``forward``, ``compile``, ``statistics``, ``report``) around a :class:`KNNProgram`."""
+
+    def __init__(
+        self,
+        sklearn_model: Any,
+        program: KNNProgram,
+        low: np.ndarray,
+        span: np.ndarray,
+        circuit: FHECircuit | None = None,
+    ) -> None:
+        self.sklearn_model = sklearn_model
+        self.low = np.asarray(low, dtype=np.float64)
+        self.span = np.asarray(span, dtype=np.float64)
+        self.graph = None  # type: ignore[assignment]
+        self.quantized = _ClientChains(_clip_chain(self.low, self.span))  # type: ignore[assignment]
+        self.program = program  # type: ignore[assignment]
+        self._circuit = circuit
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return self.program.input_shape
+
+    def float_forward(self, x: Any) -> np.ndarray:
+        """scikit-learn's ``predict_proba``."""
+        return np.asarray(self.sklearn_model.predict_proba(self.check_input(x)))
+
+    @property
+    def statistics(self) -> dict[str, Any]:
+        layers = [
+            stage.row()
+            if isinstance(stage, KNNStage)
+            else {
+                "layer": stage.name,
+                "accumulator_bits": stage.acc_bits,
+                "accumulator_max": int(stage.acc_max.max()),
+            }
+            for stage in self.program.steps
+        ]
+        program = self.program
+        stats: dict[str, Any] = {
+            "layers": layers,
+            "input_bits": program.input_bits,
+            "stored_points": len(program.points),
+            "n_neighbors": program.k,
+            "level_bits": program.level_bits,
+            "shift": program.shift,
+            "planned_pbs_per_precision": program.lookups_by_width(),
+        }
+        if self._circuit is not None:
+            s = self._circuit.statistics
+            stats.update(
+                pbs_count=s.pbs_count,
+                max_bit_width=s.max_bit_width,
+                pbs_per_precision=dict(s.pbs_per_precision),
+                compile_seconds=s.compile_seconds,
+                keygen_seconds=s.keygen_seconds,
+                complexity=s.complexity,
+            )
+        return stats
+
+
+# --------------------------------------------------------------------------- conversion
+
+
+def check_knn_options(model: Any) -> None:
+    """Refuse the options the encrypted program does not compute.
+
+    Raises:
+        errors.UnsupportedOpError: non-uniform weights, a metric other than euclidean,
+            metric parameters, or multi-output targets.
+    """
+    where = type(model).__name__
+    if model.weights not in ("uniform", None):
+        raise errors.UnsupportedOpError(
+            f"weights={model.weights!r}",
+            where,
+            "Only weights='uniform' is supported: distance weights would need encrypted divisions.",
+        )
+    metric = model.metric
+    euclidean = metric in ("euclidean", "l2") or (
+        metric == "minkowski" and (model.p is None or model.p == 2)
+    )
+    if not euclidean:
+        detail = f"metric={metric!r}" + (f", p={model.p!r}" if metric == "minkowski" else "")
+        raise errors.UnsupportedOpError(
+            detail, where, "Only the euclidean metric (minkowski with p=2) is supported."
+        )
+    if model.metric_params:
+        raise errors.UnsupportedOpError(
+            f"metric_params={model.metric_params!r}", where, "metric_params must be None."
+        )
+    if getattr(model, "outputs_2d_", False):
+        raise errors.UnsupportedOpError(
+            "multi-output targets", where, "Fit on a 1-D target (one label per sample)."
+        )
+
+
+def _choose_shift(points: np.ndarray, k: int, level_bits: int) -> int:
+    """Smallest ``t`` whose top level ``2^(t+e)`` lies above the median squared code
+    distance from a stored point to its k-th other stored point."""
+    n = len(points)
+    if n <= 1:
+        return 0
+    p = points.astype(np.int64)
+    kth = []
+    for start in range(0, n, 256):
+        block = ((p[start : start + 256, None, :] - p[None]) ** 2).sum(axis=2)
+        kth.append(np.sort(block, axis=1)[:, min(k, n - 1)])
+    target = float(np.median(np.concatenate(kth)))
+    shift = 0
+    while 2 ** (shift + level_bits) <= target:
+        shift += 1
+    return shift
+
+
+def knn_to_module(
+    model: Any, x_calib: np.ndarray, n_bits: int, level_bits: int | None = None
+) -> KNNModule:
+    """Quantize a fitted scikit-learn ``KNeighborsClassifier`` into a :class:`KNNModule`.
+
+    Args:
+        model: the fitted classifier (its stored points ``_fit_X`` and labels ``_y``).
+        x_calib: float data ``(n, F)`` setting each feature's clipping range (with the
+            stored points).
+        n_bits: input bits (one step for every feature, fitted to the widest range).
+        level_bits: distance level bits ``e`` (``None``: :data:`DEFAULT_LEVEL_BITS`).
+
+    Raises:
+        errors.UnsupportedOpError: an option :func:`check_knn_options` refuses.
+        errors.InputError: fewer stored points than ``n_neighbors``, or one class only.
+    """
+    check_knn_options(model)
+    stored = np.asarray(model._fit_X, dtype=np.float64)
+    labels = np.asarray(model._y, dtype=np.int64).reshape(-1)
+    n_classes = len(model.classes_)
+    k = int(model.n_neighbors)
+    if n_classes < 2:
+        raise errors.InputError(
+            f"KNeighborsClassifier needs at least 2 classes to vote between; got {n_classes}."
+        )
+    if k > len(stored):
+        raise errors.InputError(
+            f"n_neighbors={k} exceeds the {len(stored)} stored points; lower n_neighbors."
+        )
+    level_bits = DEFAULT_LEVEL_BITS if level_bits is None else int(level_bits)
+    both = np.concatenate([stored, np.asarray(x_calib, dtype=np.float64)])
+    low, high = both.min(axis=0), both.max(axis=0)
+    span = high - low
+    qmax = 2**n_bits - 1
+    widest = float(span.max())
+    scale = widest / qmax if widest > 0 else 1.0
+    quantizer = UniformQuantizer(bits=n_bits, scale=(scale,), zero_point=(0,))
+    code_max = quantizer.quantize(span)
+    points = quantizer.quantize(np.clip(stored - low, 0.0, span))
+    program = KNNProgram(
+        quantizer,
+        (stored.shape[1],),
+        points,
+        labels,
+        n_classes,
+        k,
+        code_max,
+        level_bits,
+        _choose_shift(points, k, level_bits),
+    )
+    return KNNModule(model, program, low, span)
+
+
+# --------------------------------------------------------------------------- estimator
+
+
+class _KNNMixin:
+    """What the neighbours estimator changes in ``fhe_quant.sklearn``'s classifier."""
+
+    sklearn_model_: Any
+    quantized_module_: KNNModule
+
+    def _config(self) -> Any:
+        config = super()._config()  # type: ignore[misc]
+        if not isinstance(self.n_bits, int | np.integer) or isinstance(self.n_bits, bool):  # type: ignore[attr-defined]
+            raise errors.ParameterError(
+                "The 'n_bits' parameter of KNeighborsClassifier must be an int (the input "
+                f"bits; there are no weights or activations). Got {self.n_bits!r} instead."  # type: ignore[attr-defined]
+            )
+        return config
+
+    def _level_bits(self, n_classes: int) -> int:
+        rounding = self.rounding_bits  # type: ignore[attr-defined]
+        if rounding is None:
+            return DEFAULT_LEVEL_BITS
+        level = rounding - bits_for(n_classes - 1) - 1
+        if level < 1:
+            raise errors.ParameterError(
+                "The 'rounding_bits' parameter of KNeighborsClassifier (the input width of "
+                f"the compare tables) must be at least {bits_for(n_classes - 1) + 2} for "
+                f"{n_classes} classes. Got {rounding} instead."
+            )
+        return level
+
+    def _set_fitted(self, model: Any, X: np.ndarray, config: Any, imported: Any = None) -> None:
+        check_knn_options(model)
+        module = knn_to_module(
+            model,
+            X,
+            int(self.n_bits),
+            self._level_bits(len(model.classes_)),  # type: ignore[attr-defined]
+        )
+        self.classes_ = model.classes_
+        self.sklearn_model_ = model
+        self.quantized_module_ = module
+        self._output = "identity"
+        self._ravel = False
+
+    def fit(self, X: Any, y: Any, **fit_params: Any) -> Any:
+        """Fit scikit-learn's classifier (it stores the training points), then quantize
+        the points with ``X`` as calibration data.
+
+        Raises:
+            EstimatorParameterError: a constructor parameter out of range.
+            errors.UnsupportedOpError: weights other than 'uniform', a non-euclidean
+                metric, metric_params, or multi-output targets.
+            errors.InputError: ``X`` or ``y`` with NaN/inf, strings, the wrong shape, one
+                class only, or fewer samples than ``n_neighbors``.
+        """
+        return super().fit(X, y, **fit_params)  # type: ignore[misc]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        state.pop("_quantized_state", None)
+        module = vars(self).get("quantized_module_")
+        if module is not None:
+            state["_knn_state"] = (module.program, module.low, module.span)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        knn = state.pop("_knn_state", None)
+        super().__setstate__(state)  # type: ignore[misc]
+        if knn is not None:
+            program, low, span = knn
+            self.quantized_module_ = KNNModule(self.sklearn_model_, program, low, span)
+
+
+_DOC = """KNeighborsClassifier for encrypted inference: scikit-learn's
+:class:`sklearn.neighbors.KNeighborsClassifier`, with the training points stored in clear
+on the server and the client's sample encrypted (see
+:mod:`fhe_quant.frontends.sklearn.neighbors` for the program and its exact cost).
+
+Constructor parameters: those of scikit-learn's class (same names, same defaults), plus:
+
+Args:
+    n_bits: input bits (an int): every feature is clipped to its calibrated range and
+        quantized with one step for all features. Default {n_bits}.
+    rounding_bits: input width of the compare-exchange tables, ``e + L + 1`` with ``e``
+        distance level bits and ``L`` label bits (``None``: ``e = {level}``, so 6 bits
+        for 3 or 4 classes, 5 for 2).
+    p_error: error probability of each table lookup in FHE.
+    verbose: show progress bars.
+
+Supported: ``weights='uniform'``, ``metric='minkowski'`` with ``p=2`` (or
+``'euclidean'``); other options raise :class:`fhe_quant.errors.UnsupportedOpError`.
+Cost: about ``N * n_neighbors`` table lookups per sample for ``N`` stored points; keep
+``N`` to a few hundred.
+
+Attributes:
+    sklearn_model_: the fitted scikit-learn model (float).
+    quantized_module_: the :class:`fhe_quant.frontends.sklearn.neighbors.KNNModule`.
+    classes_: the class labels.
+    n_features_in_: number of features seen during ``fit``.
+"""
+
+
+def build_estimator() -> type:
+    """The public ``KNeighborsClassifier`` class (``fhe_quant.sklearn`` creates it at the
+    end of its module, so that this module never imports it at import time)."""
+    from fhe_quant import sklearn as fs
+
+    base = type("_FHEKNeighborsClassifier", (_KNNMixin, fs._FHEClassifier), {})
+    cls = fs._make_estimator(_SkKNeighborsClassifier, base, DEFAULT_N_BITS)
+    cls.__doc__ = _DOC.format(n_bits=DEFAULT_N_BITS, level=DEFAULT_LEVEL_BITS)
+    return cls
+
+
+def register_from_sklearn(from_sklearn: Callable[..., Any], estimator_class: type) -> Any:
+    """``from_sklearn`` extended to fitted ``sklearn.neighbors.KNeighborsClassifier``."""
+
+    @functools.wraps(from_sklearn)
+    def wrapped(
+        estimator: Any,
+        X: Any,
+        n_bits: int | dict[str, int] | None = None,
+        *,
+        rounding_bits: int | None = None,
+        p_error: float | None = None,
+        verbose: bool = False,
+    ) -> Any:
+        if not isinstance(estimator, _SkKNeighborsClassifier):
+            return from_sklearn(
+                estimator, X, n_bits, rounding_bits=rounding_bits, p_error=p_error, verbose=verbose
+            )
+        from fhe_quant import sklearn as fs
+
+        fs._check_fitted(estimator, None)
+        check_knn_options(estimator)
+        estimator = copy.deepcopy(estimator)
+        params = {
+            name: value
+            for name, value in estimator.get_params(deep=False).items()
+            if name in estimator_class._sklearn_params  # type: ignore[attr-defined]
+        }
+        params.update(rounding_bits=rounding_bits, p_error=p_error, verbose=verbose)
+        if n_bits is not None:
+            params["n_bits"] = n_bits
+        model = estimator_class(**params)
+        config = model._config()
+        X = model._validate(X, reset=True)
+        expected = getattr(estimator, "n_features_in_", X.shape[1])
+        if X.shape[1] != expected:
+            raise errors.InputError(
+                f"X has {X.shape[1]} features, but the fitted {type(estimator).__name__} "
+                f"expects {expected}: pass the data the model was trained on."
+            )
+        model._set_fitted(estimator, X, config)
+        return model
+
+    return wrapped
