@@ -107,7 +107,7 @@ def float_cnn(x: np.ndarray, y: np.ndarray) -> tuple[torch.nn.Module, float]:
 def _layers(qm: QuantizedModule) -> dict[str, list[Any]]:
     layers = qm.statistics["layers"]
     return {
-        "accumulator_bits": [layer["accumulator_bits"] for layer in layers],
+        "accumulator_bits": [layer.get("accumulator_bits") for layer in layers],
         "table_input_bits": [layer.get("table_input_bits") for layer in layers],
         "truncated_bits": [layer.get("truncated_bits") for layer in layers],
     }
@@ -133,6 +133,7 @@ def measure(qm: QuantizedModule, x_test: np.ndarray, y_test: np.ndarray, samples
         "pbs_per_precision": {str(k): v for k, v in stats["pbs_per_precision"].items()},
         "max_bit_width": stats["max_bit_width"],
         "compile_seconds": stats["compile_seconds"],
+        "complexity": stats["complexity"],
         "estimated_latency_seconds": report.estimated_latency_seconds,
     }
     if samples:
@@ -150,7 +151,8 @@ def full_width(qm: QuantizedModule, x_train: np.ndarray) -> dict[str, Any]:
         "table_input_bits": _layers(wide)["table_input_bits"],
         "pbs_count": stats["pbs_count"],
         "pbs_per_precision": {str(k): v for k, v in stats["pbs_per_precision"].items()},
-        "estimated_latency_seconds": estimate_latency(stats["pbs_per_precision"]),
+        "complexity": stats["complexity"],
+        "estimated_latency_seconds": estimate_latency(stats["complexity"]),
     }
 
 
