@@ -878,3 +878,13 @@ def from_sklearn(
         )
     model._set_fitted(estimator, X, config, imported)
     return model
+
+
+# --------------------------------------------------------------------------- neighbours
+# NOTE: built here, at the end, so that the neighbours module never imports this one at
+# import time (see fhe_quant/frontends/sklearn/neighbors.py).
+from fhe_quant.frontends.sklearn import neighbors as _neighbors  # noqa: E402
+
+KNeighborsClassifier = _neighbors.build_estimator()
+__all__.append("KNeighborsClassifier")
+from_sklearn = _neighbors.register_from_sklearn(from_sklearn, KNeighborsClassifier)

@@ -61,6 +61,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sklearn.base import BaseEstimator
 from sklearn.neighbors import KNeighborsClassifier as _SkKNeighborsClassifier
 
 from fhe_quant import errors
@@ -628,12 +629,15 @@ class _KNNMixin:
             errors.InputError: ``X`` or ``y`` with NaN/inf, strings, the wrong shape, one
                 class only, or fewer samples than ``n_neighbors``.
         """
+        self._config()  # type: ignore[attr-defined]
+        check_knn_options(self._make_sklearn_model())  # type: ignore[attr-defined]
         return super().fit(X, y, **fit_params)  # type: ignore[misc]
 
     def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())  # type: ignore[misc]
-        state.pop("_quantized_state", None)
-        module = vars(self).get("quantized_module_")
+        # NOTE: the graph-based estimators' __getstate__ is skipped: it serializes
+        # quantized graphs, and a KNNModule has none. Its program is plain data.
+        state = dict(BaseEstimator.__getstate__(self))  # type: ignore[arg-type]
+        module = state.pop("quantized_module_", None)
         if module is not None:
             state["_knn_state"] = (module.program, module.low, module.span)
         return state
