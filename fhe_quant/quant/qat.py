@@ -726,7 +726,8 @@ def split_chain(graph: Graph) -> tuple[tuple[Node, ...], list[tuple[Node, tuple[
                 f"{node.op} reading {', '.join(node.inputs) or 'nothing'}",
                 node.source or node.name,
                 "Quantization-aware training needs a chain of layers, each reading the "
-                "one before it: no residual connection, concatenation or branch. " + _SUPPORTED,
+                "one before it: no residual connection, concatenation or branch; quantize "
+                "such models after training with compile_torch_model.",
             )
         _check_supported(node)
         previous = node.name

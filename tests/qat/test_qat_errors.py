@@ -56,7 +56,7 @@ class _Concat(nn.Module):
 @pytest.mark.parametrize("model", [_Residual(), _Concat()], ids=["residual", "cat"])
 def test_branching_models_are_refused_with_a_place(model) -> None:
     # Whether the frontend or QAT refuses it, the error is typed and says where.
-    with pytest.raises(UnsupportedOpError) as info:
+    with pytest.raises(UnsupportedOpError, match="residual connection") as info:
         prepare_qat(model, X_sample=np.zeros((2, 2, 4, 4)))
     assert info.value.where
 
