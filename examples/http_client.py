@@ -35,6 +35,9 @@ else:
 api = Client(args.url, timeout=600)
 client_id = uuid.uuid4().hex
 api.upload_keys(client_id, client.get_serialized_evaluation_keys())
+task = client.post_processing.task  # "module", "classifier" or "regressor"
 for i, ciphertext in enumerate(client.quantize_encrypt_serialize(x)):
-    result = client.deserialize_decrypt_dequantize([api.predict(client_id, ciphertext)])[0]
-    print(f"sample {i}: {np.array2string(result, precision=4)}")
+    reply = api.predict(client_id, ciphertext)
+    outputs = client.deserialize_decrypt_dequantize([reply])[0]  # floats, probabilities
+    prediction = f"  prediction {client.predict([reply])[0]!r}" if task != "module" else ""
+    print(f"sample {i}: {np.array2string(np.asarray(outputs), precision=4)}{prediction}")

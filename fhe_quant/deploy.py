@@ -35,7 +35,9 @@ import dataclasses
 import hashlib
 import json
 import os
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -680,6 +682,7 @@ class FHEModelClient:
         self.client = fhe.Client.load(self.path / "client.zip", keyset_cache_directory=self.key_dir)
         self._nonce = self._client_nonce()
         self._key_message: bytes | None = None
+        self._key_id: bytes | None = None
 
     def _client_nonce(self) -> bytes:
         if self.key_dir is None:
@@ -695,11 +698,16 @@ class FHEModelClient:
     @property
     def key_id(self) -> bytes:
         """SHA-256 of this client's evaluation-key message: names its keys."""
-        return hashlib.sha256(self.get_serialized_evaluation_keys()).digest()
+        # NOTE: computed once: a network's key message is hundreds of MB.
+        if self._key_id is None:
+            self._key_id = hashlib.sha256(self.get_serialized_evaluation_keys()).digest()
+        return self._key_id
 
     def generate_private_and_evaluation_keys(self, force: bool = False) -> None:
-        """Generate keys (or load them from ``key_dir``)."""
+        """Generate keys (or load them from ``key_dir``); ``force`` makes new ones."""
         self.client.keygen(force=force)
+        if force:
+            self._key_message = self._key_id = None
 
     def get_serialized_evaluation_keys(self) -> bytes:
         """The public evaluation keys (with this client's nonce), to send to the server."""
@@ -782,28 +790,57 @@ class FHEModelServer:
 
     Args:
         path: the ``server`` directory written by :class:`FHEModelDev`.
+        key_cache_size: how many clients' deserialized evaluation keys to keep between
+            calls (the most recently used). Hashing and deserializing a network's keys
+            (hundreds of MB) costs about a second, paid once per client instead of once
+            per request; each cached entry holds that much memory. Thread-safe.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, key_cache_size: int = 2) -> None:
+        if key_cache_size < 0:
+            raise ValueError(f"key_cache_size must be >= 0; got {key_cache_size}.")
         self.path = Path(path)
         _check_manifest(self.path, "server")
         self.server = fhe.Server.load(self.path / "server.zip")
+        self.key_cache_size = key_cache_size
+        # NOTE: keyed by the identity of the key message, which the entry keeps alive (so
+        # the identity cannot be reused by another object while it is cached).
+        self._key_cache: OrderedDict[int, list[Any]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _cached(self, message: bytes) -> list[Any]:
+        """The cache entry ``[message, key id, deserialized keys or None]`` of a key
+        message, created (with its SHA-256) if missing."""
+        with self._lock:
+            entry = self._key_cache.get(id(message))
+            if entry is not None and entry[0] is message:
+                self._key_cache.move_to_end(id(message))
+                return entry
+        entry = [message, hashlib.sha256(message).digest(), None]
+        if self.key_cache_size:
+            with self._lock:
+                self._key_cache[id(message)] = entry
+                while len(self._key_cache) > self.key_cache_size:
+                    self._key_cache.popitem(last=False)
+        return entry
 
     def run(self, serialized_input: bytes, serialized_evaluation_keys: bytes) -> bytes:
         """Run on one serialized encrypted sample; returns the serialized result."""
         if not is_fhe_quant_message(serialized_evaluation_keys):
             raise DeploymentError("The evaluation keys are not an fhe_quant key message.")
-        key_id = hashlib.sha256(serialized_evaluation_keys).digest()
-        payload = _open(serialized_input, key_id, "input")
+        entry = self._cached(serialized_evaluation_keys)
+        payload = _open(serialized_input, entry[1], "input")
         try:
             value = fhe.Value.deserialize(payload)
         except Exception as exc:
             raise DeploymentError(f"The input is not a serialized ciphertext: {exc}") from None
-        try:
-            payload = serialized_evaluation_keys[len(MESSAGE_MAGIC) + _NONCE :]
-            keys = fhe.EvaluationKeys.deserialize(payload)
-        except Exception as exc:
-            raise DeploymentError(f"The evaluation keys cannot be read: {exc}") from None
+        if entry[2] is None:
+            try:
+                message = serialized_evaluation_keys[len(MESSAGE_MAGIC) + _NONCE :]
+                entry[2] = fhe.EvaluationKeys.deserialize(message)
+            except Exception as exc:
+                raise DeploymentError(f"The evaluation keys cannot be read: {exc}") from None
+        key_id, keys = entry[1], entry[2]
         try:
             result = self.server.run(value, evaluation_keys=keys)
         except Exception as exc:

@@ -128,6 +128,23 @@ def test_wrong_directory_and_bad_bytes_are_refused(saved) -> None:
         client.quantize_encrypt_serialize(np.zeros((1, 7)))
 
 
+def test_server_key_cache_is_bounded_and_gives_the_same_answers(saved) -> None:
+    root, qm, x = saved
+    client = FHEModelClient(root / "client", key_dir=root.parent / "keys_a")
+    server = FHEModelServer(root / "server", key_cache_size=2)
+    keys = client.get_serialized_evaluation_keys()
+    ciphertext = client.quantize_encrypt_serialize(x[:1])[0]
+    expected = qm.forward_integers(x[:1])
+    copies = [bytes(bytearray(keys)) for _ in range(3)]  # equal bytes, distinct objects
+    for message in [keys, keys, *copies, keys]:
+        result = server.run(ciphertext, message)
+        np.testing.assert_array_equal(client.deserialize_decrypt([result]), expected)
+        assert len(server._key_cache) <= 2
+    assert next(reversed(server._key_cache.values()))[0] is keys
+    with pytest.raises(ValueError, match="key_cache_size"):
+        FHEModelServer(root / "server", key_cache_size=-1)
+
+
 def test_ciphertexts_under_other_keys_are_refused(saved) -> None:
     root, _, x = saved
     alice = FHEModelClient(root / "client", key_dir=root.parent / "keys_a")
