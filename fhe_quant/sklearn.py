@@ -648,9 +648,9 @@ plus the ones below. FHE-friendly defaults differ from scikit-learn's: {defaults
 Args:
     n_bits: an int in [1, 8]: bits of the per-feature input grid, also the input width
         of every compare table (up to 5 bits a lookup is cheap; 6 costs about 4x more);
-        leaf values then use 8 bits (they are only summed: their width costs nothing
-        in FHE). Or a dict with keys ``inputs`` (the grid, default 6) and ``outputs``
-        (the signed leaf values, 2 to 16 bits, default 8). Default {n_bits}.
+        the encrypted sum of leaf values then has 8 bits (no table reads it). Or a dict
+        with keys ``inputs`` (the grid, default 6) and ``outputs`` (the sum of leaf
+        values, 2 to 16 bits, default 8). Default {n_bits}.
     rounding_bits: must be ``None``: a tree has no accumulator to round.
     p_error: error probability of each table lookup in FHE (``None``: Concrete's
         default for the whole circuit).

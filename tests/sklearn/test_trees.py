@@ -27,7 +27,7 @@ from fhe_quant.frontends.sklearn.tree import (
     check_ensemble,
     ensemble_from_sklearn,
 )
-from fhe_quant.lower import NUMPY, TableStep
+from fhe_quant.lower import TableStep
 
 #: Per-lookup error probability for exactness tests: any mismatch is then a real bug.
 TINY_P_ERROR = 1e-12
@@ -99,44 +99,37 @@ def _grid_points(module: Any, n: int, seed: int) -> tuple[np.ndarray, np.ndarray
     return codes, x
 
 
-def _leaf_matches(module: Any, codes: np.ndarray) -> np.ndarray:
-    """The program run up to the leaf-match lookups: ``(N, rows)`` in {0, 1}."""
-    value = codes
-    for step in module.program.steps[:-1]:
-        value = step(value, NUMPY)
-    return value
-
-
 @pytest.mark.parametrize(
     "cls",
-    [fs.DecisionTreeClassifier, fs.RandomForestRegressor, fs.GradientBoostingClassifier],
+    [
+        fs.DecisionTreeClassifier,
+        fs.RandomForestRegressor,
+        fs.ExtraTreesClassifier,
+        fs.GradientBoostingClassifier,
+    ],
     ids=lambda c: c.__name__,
 )
 @pytest.mark.parametrize("n_bits", [3, 5])
 def test_grid_points_reach_the_float_trees_leaves(cls: type, n_bits: int, load: Any) -> None:
-    """On every grid point, each leaf lookup fires iff scikit-learn's own ``apply``
-    reaches (one of) the leaves behind it: the quantized trees decide exactly like the
-    float trees."""
-    model, _, _ = _fit(_small(cls, n_bits=n_bits), load)
+    """On every grid point, the encrypted sum is exactly the sum of the integer values
+    of the leaves scikit-learn's own ``apply`` reaches: the quantized trees decide
+    exactly like the float trees, and the grouped leaf tables pick the right leaf."""
+    model, _, _ = _fit(_small(cls, n_bits=n_bits, max_depth=4), load)
     module = model.quantized_module_
-    codes, x = _grid_points(module, 300, seed=n_bits)
+    codes, x = _grid_points(module, 400, seed=n_bits)
     assert np.array_equal(module.quantize_input(x), codes)  # the grid round-trips
     reached = model.sklearn_model_.apply(x.astype(np.float32)).reshape(len(x), -1)
     ensemble = module.ensemble
-    expected = np.stack(
-        [
-            reached[:, ensemble.tree[row[0]]] == ensemble.node[row[0]]
-            for row in module.quantized.rows
-        ],
-        axis=1,
+    leaf_index = {
+        (int(t), int(n)): i
+        for i, (t, n) in enumerate(zip(ensemble.tree, ensemble.node, strict=True))
+    }
+    leaf_codes = module.quantized.leaf_codes
+    expected = sum(
+        leaf_codes[[leaf_index[(t, int(node))] for node in reached[:, t]]]
+        for t in range(reached.shape[1])
     )
-    # Leaves merged into one row share their conditions: all reached, or none.
-    for j, row in enumerate(module.quantized.rows):
-        for leaf in row[1:]:
-            assert np.array_equal(
-                reached[:, ensemble.tree[leaf]] == ensemble.node[leaf], expected[:, j]
-            )
-    np.testing.assert_array_equal(_leaf_matches(module, codes), expected.astype(np.int64))
+    np.testing.assert_array_equal(module.program(codes), expected)
 
 
 def test_compares_are_shared_and_constants_cost_nothing(load: Any) -> None:
@@ -144,7 +137,7 @@ def test_compares_are_shared_and_constants_cost_nothing(load: Any) -> None:
     model = fs.RandomForestClassifier(n_estimators=10, max_depth=4, random_state=0, n_bits=3)
     model.fit(x_train, y_train)
     module = model.quantized_module_
-    compare, match = [s for s in module.program.steps if isinstance(s, TableStep)]
+    compare, leaves = [s for s in module.program.steps if isinstance(s, TableStep)]
     ensemble = module.ensemble
     # Distinct (feature, grid threshold) pairs, from the tables themselves.
     thresholds = compare.table.sum(axis=1) - 1
@@ -152,10 +145,21 @@ def test_compares_are_shared_and_constants_cost_nothing(load: Any) -> None:
     pairs = set(zip(gather.argmax(axis=1).tolist(), thresholds.tolist(), strict=True))
     assert len(pairs) == compare.table.shape[0] < len(ensemble.feature)
     assert np.all((thresholds >= 0) & (thresholds < 7))  # no constant compare is looked up
-    assert match.table.shape[0] == len(module.quantized.rows) <= len(ensemble.values)
+    # Binary classes: one output, so leaves are grouped into fewer tables than leaves.
+    assert leaves.table.shape[0] < len(ensemble.values)
+    assert leaves.index_bits <= 3  # never wider than... the compares (3 bits here)
     lookups = module.program.lookups_by_width()
-    assert sum(lookups.values()) == compare.table.shape[0] + match.table.shape[0]
-    assert compare.index_bits == 3 and match.index_bits == 3  # depth 4 needs 3 bits
+    assert sum(lookups.values()) == compare.table.shape[0] + leaves.table.shape[0]
+
+
+def test_multiclass_forest_matches_each_leaf(load: Any) -> None:
+    x_train, _, y_train, _ = load("iris")
+    model = fs.RandomForestClassifier(n_estimators=3, max_depth=3, random_state=0)
+    module = model.fit(x_train, y_train).quantized_module_
+    leaves = [s for s in module.program.steps if isinstance(s, TableStep)][1]
+    # One 0/1 match table per reachable leaf (class probabilities: three outputs).
+    assert set(np.unique(leaves.table)) <= {0, 1}
+    assert module.program.output_step.weight.shape == (3, leaves.table.shape[0])
 
 
 def test_output_sum_is_proven_within_the_leaf_bits(load: Any) -> None:
@@ -464,4 +468,4 @@ def test_report_scores_and_cost(load: Any) -> None:
     report = model.report(x_test[:20], y_test[:20])
     assert report.metric == "r2" and report.scores["simulate"] == report.scores["quantized"]
     assert report.pbs_count == sum(report.pbs_per_precision.values())
-    assert "leaf_match" in report.program and "round_bit_pattern" not in report.program
+    assert "leaf_tables" in report.program and "round_bit_pattern" not in report.program

@@ -126,6 +126,9 @@ OUTPUT_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     # Tree models: the decrypted class probabilities, renormalized to sum to one (their
     # leaf values are quantized separately).
     "normalize": lambda raw: _normalize(np.clip(raw, 0.0, None)),
+    # Binary tree classifiers: the one raw output is p(class 1) - 1/2 (so that the
+    # label is its sign, as for the other binary classifiers).
+    "centered_proba": lambda raw: _binary(np.clip(raw + 0.5, 0.0, 1.0)),
 }
 
 

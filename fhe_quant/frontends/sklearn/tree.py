@@ -19,32 +19,45 @@ mistranslation cannot pass silently.
 Then :func:`quantize_ensemble` turns it into an
 :class:`~fhe_quant.lower.IntegerProgram` (a chain of the lowering's own steps, no PTQ):
 
-1. The client shifts every feature by its calibrated minimum (a ``pre`` node) and
-   quantizes it on a uniform grid of ``2**input_bits`` points per feature, clipping
-   values outside the calibrated range (never wrapping).
+1. The client shifts every feature (a ``pre`` node) and quantizes it on a uniform grid
+   of ``2**input_bits`` points spanning its calibrated range, clipping values outside
+   it (never wrapping). The grid spends one spare code to slide by up to one step, so
+   that its cell borders fall as near as possible to the feature's thresholds.
 2. A split ``x[f] <= t`` becomes ``code[f] <= K`` where ``K + 1`` is the number of grid
    points of feature ``f`` that scikit-learn itself sends left (it compares
    ``float32(x) <= t``): the quantized tree decides exactly like the float tree on
    every grid point, by construction rather than by float arithmetic. A compare whose
-   ``K`` is outside ``[0, qmax)`` is a constant: it folds into the paths (a leaf behind
-   an always-false compare is dropped), without a lookup. Compares with the same
-   ``(f, K)`` are computed once for the whole ensemble (a 5-bit grid has 32 thresholds
-   per feature, so forests share most of theirs).
-3. The program::
+   ``K`` is outside ``[0, qmax)`` is a constant and a compare already decided higher on
+   the same path is determined: both keep only the side they take, without a lookup.
+   Compares with the same ``(f, K)`` are computed once for the whole ensemble (a 5-bit
+   grid has 31 thresholds per feature, so forests share many of theirs).
+3. Each tree on the grid is cut into **groups**: subtrees whose ``k`` compares and
+   ``d`` path conditions above them fit one table index
+   ``2**k * (satisfied path conditions) + (the k compare bits)``, at most
+   ``(d + 1) * 2**k - 1``. The group's table returns the integer value of the leaf
+   those bits select when all ``d`` conditions hold, else 0; each tree reaches exactly
+   one leaf, so the sum over groups is the sum of the reached leaves. A tree adding to
+   several outputs (a forest's class probabilities) instead gets one 0/1 match table
+   per leaf (``k = 0``), its values summed as clear weights. The program::
 
-       acc = q @ G.T                 # gather: G is 0/1, one row per distinct compare
-       b   = table_cmp[acc]          # 1 iff code <= K, input_bits-wide tables
-       acc = b @ P.T + n_negated     # satisfied conditions per leaf, 0 <= acc <= depth
-       m   = table_leaf[acc]         # 1 iff acc == depth, bits(depth)-wide tables
-       acc = m @ V.T + offset        # integer leaf values summed over every tree
+       acc = q @ G.T               # gather: G is 0/1, one row per distinct compare
+       b   = table_compare[acc]    # 1 iff code <= K, input_bits-wide tables
+       acc = b @ P.T + offset      # each group's table index, proven in range
+       v   = table_leaves[acc]     # leaf value (or 0/1 match) per group
+       acc = v @ S.T               # integer leaf values summed over every tree
 
-   Leaves with identical condition rows (the same path in several trees) are merged,
-   and leaves without any condition left are constants of the dequantization. So the
-   PBS count is ``distinct compares + distinct reachable leaves``. No table reads the
-   leaf-value sum, so leaf values can take many bits at no FHE cost: they use
-   ``leaf_bits`` (8 by default) whatever the input grid.
-4. The client dequantizes the sum (``scale * (acc - zero) + bias``) into the raw
-   output and applies the output function (normalization of probabilities, sigmoid or
+   Concrete gives one lookup tensor a single width, so the group width is chosen for
+   the whole model: the cheapest ``count x price`` from the deepest leaf's width up
+   to :data:`GROUP_TABLE_BITS`, always narrower than the compares (measured: same-width
+   leaf tables made the compares dearer). A depth-5 tree on breast_cancer: 13
+   compares on 5 bits + 7 groups on 4 bits = 20 lookups. Trees constant on the grid
+   are constants of the dequantization.
+4. Leaf values are quantized per output so that the proven range of the sum (the sum
+   over trees of each tree's smallest to largest value) fits ``leaf_bits`` (8 by
+   default): no table reads the sum, but its width still sizes Concrete's parameters.
+   Each tree's values are shifted by its minimum, so every encrypted value is
+   non-negative. The client dequantizes the sum (``scale * (acc - zero) + bias``)
+   into the raw output and applies the output function (probabilities, sigmoid or
    softmax of a boosted model's scores).
 """
 
@@ -52,7 +65,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from numbers import Integral
 from typing import Any
 
@@ -82,9 +95,15 @@ __all__ = [
     "build_tree_module",
 ]
 
-#: Default bits of the quantized leaf values (signed, per output): they are only summed
-#: (no table reads them), so their width costs nothing in FHE.
+#: Default bits of the encrypted sum of leaf values, per output. No table reads it, but
+#: its width still sizes Concrete's parameters (a depth-5 tree: +25% complexity from 2
+#: to 8 bits; a 17-bit sum found no parameters at all).
 LEAF_BITS = 8
+#: Widest table of a group of leaves, and always narrower than the compare tables:
+#: measured on concrete-python 2.11, leaf tables as wide as the 5-bit compares made
+#: the compares dearer too (a depth-5 tree: 17 lookups cost 1.4x more than 20 with
+#: 4-bit leaf tables).
+GROUP_TABLE_BITS = 4
 #: Widest leaf values accepted.
 MAX_LEAF_BITS = 16
 
@@ -111,7 +130,8 @@ class TreeQuantConfig:
     Attributes:
         input_bits: bits of the per-feature input grid, 1 to 8; also the input width of
             every compare table (5 or fewer keeps lookups cheap).
-        leaf_bits: bits of the signed integer leaf values, 2 to 16.
+        leaf_bits: bits of the encrypted sum of leaf values (per output), 2 to 16;
+            the leaf values are quantized to fit it.
 
     Examples:
         >>> TreeQuantConfig.from_n_bits(5)
@@ -360,12 +380,12 @@ def ensemble_from_sklearn(model: Any) -> TreeEnsemble:
     Examples:
         >>> from sklearn.tree import DecisionTreeClassifier
         >>> x = np.array([[0.0], [1.0], [2.0], [3.0]])
-        >>> tree = DecisionTreeClassifier().fit(x, [0, 0, 1, 1])
+        >>> tree = DecisionTreeClassifier().fit(x, [0, 0, 1, 2])
         >>> ensemble = ensemble_from_sklearn(tree)
         >>> ensemble.threshold.tolist(), ensemble.path.tolist(), ensemble.output
-        ([1.5], [[1], [-1]], 'normalize')
+        ([1.5, 2.5], [[1, 0], [-1, 1], [-1, -1]], 'normalize')
         >>> ensemble.evaluate(x).tolist()
-        [[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
+        [[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]]
     """
     n_features = int(model.n_features_in_)
     if isinstance(
@@ -376,6 +396,19 @@ def ensemble_from_sklearn(model: Any) -> TreeEnsemble:
     if is_classifier(model):
         _check_classifier_outputs(model)
         n_classes = len(model.classes_)
+        if n_classes == 2:
+            # NOTE: one output, p(class 1) - 1/2: half the leaf tables, and the label is
+            # its sign (ties go to class 0, as scikit-learn's argmax).
+            weight = np.array([0.0, 1.0 / len(trees)])
+            ensemble = _assemble(
+                [(t, weight) for t in trees], "proba", n_features, np.zeros(2), "", False
+            )
+            return replace(
+                ensemble,
+                values=ensemble.values[:, 1:],
+                init=np.array([-0.5]),
+                output="centered_proba",
+            )
         weight = np.full(n_classes, 1.0 / len(trees))
         return _assemble(
             [(t, weight) for t in trees],
@@ -442,8 +475,9 @@ def check_ensemble(model: Any, ensemble: TreeEnsemble, x: np.ndarray) -> None:
 class TreeQuantized:
     """What the client runs around a tree program: ``pre`` (the per-feature shift
     before quantization), ``post`` (nothing: the output function is applied by the
-    estimator), the config and calibrated range, and ``rows``: the ensemble's leaves
-    behind each leaf-match lookup (one leaf per tree it merges). Same surface as a
+    estimator), the config and calibrated range, and ``leaf_codes``: the integer value
+    ``(L, O)`` each leaf of the ensemble adds to the encrypted sum when reached (0 for
+    the leaves of trees constant on the grid, which are in the bias). Same surface as a
     :class:`~fhe_quant.quant.ptq.QuantizedGraph` for the deployment code."""
 
     pre: tuple[Node, ...]
@@ -451,7 +485,7 @@ class TreeQuantized:
     config: TreeQuantConfig
     low: np.ndarray
     high: np.ndarray
-    rows: tuple[tuple[int, ...], ...] = ()
+    leaf_codes: np.ndarray | None = None
 
 
 #: Offsets tried per feature when aligning the grid with the thresholds.
@@ -498,48 +532,6 @@ def _grid_thresholds(
     return left.sum(axis=1) - 1  # float32 of a monotone grid is monotone: a prefix
 
 
-def _leaf_rows(
-    ensemble: TreeEnsemble, kept: np.ndarray, compare_of: np.ndarray, n_compares: int
-) -> tuple[np.ndarray, list[list[int]], np.ndarray]:
-    """The quantized conditions of every leaf that can be reached on the grid and still
-    has conditions, merged when equal (the same path in several trees), with the leaves
-    of each row; plus the summed values of the leaves that are always reached.
-
-    Conditions are ``(2, n_compares)`` counts: how many of the leaf's conditions need
-    each quantized compare true (row 0) and false (row 1).
-    """
-    merged: dict[bytes, int] = {}
-    rows: list[np.ndarray] = []
-    members: list[list[int]] = []
-    constant = np.zeros(ensemble.values.shape[1])
-    for leaf, path_row in enumerate(ensemble.path):
-        counts = np.zeros((2, n_compares), dtype=np.int64)
-        reachable = True
-        for c in np.nonzero(path_row)[0]:
-            needs_true = path_row[c] > 0
-            if compare_of[c] >= 0:
-                counts[0 if needs_true else 1, compare_of[c]] += 1
-            elif bool(kept[c]) != needs_true:  # a constant compare the leaf fails
-                reachable = False
-        # NOTE: two float splits can land on one grid compare; a leaf needing it both
-        # true and false is unreachable on the grid.
-        if not reachable or np.any((counts[0] > 0) & (counts[1] > 0)):
-            continue
-        if not counts.any():
-            constant += ensemble.values[leaf]
-            continue
-        key = counts.tobytes()
-        if key in merged:
-            members[merged[key]].append(leaf)
-            continue
-        merged[key] = len(rows)
-        rows.append(counts)
-        members.append([leaf])
-    if not rows:
-        return np.zeros((0, 2, n_compares), np.int64), [], constant
-    return np.stack(rows), members, constant
-
-
 def _shift_node(low: np.ndarray) -> Node:
     return Node(
         "shift_to_grid",
@@ -568,8 +560,8 @@ def quantize_ensemble(
         >>> x = np.arange(8.0).reshape(-1, 1)
         >>> tree = DecisionTreeRegressor(max_depth=2).fit(x, x[:, 0] ** 2)
         >>> program, _ = quantize_ensemble(ensemble_from_sklearn(tree), x, TreeQuantConfig(3))
-        >>> program.lookups_by_width()  # 3 compares on 3 bits, 4 leaves on 2 bits
-        {3: 3, 2: 4}
+        >>> program.lookups_by_width()  # 3 compares on 3 bits, 2 pairs of leaves on 2 bits
+        {3: 3, 2: 2}
     """
     x = np.asarray(x, dtype=np.float64)
     if x.ndim != 2 or x.shape[1] != ensemble.n_features or len(x) == 0:
@@ -579,6 +571,161 @@ def quantize_ensemble(
         )
     low, high = x.min(axis=0), x.max(axis=0)
     return _build_program(ensemble, low, high, config)
+
+
+@dataclass(frozen=True, eq=False)
+class _QNode:
+    """A node of a tree on the grid: a split on quantized compare ``compare`` (left when
+    true), or a leaf (``leaf``: its index in the ensemble)."""
+
+    compare: int = -1
+    left: _QNode | None = None
+    right: _QNode | None = None
+    leaf: int = -1
+
+    def compares(self) -> set[int]:
+        if self.left is None or self.right is None:
+            return set()
+        return {self.compare} | self.left.compares() | self.right.compares()
+
+    def walk(self, bits: Mapping[int, int]) -> int:
+        node = self
+        while node.left is not None and node.right is not None:
+            node = node.left if bits[node.compare] else node.right
+        return node.leaf
+
+
+def _grid_tree(
+    ensemble: TreeEnsemble,
+    leaves: list[int],
+    kept: np.ndarray,
+    compare_of: np.ndarray,
+    decided: frozenset[int] = frozenset(),
+    prefix: Mapping[int, bool] | None = None,
+) -> _QNode:
+    """The tree of ``leaves`` (one subtree of one tree) on the grid: constant compares
+    keep only the side they always take, and a quantized compare already decided on
+    the path (two float splits landing on one grid compare) keeps the side it took, so
+    that every path tests distinct compares and every leaf is reachable."""
+    prefix = prefix or {}
+    if len(leaves) == 1:
+        return _QNode(leaf=leaves[0])
+    rows = ensemble.path[leaves]
+    # NOTE: compares are numbered in preorder, so the subtree's root is the smallest
+    # compare of its leaves not decided yet.
+    root = int(min(c for c in np.nonzero(np.any(rows != 0, axis=0))[0] if c not in decided))
+    left = [leaf for leaf, row in zip(leaves, rows, strict=True) if row[root] > 0]
+    right = [leaf for leaf, row in zip(leaves, rows, strict=True) if row[root] < 0]
+    decided = decided | {root}
+    q = int(compare_of[root])
+    if q < 0 or q in prefix:
+        goes_left = bool(kept[root]) if q < 0 else prefix[q]
+        return _grid_tree(ensemble, left if goes_left else right, kept, compare_of, decided, prefix)
+    return _QNode(
+        q,
+        _grid_tree(ensemble, left, kept, compare_of, decided, {**prefix, q: True}),
+        _grid_tree(ensemble, right, kept, compare_of, decided, {**prefix, q: False}),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class _Group:
+    """The leaves under ``node`` of one grid tree, behind the conditions ``prefix``."""
+
+    tree: int
+    prefix: Mapping[int, bool]
+    node: _QNode
+
+    @property
+    def compares(self) -> list[int]:
+        return sorted(self.node.compares())
+
+    def index_max(self) -> int:
+        """Largest table index: ``len(prefix) * 2**k + 2**k - 1``."""
+        return (len(self.prefix) + 1) * 2 ** len(self.compares) - 1
+
+    def leaves(self) -> list[int]:
+        """The leaf of every assignment of the group's compares (bit j: compare j)."""
+        compares = self.compares
+        return [
+            self.node.walk({c: (code >> j) & 1 for j, c in enumerate(compares)})
+            for code in range(2 ** len(compares))
+        ]
+
+
+#: Relative cost of one lookup by table input width (Concrete's complexity estimate of
+#: tree circuits, concrete-python 2.11: about 0.95, 1.1, 1.6 and 2.2-3.2 x 1e8 at 2 to 5
+#: bits; wider ones scaled like the measured latencies, 45 ms at 6 bits vs ~10 at 5).
+_LOOKUP_COST = {1: 0.95, 2: 0.95, 3: 1.1, 4: 1.6, 5: 2.5, 6: 11.0, 7: 27.0, 8: 83.0}
+
+
+def _groups(
+    tree: int, node: _QNode, prefix: Mapping[int, bool], max_index: int, whole: bool
+) -> list[_Group]:
+    """Split a grid tree into groups of leaves, one lookup each (per output): the
+    largest subtrees whose table index fits in ``max_index`` (``whole``), or else
+    (several outputs) single leaves."""
+    group = _Group(tree, prefix, node)
+    if node.left is None or node.right is None or (whole and group.index_max() <= max_index):
+        return [group]
+    return _groups(tree, node.left, {**prefix, node.compare: True}, max_index, whole) + _groups(
+        tree, node.right, {**prefix, node.compare: False}, max_index, whole
+    )
+
+
+def _all_groups(trees: list[tuple[int, _QNode, bool]], widest: int) -> list[_Group]:
+    """The groups of every tree at the table width of least total cost.
+
+    ``trees`` holds ``(tree, root, whole)``: a tree adding to one output only can be
+    grouped (``whole``); the others get one match table per leaf. Concrete gives all
+    the elements of one lookup tensor the same width, so every group table costs the
+    widest one's price: each width from the deepest leaf's up to ``widest`` is tried,
+    with the largest groups that fit it, and the cheapest count times price wins.
+    """
+    leaves_only = [g for t, root, _ in trees for g in _groups(t, root, {}, 0, False)]
+    narrowest = bits_for(max(g.index_max() for g in leaves_only))
+    best, best_cost = leaves_only, len(leaves_only) * _LOOKUP_COST[narrowest]
+    for width in range(narrowest, max(widest, narrowest) + 1):
+        groups = [g for t, root, whole in trees for g in _groups(t, root, {}, 2**width - 1, whole)]
+        cost = len(groups) * _LOOKUP_COST[width]
+        if cost < best_cost:
+            best, best_cost = groups, cost
+    return best
+
+
+def _quantize_leaves(
+    ensemble: TreeEnsemble, per_tree: list[list[int]], bits: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Integer leaf values ``(L, O)``, each tree's shifted to a minimum of 0, their
+    per-output scale, and the proven range ``[lo, hi]`` of their unshifted sum.
+
+    Each tree reaches exactly one of its leaves (``per_tree``: the reachable ones of
+    the trees that are not constant), so the sum lies between the sums over trees of
+    their smallest and largest values; the scale is the smallest that keeps that range
+    within ``bits`` bits: the width of the output sum, which Concrete's parameters
+    depend on even though no table reads it. Shifting each tree by its minimum (the sum
+    of the minima, ``lo``, is a constant of the dequantization) makes every encrypted
+    value non-negative, so Concrete types it unsigned.
+    """
+    values = ensemble.values
+    low = np.sum([values[g].min(axis=0) for g in per_tree], axis=0)
+    high = np.sum([values[g].max(axis=0) for g in per_tree], axis=0)
+    limit = 2**bits - 1
+    scale = np.where(high > low, (high - low) / limit, 1.0)
+    while True:
+        codes = np.rint(values / scale)
+        lo = np.sum([codes[g].min(axis=0) for g in per_tree], axis=0).astype(np.int64)
+        hi = np.sum([codes[g].max(axis=0) for g in per_tree], axis=0).astype(np.int64)
+        too_wide = hi - lo > limit
+        if not too_wide.any():
+            break
+        # NOTE: rounding each tree's values can widen the range by up to one step per
+        # tree; a slightly coarser scale brings it back.
+        scale = np.where(too_wide, scale * (1 + 1 / limit), scale)
+    shifted = np.zeros(values.shape, dtype=np.int64)
+    for g in per_tree:
+        shifted[g] = codes[g] - codes[g].min(axis=0)
+    return shifted, scale, lo, hi
 
 
 def _build_program(
@@ -605,77 +752,64 @@ def _build_program(
         ],
         dtype=np.int64,
     )
-    conditions, members, constant = _leaf_rows(ensemble, kept, compare_of, len(pairs))
+    bias = ensemble.init.copy()
+    trees: list[tuple[int, _QNode]] = []
+    for t in np.unique(ensemble.tree):
+        root = _grid_tree(ensemble, list(np.nonzero(ensemble.tree == t)[0]), kept, compare_of)
+        if root.left is None:
+            bias = bias + ensemble.values[root.leaf]  # a tree constant on the grid
+        else:
+            trees.append((int(t), root))
     quantized = TreeQuantized(
-        (_shift_node(origin),),
-        (),
-        config,
-        low.astype(np.float64),
-        high.astype(np.float64),
-        tuple(tuple(row) for row in members),
+        (_shift_node(origin),), (), config, low.astype(np.float64), high.astype(np.float64)
     )
-    steps = _steps(pairs, conditions, members, ensemble, constant + ensemble.init, config)
-    return IntegerProgram(quantizer, (n_features,), steps), quantized
-
-
-def _quantize_leaves(
-    ensemble: TreeEnsemble, members: list[list[int]], bits: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Integer leaf values ``(O, rows)`` and their per-output scale, with the proven
-    range of their sum.
-
-    Each tree reaches exactly one leaf for any compare bits (a merged row stands for one
-    leaf of each of its trees), so the sum over the reached rows lies between the sums
-    over trees of their smallest and largest integer leaf values. The scale is the
-    smallest that keeps that range within ``bits`` bits: the width of the output sum,
-    which Concrete's parameters depend on even though no table reads it.
-    """
-    leaves = np.array([leaf for row in members for leaf in row], dtype=np.int64)
-    groups = [leaves[ensemble.tree[leaves] == t] for t in np.unique(ensemble.tree[leaves])]
-    values = ensemble.values
-    n_outputs = values.shape[1]
-    # Float range of the sum, per output: the first guess of the scale.
-    low = np.sum([values[g].min(axis=0) for g in groups], axis=0)
-    high = np.sum([values[g].max(axis=0) for g in groups], axis=0)
-    limit = 2**bits - 1
-    scale = np.where(high > low, (high - low) / limit, 1.0)
-    while True:
-        codes = np.rint(values / scale)
-        lo = np.sum([codes[g].min(axis=0) for g in groups], axis=0).astype(np.int64)
-        hi = np.sum([codes[g].max(axis=0) for g in groups], axis=0).astype(np.int64)
-        too_wide = hi - lo > limit
-        if not too_wide.any():
-            break
-        # NOTE: rounding each tree's values can widen the range by up to one step per
-        # tree; a slightly coarser scale brings it back.
-        scale = np.where(too_wide, scale * (1 + 1 / limit), scale)
-    # NOTE: each tree's codes are shifted by that tree's minimum (the sum of the minima
-    # is ``lo``, a constant of the dequantization), so every weight is non-negative and
-    # the sum never goes below 0, not even before an offset: Concrete types it unsigned.
-    shift = np.zeros_like(codes)
-    for g in groups:
-        shift[g] = codes[g].min(axis=0)
-    weight = np.stack([(codes[row] - shift[row]).sum(axis=0) for row in members], axis=1)
-    return weight.reshape(n_outputs, len(members)).astype(np.int64), scale, lo, hi
-
-
-def _leaf_value_step(
-    ensemble: TreeEnsemble, members: list[list[int]], bias: np.ndarray, bits: int
-) -> LinearStep:
-    """``acc = m @ V.T``: integer leaf values (each tree's shifted by its minimum)
-    summed over every tree, in ``[0, hi - lo]``; dequantizes to the raw outputs
-    ``scale * (acc - zero) + bias`` with ``zero = -lo``."""
-    weight, scale, lo, hi = _quantize_leaves(ensemble, members, bits)
-    return LinearStep(
+    if not trees:
+        # Every tree is constant on the grid: the output does not depend on the input.
+        quantized = replace(quantized, leaf_codes=np.zeros(ensemble.values.shape, np.int64))
+        return IntegerProgram(quantizer, (n_features,), (_constant_step(bias, n_features),)), (
+            quantized
+        )
+    per_tree = [_leaf_set(root) for _, root in trees]
+    codes, leaf_scale, lo, hi = _quantize_leaves(ensemble, per_tree, config.leaf_bits)
+    # A tree adding to one output (regression, binary classes, a boosting tree of one
+    # class): a table per group of its leaves gives the group's leaf value directly.
+    # Otherwise (a forest's class probabilities): one match table per leaf, values
+    # summed in clear.
+    whole = {
+        t for (t, _), leaves in zip(trees, per_tree, strict=True) if codes[leaves].any(0).sum() <= 1
+    }
+    groups = _all_groups(
+        [(t, root, t in whole) for t, root in trees],
+        min(config.input_bits - 1, GROUP_TABLE_BITS),
+    )
+    used = sorted({c for g in groups for c in [*g.prefix, *g.compares]})
+    steps = _steps(
+        [pairs[c] for c in used],
+        {c: i for i, c in enumerate(used)},
+        groups,
+        codes,
+        whole,
+        n_features,
+        config,
+    )
+    leaves_step = LinearStep(
         "leaves",
         "linear",
-        weight,
+        steps[-1],
         np.zeros((1, len(lo)), dtype=np.int64),
         (hi - lo).reshape(1, -1),
-        scale.reshape(1, -1),
+        leaf_scale.reshape(1, -1),
         (-lo).reshape(1, -1).astype(np.float64),
-        bias.reshape(1, -1).astype(np.float64),
+        bias.reshape(1, -1),
     )
+    quantized = replace(quantized, leaf_codes=codes)
+    return IntegerProgram(quantizer, (n_features,), (*steps[:-1], leaves_step)), quantized
+
+
+def _leaf_set(node: _QNode) -> list[int]:
+    if node.left is None or node.right is None:
+        return [node.leaf]
+    return _leaf_set(node.left) + _leaf_set(node.right)
 
 
 def _constant_step(bias: np.ndarray, n_features: int) -> LinearStep:
@@ -696,16 +830,15 @@ def _constant_step(bias: np.ndarray, n_features: int) -> LinearStep:
 
 def _steps(
     pairs: list[tuple[int, int]],
-    conditions: np.ndarray,
-    members: list[list[int]],
-    ensemble: TreeEnsemble,
-    bias: np.ndarray,
+    position: Mapping[int, int],
+    groups: list[_Group],
+    codes: np.ndarray,
+    whole: set[int],
+    n_features: int,
     config: TreeQuantConfig,
-) -> tuple[LinearStep | TableStep, ...]:
-    n_features = ensemble.n_features
-    if len(conditions) == 0:
-        # Every leaf is constant on the grid: the output does not depend on the input.
-        return (_constant_step(bias, n_features),)
+) -> tuple[Any, ...]:
+    """Gather, compare tables, group indices, group tables; and the weights of the
+    final sum (the caller builds that step)."""
     qmax = 2**config.input_bits - 1
     n_compares = len(pairs)
     gather = np.zeros((n_compares, n_features), dtype=np.int64)
@@ -713,51 +846,82 @@ def _steps(
     for i, (f, t) in enumerate(pairs):
         gather[i, f] = 1
         thresholds[i] = t
-    ones = np.ones((1, n_compares))
-    zeros = np.zeros((1, n_compares))
     gather_step = LinearStep(
         "gather",
         "linear",
         gather,
         np.zeros((1, n_compares), dtype=np.int64),
         np.full((1, n_compares), qmax, dtype=np.int64),
-        ones,
-        zeros,
-        zeros,
+        np.ones((1, n_compares)),
+        np.zeros((1, n_compares)),
+        np.zeros((1, n_compares)),
     )
     compare_table = (np.arange(qmax + 1)[None, :] <= thresholds[:, None]).astype(np.int64)
     compare_step = _table_step("compare", compare_table, np.full((1, n_compares), qmax))
 
-    # Satisfied conditions of leaf l: sum of b over its "true" compares and of (1 - b)
-    # over its "false" ones, i.e. b @ (T - F).T + (number of "false" conditions).
-    path = conditions[:, 0] - conditions[:, 1]
-    n_negated = conditions[:, 1].sum(axis=1)
-    depth = conditions.sum(axis=(1, 2))
-    n_leaves = len(path)
+    # A group's table index: 2**k * (satisfied prefix conditions) + the bits of its k
+    # compares, i.e. b @ row + 2**k * (number of prefix conditions needing false).
+    n_outputs = codes.shape[1]
+    rows, offsets, index_max, tables, sum_weights = [], [], [], [], []
+    for group in groups:
+        compares = group.compares
+        size = 2 ** len(compares)
+        row = np.zeros(n_compares, dtype=np.int64)
+        for c, want in group.prefix.items():
+            row[position[c]] += size if want else -size
+        for j, c in enumerate(compares):
+            row[position[c]] += 2**j
+        depth = len(group.prefix)
+        leaf_of = group.leaves()
+        outputs = range(n_outputs) if group.tree in whole else [None]
+        for o in outputs:
+            table = np.zeros(group.index_max() + 1, dtype=np.int64)
+            for code, leaf in enumerate(leaf_of):
+                table[depth * size + code] = codes[leaf, o] if o is not None else 1
+            weight = np.zeros(n_outputs, dtype=np.int64)
+            if o is None:
+                weight[:] = codes[leaf_of[0]]
+            else:
+                weight[o] = 1
+            if not table.any() or not weight.any():
+                continue  # always adds 0
+            rows.append(row)
+            offsets.append(size * sum(not want for want in group.prefix.values()))
+            index_max.append(group.index_max())
+            tables.append(table)
+            sum_weights.append(weight)
+    n = len(rows)
+    if n == 0:
+        return gather_step, compare_step, np.zeros((n_outputs, n_compares), np.int64)
+    path = np.stack(rows)
+    offset = np.asarray(offsets, dtype=np.int64).reshape(1, -1)
+    acc_max = np.asarray(index_max, dtype=np.int64).reshape(1, -1)
     lo, hi = linear_bounds(
         "linear", path, np.zeros((1, n_compares), np.int64), np.ones((1, n_compares), np.int64)
     )
-    assert np.all(lo + n_negated >= 0) and np.all(hi + n_negated == depth)
-    ones_l, zeros_l = np.ones((1, n_leaves)), np.zeros((1, n_leaves))
+    # Proof: the index is never negative and never above the group's table.
+    assert np.all(lo + offset >= 0) and np.all(hi + offset == acc_max)
     path_step = LinearStep(
         "paths",
         "linear",
         path,
-        n_negated.reshape(1, -1),
-        depth.reshape(1, -1),
-        ones_l,
-        zeros_l,
-        zeros_l,
+        offset,
+        acc_max,
+        np.ones((1, n)),
+        np.zeros((1, n)),
+        np.zeros((1, n)),
     )
-    width = int(depth.max()) + 1
-    match_table = (np.arange(width)[None, :] == depth[:, None]).astype(np.int64)
-    match_step = _table_step("leaf_match", match_table, depth.reshape(1, -1))
-    value_step = _leaf_value_step(ensemble, members, bias, config.leaf_bits)
-    return (gather_step, compare_step, path_step, match_step, value_step)
+    width = int(acc_max.max()) + 1
+    table = np.stack([np.pad(t, (0, width - len(t))) for t in tables])
+    leaf_step = _table_step("leaf_tables", table, acc_max)
+    return gather_step, compare_step, path_step, leaf_step, np.stack(sum_weights, axis=1)
 
 
 def _table_step(name: str, table: np.ndarray, index_max: np.ndarray) -> TableStep:
     n = table.shape[0]
+    reachable = np.arange(table.shape[1])[None, :] <= index_max.reshape(-1, 1)
+    out_max = np.where(reachable, table, 0).max(axis=1)
+    out_min = np.where(reachable, table, np.iinfo(np.int64).max).min(axis=1)
     step: TableStep
 
     def exact(acc: np.ndarray) -> np.ndarray:
@@ -770,10 +934,10 @@ def _table_step(name: str, table: np.ndarray, index_max: np.ndarray) -> TableSte
         True,
         np.asarray(index_max, dtype=np.int64),
         table,
-        1,
+        bits_for(int(out_max.max())),
         (n,),
-        np.zeros((1, n), dtype=np.int64),
-        np.ones((1, n), dtype=np.int64),
+        out_min.reshape(1, n),
+        out_max.reshape(1, n),
         exact,
     )
     return step
