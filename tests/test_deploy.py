@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,9 @@ def test_round_trip_with_table_lookups(tmp_path: Path) -> None:
 
 def test_server_directory_holds_no_secret_material(saved) -> None:
     root, _, _ = saved
+    FHEModelClient(
+        root / "client", key_dir=root.parent / "keys_a"
+    ).generate_private_and_evaluation_keys()
     files = sorted(p.name for p in (root / "server").iterdir())
     assert files == ["manifest.json", "server.zip"]
     client_files = sorted(p.name for p in (root / "client").iterdir())
@@ -67,6 +71,12 @@ def test_server_directory_holds_no_secret_material(saved) -> None:
     # keys live only where the client puts them
     assert not any("key" in p.name.lower() for p in root.rglob("*"))
     assert any((root.parent / "keys_a").iterdir())
+    # the server's zip is Concrete's compiled circuit and its public specs: no key of any
+    # kind, no quantization parameter
+    with zipfile.ZipFile(root / "server" / "server.zip") as archive:
+        members = set(archive.namelist())
+    assert {"sharedlib.so", "client.specs.json"} <= members
+    assert not any(word in m.lower() for m in members for word in ("key", "secret", "model"))
 
 
 def test_artifacts_are_not_pickles(saved) -> None:
