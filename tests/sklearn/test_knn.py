@@ -13,6 +13,7 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.neighbors import KNeighborsClassifier as SkKNN
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import fhe_quant.sklearn as fs
 from fhe_quant import errors
@@ -105,6 +106,11 @@ def test_statistics_report_and_source(compiled: Any, iris: Any) -> None:
     assert report.scores["simulate"] == report.scores["quantized"]
     assert "top_3" in report.program
     assert "top-k" in str(report)
+
+
+@parametrize_with_checks([fs.KNeighborsClassifier()])
+def test_sklearn_estimator_checks(estimator: Any, check: Any) -> None:
+    check(estimator)
 
 
 def test_clone_pipeline_and_grid_search(iris: Any) -> None:

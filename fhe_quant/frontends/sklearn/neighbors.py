@@ -543,7 +543,8 @@ def knn_to_module(
     k = int(model.n_neighbors)
     if n_classes < 2:
         raise errors.InputError(
-            f"KNeighborsClassifier needs at least 2 classes to vote between; got {n_classes}."
+            "KNeighborsClassifier needs at least 2 classes to vote between; the training "
+            "labels hold one class only."
         )
     if k > len(stored):
         raise errors.InputError(
@@ -632,6 +633,11 @@ class _KNNMixin:
         self._config()  # type: ignore[attr-defined]
         check_knn_options(self._make_sklearn_model())  # type: ignore[attr-defined]
         return super().fit(X, y, **fit_params)  # type: ignore[misc]
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()  # type: ignore[misc]
+        tags.target_tags.multi_output = False  # one label per sample (see check_knn_options)
+        return tags
 
     def __getstate__(self) -> dict[str, Any]:
         # NOTE: the graph-based estimators' __getstate__ is skipped: it serializes
