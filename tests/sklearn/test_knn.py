@@ -86,6 +86,26 @@ def test_program_votes_equal_a_clear_reference(compiled: Any, iris: Any) -> None
     np.testing.assert_array_equal(program(q), votes)
 
 
+def test_shift_best_reproduces_scikit_learn_on_calibration_data(iris: Any) -> None:
+    x, y = _stored(iris)
+    model = fs.KNeighborsClassifier(n_neighbors=3, n_bits=4).fit(x, y)
+    program = model.quantized_module_.program
+    target = model.sklearn_model_.predict(x)
+    codes = model.quantized_module_.quantize_input(x)
+    dist = program.distances(codes)
+
+    def agreement(shift: int) -> int:
+        level = np.minimum(dist >> shift, 2**program.level_bits - 1)
+        packed = level * 2**program.label_bits + program.labels[None]
+        winners = np.sort(packed, axis=1)[:, :3] & (2**program.label_bits - 1)
+        votes = np.stack([(winners == c).sum(axis=1) for c in range(3)], axis=1)
+        return int(np.sum(model.classes_[votes.argmax(axis=1)] == target))
+
+    chosen = agreement(program.shift)
+    assert all(agreement(shift) <= chosen for shift in range(program.width + 1))
+    assert all(agreement(shift) < chosen for shift in range(program.shift))  # smallest
+
+
 def test_statistics_report_and_source(compiled: Any, iris: Any) -> None:
     module = compiled.quantized_module_
     stats = module.statistics

@@ -16,8 +16,8 @@ features, ``N`` stored points, ``k`` neighbours and ``C`` classes:
    clear matrix product with non-negative weights and a clear constant: ``D_i``, exact,
    ``0 <= D_i <= Dmax_i`` proven, with every intermediate value non-negative.
 2. **Distance levels.** Only near neighbours matter, so ``D_i`` becomes a level
-   ``min(floor(D_i / 2^t), 2^e - 1)`` (``e`` level bits, ``t`` chosen from the training
-   data so that the top level sits above the median distance to the k-th neighbour),
+   ``min(floor(D_i / 2^t), 2^e - 1)`` (``e`` level bits; ``t`` is the shift whose levels
+   best reproduce scikit-learn's predictions on the calibration data, computed in clear),
    packed with the label: ``v_i = level * 2^L + label_i`` (``L`` label bits). A table
    reading the wide ``D_i`` would cost seconds, so it is cut into narrow pieces:
    ``floor(D/2^t)`` and ``floor(D/2^(t+e))`` by exact rounding (one small bootstrap per
@@ -502,22 +502,42 @@ def check_knn_options(model: Any) -> None:
         )
 
 
-def _choose_shift(points: np.ndarray, k: int, level_bits: int) -> int:
-    """Smallest ``t`` whose top level ``2^(t+e)`` lies above the median squared code
-    distance from a stored point to its k-th other stored point."""
-    n = len(points)
-    if n <= 1:
-        return 0
+def _level_votes(
+    dist: np.ndarray, labels: np.ndarray, n_classes: int, k: int, level_bits: int, shift: int
+) -> np.ndarray:
+    """The program's votes in clear from exact squared distances ``(B, N)``."""
+    level = np.minimum(dist >> shift, 2**level_bits - 1)
+    label_bits = bits_for(n_classes - 1)
+    packed = level * 2**label_bits + labels[None]
+    winners = np.sort(packed, axis=1)[:, :k] & (2**label_bits - 1)
+    return np.stack([(winners == c).sum(axis=1) for c in range(n_classes)], axis=1)
+
+
+def _choose_shift(
+    points: np.ndarray,
+    labels: np.ndarray,
+    n_classes: int,
+    k: int,
+    level_bits: int,
+    q_calib: np.ndarray,
+    target: np.ndarray,
+) -> int:
+    """The shift ``t`` whose levels best reproduce scikit-learn's predictions ``target``
+    on the calibration codes ``q_calib`` (the smallest on ties).
+
+    Small shifts resolve near neighbours finely but saturate early (every farther point
+    ties at the top level); large ones see farther but merge near points."""
+    q = q_calib[:1024].astype(np.int64)
+    target = target[:1024]
     p = points.astype(np.int64)
-    kth = []
-    for start in range(0, n, 256):
-        block = ((p[start : start + 256, None, :] - p[None]) ** 2).sum(axis=2)
-        kth.append(np.sort(block, axis=1)[:, min(k, n - 1)])
-    target = float(np.median(np.concatenate(kth)))
-    shift = 0
-    while 2 ** (shift + level_bits) <= target:
-        shift += 1
-    return shift
+    dist = ((q[:, None, :] - p[None]) ** 2).sum(axis=2)
+    best, best_agree = 0, -1
+    for shift in range(bits_for(int(dist.max())) + 1):
+        votes = _level_votes(dist, labels, n_classes, k, level_bits, shift)
+        agree = int(np.sum(np.argmax(votes, axis=1) == target))
+        if agree > best_agree:
+            best, best_agree = shift, agree
+    return best
 
 
 def knn_to_module(
@@ -560,6 +580,9 @@ def knn_to_module(
     quantizer = UniformQuantizer(bits=n_bits, scale=(scale,), zero_point=(0,))
     code_max = quantizer.quantize(span)
     points = quantizer.quantize(np.clip(stored - low, 0.0, span))
+    x_calib = np.asarray(x_calib, dtype=np.float64)
+    calib_codes = quantizer.quantize(np.clip(x_calib - low, 0.0, span))
+    target = np.searchsorted(model.classes_, model.predict(x_calib[:1024]))
     program = KNNProgram(
         quantizer,
         (stored.shape[1],),
@@ -569,7 +592,7 @@ def knn_to_module(
         k,
         code_max,
         level_bits,
-        _choose_shift(points, k, level_bits),
+        _choose_shift(points, labels, n_classes, k, level_bits, calib_codes, target),
     )
     return KNNModule(model, program, low, span)
 
