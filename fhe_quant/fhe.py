@@ -69,6 +69,14 @@ class CircuitStatistics:
     key_bytes: dict[str, int] = field(default_factory=dict)
 
 
+def _pad(x: Any, pads: tuple[tuple[int, int], ...]) -> Any:
+    shape = tuple(n + begin + end for n, (begin, end) in zip(x.shape, pads, strict=True))
+    interior = tuple(slice(begin, begin + n) for n, (begin, _) in zip(x.shape, pads, strict=True))
+    padded = fhe.zeros(shape)
+    padded[interior] = x
+    return padded
+
+
 class _ConcreteBackend:
     """The integer program's special operations, traced by Concrete."""
 
@@ -82,17 +90,7 @@ class _ConcreteBackend:
         # height 1. The zeros are the same zeros NumPy pads with (see lower.py).
         weight = np.asarray(weight, dtype=np.int64)
         if any(begin or end for begin, end in geometry.padding):
-            spatial = tuple(x.shape[2:])
-            shape = tuple(x.shape[:2]) + tuple(
-                n + begin + end for n, (begin, end) in zip(spatial, geometry.padding, strict=True)
-            )
-            interior = tuple(
-                slice(begin, begin + n)
-                for n, (begin, _) in zip(spatial, geometry.padding, strict=True)
-            )
-            padded = fhe.zeros(shape)
-            padded[(slice(None), slice(None)) + interior] = x
-            x = padded
+            x = _pad(x, ((0, 0), (0, 0)) + geometry.padding)
         if geometry.ndim == 1:
             n, c, length = x.shape
             out = fhe.conv(
@@ -117,6 +115,10 @@ class _ConcreteBackend:
 
     def lookup(self, fn: Any, x: Any) -> Any:
         return fhe.univariate(fn)(x)
+
+    def pad(self, x: Any, pads: tuple[tuple[int, int], ...]) -> Any:
+        # NOTE: encrypted zeros, by slice assignment (no bootstrap), as for convolutions.
+        return _pad(x, pads)
 
 
 CONCRETE = _ConcreteBackend()

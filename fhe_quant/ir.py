@@ -19,6 +19,12 @@ gives the operation's *kind*, which decides how it is quantized and lowered:
   add/mul); a chain of them is fused into one table lookup.
 * ``"reshape"``: moves no value, only the shape (row-major order is kept), so it
   commutes with elementwise tables.
+* ``"add"``: ``sum_k c_k x_k`` of several tensors of one shape (residual connections),
+  with coefficients ``c_k`` of +1 or -1 (``attrs["coefficients"]``).
+* ``"concat"``: concatenation along ``attrs["axis"]`` (batch axis 0 excluded).
+* ``"max_pool"``: maximum over windows (``attrs``: ``kernel`` and a
+  :class:`ConvGeometry` without dilation); padded positions are never picked (torch
+  pads with ``-inf``, and a window always holds at least one real value).
 """
 
 from __future__ import annotations
@@ -48,9 +54,11 @@ __all__ = [
     "conv_numpy",
     "weight_input_channels",
     "describe_mismatch",
+    "max_pool_numpy",
+    "max_pool_geometry",
 ]
 
-Kind = Literal["input", "linear", "elementwise", "reshape"]
+Kind = Literal["input", "linear", "elementwise", "reshape", "add", "concat", "max_pool"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -428,7 +436,8 @@ class OpSpec:
     """What an operation is: its kind and how to evaluate it.
 
     Attributes:
-        kind: ``"input"``, ``"linear"``, ``"elementwise"`` or ``"reshape"``.
+        kind: ``"input"``, ``"linear"``, ``"elementwise"``, ``"reshape"``, ``"add"``,
+            ``"concat"`` or ``"max_pool"``.
         evaluate: ``evaluate(node, *inputs)`` in float.
         linear_apply: for linear ops, ``apply(x, weight, attrs, backend)`` without the
             bias; it must be linear in ``x`` and run on float arrays, int64 arrays and
@@ -468,6 +477,74 @@ def _eval_reshape(node: Node, x: np.ndarray) -> np.ndarray:
     return x.reshape((x.shape[0],) + tuple(node.attrs["shape"]))
 
 
+def _check_add(attrs: Mapping[str, Any]) -> None:
+    coefficients = attrs.get("coefficients")
+    if not isinstance(coefficients, (tuple, list)) or len(coefficients) < 2:
+        raise ValueError(f"an add needs two or more 'coefficients'. Got {coefficients!r}.")
+    if any(c not in (1, -1) for c in coefficients):
+        raise ValueError(f"add coefficients must be +1 or -1. Got {coefficients!r}.")
+
+
+def _eval_add(node: Node, *xs: np.ndarray) -> np.ndarray:
+    coefficients = node.attrs["coefficients"]
+    if len(xs) != len(coefficients):
+        raise ValueError(f"Node {node.name!r} adds {len(coefficients)} tensors, got {len(xs)}.")
+    return sum((float(c) * x for c, x in zip(coefficients, xs, strict=True)), np.float64(0.0))
+
+
+def _check_concat(attrs: Mapping[str, Any]) -> None:
+    axis = attrs.get("axis")
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral) or axis < 1:
+        raise ValueError(f"a concat needs an int 'axis' >= 1 (0 is the batch). Got {axis!r}.")
+
+
+def _eval_concat(node: Node, *xs: np.ndarray) -> np.ndarray:
+    return np.concatenate(xs, axis=int(node.attrs["axis"]))
+
+
+def max_pool_geometry(attrs: Mapping[str, Any]) -> tuple[tuple[int, ...], ConvGeometry]:
+    """The kernel and geometry of a ``"max_pool"`` node (validated: no dilation, and
+    each side's padding at most half the kernel, so every window holds a real value)."""
+    geometry = ConvGeometry.from_attrs(attrs)
+    kernel = _int_tuple(attrs.get("kernel"), "kernel", 1)
+    if len(kernel) != geometry.ndim or geometry.groups != 1:
+        raise ValueError(f"a max pool needs one kernel size per axis. Got {attrs.get('kernel')}.")
+    if any(d != 1 for d in geometry.dilation):
+        raise ValueError(f"max pooling with dilation {geometry.dilation} is not supported.")
+    for k, (begin, end) in zip(kernel, geometry.padding, strict=True):
+        if 2 * max(begin, end) > k:
+            raise ValueError(
+                f"max pool padding {geometry.padding} exceeds half the kernel {kernel}."
+            )
+    return kernel, geometry
+
+
+def max_pool_numpy(x: np.ndarray, kernel: tuple[int, ...], geometry: ConvGeometry) -> np.ndarray:
+    """Max pooling of ``x (N, C, *spatial)`` in NumPy, padding with ``-inf`` (floats).
+
+    Examples:
+        >>> g = ConvGeometry((2,), ((1, 1),), (1,))
+        >>> max_pool_numpy(np.array([[[1.0, 5.0, 2.0, 3.0]]]), (2,), g).tolist()
+        [[[1.0, 5.0, 3.0]]]
+    """
+    nd = geometry.ndim
+    padded = np.pad(
+        np.asarray(x, dtype=np.float64),
+        ((0, 0), (0, 0)) + geometry.padding,
+        constant_values=-np.inf,
+    )
+    windows = sliding_window_view(padded, kernel, axis=tuple(range(2, 2 + nd)))
+    windows = windows[
+        (slice(None), slice(None)) + tuple(slice(None, None, s) for s in geometry.stride)
+    ]
+    return windows.max(axis=tuple(range(-nd, 0)))
+
+
+def _eval_max_pool(node: Node, x: np.ndarray) -> np.ndarray:
+    kernel, geometry = max_pool_geometry(node.attrs)
+    return max_pool_numpy(x, kernel, geometry)
+
+
 def _elementwise(name: str) -> OpSpec:
     fn = _ELEMENTWISE[name]
     return OpSpec("elementwise", lambda node, x: np.asarray(fn(node, x), dtype=np.float64))
@@ -490,6 +567,9 @@ OPS: Mapping[str, OpSpec] = MappingProxyType(
             check_attrs=ConvGeometry.from_attrs,
         ),
         "reshape": OpSpec("reshape", _eval_reshape),
+        "add": OpSpec("add", _eval_add, check_attrs=_check_add),
+        "concat": OpSpec("concat", _eval_concat, check_attrs=_check_concat),
+        "max_pool": OpSpec("max_pool", _eval_max_pool, check_attrs=max_pool_geometry),
         **{name: _elementwise(name) for name in _ELEMENTWISE},
     }
 )

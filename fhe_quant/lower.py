@@ -37,9 +37,23 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fhe_quant.errors import RangeError
-from fhe_quant.ir import OPS, ConvGeometry, Node, conv_numpy, linear_bounds
-from fhe_quant.quant.ptq import QuantizedGraph, Segment
+from fhe_quant.errors import RangeError, UnsupportedOpError
+from fhe_quant.ir import (
+    OPS,
+    ConvGeometry,
+    Node,
+    conv_numpy,
+    linear_bounds,
+    max_pool_geometry,
+    weight_input_channels,
+)
+from fhe_quant.quant.ptq import (
+    QuantizedGraph,
+    Segment,
+    _chain_source,
+    _unit_weight_quantizer,
+    _weight_quantizer,
+)
 from fhe_quant.quant.quantizer import UniformQuantizer
 
 __all__ = [
@@ -52,6 +66,10 @@ __all__ = [
     "bits_for",
     "MAX_TABLE_BITS",
     "auto_table_bits",
+    "AddStep",
+    "MaxPoolStep",
+    "ConcatStep",
+    "ReshapeStep",
 ]
 
 #: Concrete refuses table lookups on inputs wider than this.
@@ -72,6 +90,8 @@ class Backend(Protocol):
 
     def lookup(self, fn: Any, x: Any) -> Any: ...
 
+    def pad(self, x: Any, pads: tuple[tuple[int, int], ...]) -> Any: ...
+
 
 class _NumpyBackend:
     """Clear integers: hints are no-ops, convolutions are exact int64 sums, truncation
@@ -91,6 +111,9 @@ class _NumpyBackend:
 
     def lookup(self, fn: Any, x: Any) -> Any:
         return fn(x)
+
+    def pad(self, x: Any, pads: tuple[tuple[int, int], ...]) -> Any:
+        return np.pad(np.asarray(x), pads)
 
 
 #: The clear backend, used by ``fhe="disable"``.
@@ -143,6 +166,7 @@ class LinearStep:
     zero: np.ndarray
     bias: np.ndarray
     attrs: Mapping[str, Any] = field(default_factory=dict)
+    inputs: tuple[int, ...] = ()
 
     @property
     def acc_bits(self) -> int:
@@ -171,6 +195,10 @@ class TableStep:
     FHE); without it the lookup itself rounds approximately (no extra bootstrap), which in
     FHE may land one cell off near a cell border, so ``simulate``/``execute`` may then
     differ from ``disable`` by one table entry.
+
+    ``inputs`` (here and in every step) names the operand: an index into the values
+    computed so far (0 is the program input, ``k + 1`` the output of ``steps[k]``);
+    empty means the previous value, as in a chain.
     """
 
     name: str
@@ -184,6 +212,7 @@ class TableStep:
     out_min: np.ndarray
     out_max: np.ndarray
     exact: Callable[[np.ndarray], np.ndarray]
+    inputs: tuple[int, ...] = ()
 
     @property
     def index_bits(self) -> int:
@@ -208,7 +237,210 @@ class TableStep:
         return out.reshape((out.shape[0],) + self.out_shape)
 
 
-Step = LinearStep | TableStep
+def _positive_first(multipliers: tuple[np.ndarray, ...]) -> list[int]:
+    # NOTE: operands with positive multipliers first, so that every partial sum (offset
+    # included) is non-negative: see AddStep.
+    signs = [int(np.sign(m.flat[0])) for m in multipliers]
+    return sorted(range(len(multipliers)), key=lambda k: -signs[k])
+
+
+@dataclass(frozen=True, eq=False)
+class AddStep:
+    """``acc = sum_k multipliers[k] * v[inputs[k]] + offset``, with ``0 <= acc <= acc_max``
+    proven (residual connections).
+
+    Each multiplier is a clear integer array (one sign per operand); multiplying by clear
+    constants and adding encrypted values costs no bootstrap. The operands with positive
+    multipliers are added first, then the offset, then the negative ones are subtracted:
+    with ``offset = -(proven minimum of the sum)`` every partial sum is non-negative, so
+    no value Concrete sees is ever negative. The real value is
+    ``scale * (acc - zero) + bias``, like a :class:`LinearStep`'s.
+    """
+
+    name: str
+    inputs: tuple[int, ...]
+    multipliers: tuple[np.ndarray, ...]
+    offset: np.ndarray
+    acc_max: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    bias: np.ndarray
+    multi_operand = True
+
+    @property
+    def acc_bits(self) -> int:
+        return bits_for(int(self.acc_max.max()))
+
+    def dequantize(self, acc: np.ndarray) -> np.ndarray:
+        return self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
+
+    def __call__(self, operands: tuple[Any, ...], backend: Backend) -> Any:
+        order = _positive_first(self.multipliers)
+        acc: Any = None
+        for k in order:
+            m = self.multipliers[k]
+            positive = m.flat[0] > 0
+            term = operands[k] if np.all(np.abs(m) == 1) else operands[k] * np.abs(m)
+            if acc is None:
+                acc = term + self.offset
+            else:
+                acc = acc + term if positive else acc - term
+            acc = backend.hint(acc, self.acc_bits)
+        return acc
+
+    def describe(self, names: list[str]) -> str:
+        terms = " ".join(
+            f"{'+' if m.flat[0] > 0 else '-'} {_multiplier_text(m)}{names[i]}"
+            for i, m in zip(self.inputs, self.multipliers, strict=True)
+        ).removeprefix("+ ")
+        return (
+            f"{terms} + offset_{self.name}  # residual add, 0 lookups, 0 <= acc <= "
+            f"{int(self.acc_max.max())} ({self.acc_bits} bits, proven)"
+        )
+
+
+def _multiplier_text(m: np.ndarray) -> str:
+    magnitudes = np.unique(np.abs(m))
+    if magnitudes.size == 1:
+        return "" if magnitudes[0] == 1 else f"{int(magnitudes[0])}*"
+    return f"m[{int(magnitudes.min())}..{int(magnitudes.max())}]*"
+
+
+@dataclass(frozen=True, eq=False)
+class MaxPoolStep:
+    """Max pooling of codes that share one scale and zero point per channel.
+
+    The maximum is taken one spatial axis at a time (separably, in ``axes`` order), each
+    as ``k - 1`` pairwise maxima ``max(a, b) = b + relu(a - b)``: one table lookup on
+    ``d = (a + K) - b`` with ``K = max proven code``, so ``0 <= d <= 2K`` (one bit more
+    than the codes) and every value stays non-negative. The padded borders hold code 0,
+    which is no larger than any code, so a padded position never changes a maximum (every
+    window holds a real value); each axis is padded just before it is reduced. Lookups
+    per output element: ``(k_1 - 1) * n_1 / n_out + (k_2 - 1)`` for 2-d pooling (``n_1``:
+    elements after the first axis), ``k - 1`` for 1-d: ``k*k - 1`` for non-overlapping
+    2-d windows (as a tree of pairwise maxima), fewer for overlapping ones (3x3, stride
+    1: about ``2 * 3 = 6`` instead of 8).
+    """
+
+    name: str
+    inputs: tuple[int, ...]
+    kernel: tuple[int, ...]
+    stride: tuple[int, ...]
+    padding: tuple[tuple[int, int], ...]
+    axes: tuple[int, ...]
+    code_max: int
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+
+    @property
+    def bits(self) -> int:
+        return bits_for(self.code_max)
+
+    @property
+    def index_bits(self) -> int:
+        return bits_for(2 * self.code_max)
+
+    def _relu_shifted(self, d: np.ndarray) -> np.ndarray:
+        return np.maximum(np.asarray(d) - self.code_max, 0)
+
+    def stage_shapes(self, in_shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+        """The shape (one sample) after each axis of the separable maximum."""
+        shape = list(in_shape)
+        shapes = []
+        for axis in self.axes:
+            i = axis - 2
+            k, s, (begin, end) = self.kernel[i], self.stride[i], self.padding[i]
+            shape[axis - 1] = (shape[axis - 1] + begin + end - k) // s + 1
+            shapes.append(tuple(shape))
+        return shapes
+
+    def lookups(self, in_shape: tuple[int, ...]) -> int:
+        """Table lookups per sample (``in_shape`` without the batch axis)."""
+        return sum(
+            (self.kernel[axis - 2] - 1) * int(np.prod(shape))
+            for axis, shape in zip(self.axes, self.stage_shapes(in_shape), strict=True)
+        )
+
+    def lookups_by_width(self) -> dict[int, int]:
+        return {self.index_bits: self.lookups(self.in_shape)}
+
+    def __call__(self, x: Any, backend: Backend) -> Any:
+        for axis in self.axes:
+            i = axis - 2
+            k, s = self.kernel[i], self.stride[i]
+            if any(self.padding[i]):
+                # NOTE: padded one axis at a time, just before it is reduced: the first
+                # axis' maxima are not computed on the second axis' padding.
+                pads = [(0, 0)] * len(x.shape)
+                pads[axis] = self.padding[i]
+                x = backend.pad(x, tuple(pads))
+            n_out = (x.shape[axis] - k) // s + 1
+            taps = []
+            for t in range(k):
+                index = [slice(None)] * len(x.shape)
+                index[axis] = slice(t, t + s * (n_out - 1) + 1, s)
+                taps.append(x[tuple(index)])
+            value = taps[0]
+            for tap in taps[1:]:
+                d = backend.hint((value + self.code_max) - tap, self.index_bits)
+                r = backend.hint(backend.lookup(self._relu_shifted, d), self.bits)
+                value = backend.hint(tap + r, self.bits)
+            x = value
+        return x
+
+    def describe(self, names: list[str]) -> str:
+        return (
+            f"max_pool({names[self.inputs[0]]}, kernel={self.kernel}, stride={self.stride}, "
+            f"padding={self.padding})  # separable over axes {self.axes}: "
+            f"{self.lookups(self.in_shape)} lookups of {self.index_bits} bits "
+            f"(max(a, b) = b + relu(a - b)) -> uint{self.bits}{list(self.out_shape)}"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class ConcatStep:
+    """Concatenation of encrypted tensors along ``axis`` (batch axis included): no
+    bootstrap; each part keeps its own scales (folded into the next linear layer)."""
+
+    name: str
+    inputs: tuple[int, ...]
+    axis: int
+    bits: int
+    multi_operand = True
+
+    def __call__(self, operands: tuple[Any, ...], backend: Backend) -> Any:
+        return backend.hint(np.concatenate(list(operands), axis=self.axis), self.bits)
+
+    def describe(self, names: list[str]) -> str:
+        parts = ", ".join(names[i] for i in self.inputs)
+        return f"concatenate([{parts}], axis={self.axis})  # 0 lookups, uint{self.bits}"
+
+
+@dataclass(frozen=True, eq=False)
+class ReshapeStep:
+    """A reshape of an encrypted tensor (row-major order kept): no bootstrap."""
+
+    name: str
+    inputs: tuple[int, ...]
+    shape: tuple[int, ...]
+
+    def __call__(self, x: Any, backend: Backend) -> Any:
+        return x.reshape((x.shape[0],) + self.shape)
+
+    def describe(self, names: list[str]) -> str:
+        return f"{names[self.inputs[0]]}.reshape({list(self.shape)})  # 0 lookups"
+
+
+Step = LinearStep | TableStep | AddStep | MaxPoolStep | ConcatStep | ReshapeStep
+
+
+def _operands(step: Any, values: list[Any]) -> Any:
+    """What ``step`` reads: ``values[i]`` for its one input, a tuple of them for a
+    multi-operand step, the last value when it names none (chain steps)."""
+    inputs = getattr(step, "inputs", ())
+    if getattr(step, "multi_operand", False):
+        return tuple(values[i] for i in inputs)
+    return values[inputs[0]] if inputs else values[-1]
 
 
 @dataclass(frozen=True, eq=False)
@@ -217,7 +449,12 @@ class IntegerProgram:
 
     Calling it on an int64 batch ``(B, *input_shape)`` in ``[0, qmax]`` runs it in NumPy;
     Concrete traces the same call, with its own :class:`Backend`, to build the circuit
-    (with ``B = 1``).
+    (with ``B = 1``). Steps run in order; each reads the values named by its ``inputs``
+    (indices into the values computed so far: 0 is the input, ``k + 1`` the output of
+    ``steps[k]``), or the previous value when it names none, so a chain of
+    :class:`LinearStep`/:class:`TableStep` is a program as it stands, and branching
+    graphs (residual adds, concatenations) are programs whose steps name their inputs.
+    The program returns the last step's value.
     """
 
     input_quantizer: UniformQuantizer
@@ -231,14 +468,19 @@ class IntegerProgram:
     @property
     def output_step(self) -> LinearStep:
         last = self.steps[-1]
-        assert isinstance(last, LinearStep)
-        return last
+        assert isinstance(last, (LinearStep, AddStep))
+        return last  # type: ignore[return-value]
+
+    @property
+    def is_chain(self) -> bool:
+        """Whether every step reads the previous value (no branches)."""
+        return all(not getattr(step, "inputs", ()) for step in self.steps)
 
     def __call__(self, q: Any, backend: Backend = NUMPY) -> Any:
-        value = backend.hint(q, self.input_bits)
+        values = [backend.hint(q, self.input_bits)]
         for step in self.steps:
-            value = step(value, backend)
-        return value
+            values.append(step(_operands(step, values), backend))
+        return values[-1]
 
     def lookups_by_width(self) -> dict[int, int]:
         """Table lookups per sample by input width; width 1 counts the exactly dropped
@@ -250,50 +492,88 @@ class IntegerProgram:
                 counts[step.index_bits] = counts.get(step.index_bits, 0) + n
                 if step.exact_rounding and step.lsbs:
                     counts[1] = counts.get(1, 0) + n * step.lsbs
+            elif hasattr(step, "lookups_by_width"):
+                for width, n in step.lookups_by_width().items():
+                    counts[width] = counts.get(width, 0) + n
         return counts
 
     def run_without_rounding(self, q: np.ndarray) -> np.ndarray:
         """The program with every table applied to the full accumulator (no dropped
         bits); the difference to ``self(q)`` is the effect of the table width."""
-        value = q
+        values = [q]
         for step in self.steps:
-            if isinstance(step, LinearStep):
-                value = step(value, NUMPY)
+            value = _operands(step, values)
+            if isinstance(step, TableStep):
+                values.append(step.exact(value).reshape((value.shape[0],) + step.out_shape))
             else:
-                value = step.exact(value).reshape((value.shape[0],) + step.out_shape)
-        return value
+                values.append(step(value, NUMPY))
+        return values[-1]
 
     def source(self) -> str:
         """A readable listing of the program (what runs encrypted)."""
+        if not self.is_chain:
+            return self._dag_source()
         lines = [f"def program(q):  # q: uint{self.input_bits}{list(self.input_shape)}"]
         for step in self.steps:
             if isinstance(step, LinearStep):
-                geometry = ""
-                if "stride" in step.attrs:
-                    g = ConvGeometry.from_attrs(step.attrs)
-                    geometry = (
-                        f", stride={g.stride}, padding={g.padding}, dilation={g.dilation}"
-                        f", groups={g.groups}"
-                    )
-                lines.append(
-                    f"    acc = {step.op}(q, W_{step.name}{list(step.weight.shape)}{geometry}) + "
-                    f"offset_{step.name}  # 0 <= acc <= {int(step.acc_max.max())} "
-                    f"({step.acc_bits} bits, proven)"
-                )
-            else:
+                lines.append(f"    acc = {_linear_text(step, 'q')}")
+            elif isinstance(step, TableStep):
                 if step.lsbs:
-                    how = "exact" if step.exact_rounding else "approximate"
-                    lines.append(
-                        f"    acc = round_bit_pattern(acc, lsbs_to_remove={step.lsbs}, {how})"
-                        f"  # table reads {step.index_bits} bits"
-                    )
-                lines.append(
-                    f"    q = table_{step.name}[acc >> {step.lsbs}]  # one lookup per element, "
-                    f"{step.table.shape[0]} tables of {step.table.shape[1]} entries -> "
-                    f"uint{step.out_bits}, reshape to {list(step.out_shape)}"
-                )
+                    lines.append(f"    acc = {_round_text(step, 'acc')}")
+                lines.append(f"    q = {_table_text(step, 'acc')}")
+            else:
+                lines.append(f"    q = {step.describe(['q'] * 2)}")  # type: ignore[union-attr]
         lines.append("    return acc  # decrypted and dequantized by the client")
         return "\n".join(lines)
+
+    def _dag_source(self) -> str:
+        names = ["v0"] + [f"v{k + 1}" for k in range(len(self.steps))]
+        lines = [f"def program(v0):  # v0: uint{self.input_bits}{list(self.input_shape)}"]
+        for k, step in enumerate(self.steps):
+            inputs = getattr(step, "inputs", ()) or (k,)
+            source = names[inputs[0]]
+            if isinstance(step, LinearStep):
+                text = _linear_text(step, source)
+            elif isinstance(step, TableStep):
+                if step.lsbs:
+                    lines.append(f"    {names[k + 1]} = {_round_text(step, source)}")
+                    source = names[k + 1]
+                text = _table_text(step, source)
+            else:
+                text = step.describe(names)  # type: ignore[union-attr]
+            lines.append(f"    {names[k + 1]} = {text}")
+        lines.append(f"    return {names[-1]}  # decrypted and dequantized by the client")
+        return "\n".join(lines)
+
+
+def _linear_text(step: LinearStep, source: str) -> str:
+    geometry = ""
+    if "stride" in step.attrs:
+        g = ConvGeometry.from_attrs(step.attrs)
+        geometry = (
+            f", stride={g.stride}, padding={g.padding}, dilation={g.dilation}, groups={g.groups}"
+        )
+    return (
+        f"{step.op}({source}, W_{step.name}{list(step.weight.shape)}{geometry}) + "
+        f"offset_{step.name}  # 0 <= acc <= {int(step.acc_max.max())} "
+        f"({step.acc_bits} bits, proven)"
+    )
+
+
+def _round_text(step: TableStep, source: str) -> str:
+    how = "exact" if step.exact_rounding else "approximate"
+    return (
+        f"round_bit_pattern({source}, lsbs_to_remove={step.lsbs}, {how})"
+        f"  # table reads {step.index_bits} bits"
+    )
+
+
+def _table_text(step: TableStep, source: str) -> str:
+    return (
+        f"table_{step.name}[{source} >> {step.lsbs}]  # one lookup per element, "
+        f"{step.table.shape[0]} tables of {step.table.shape[1]} entries -> "
+        f"uint{step.out_bits}, reshape to {list(step.out_shape)}"
+    )
 
 
 def _broadcast(values: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndarray:
@@ -349,23 +629,60 @@ def _lower_table(
 ) -> TableStep:
     out_q = segment.output_quantizer
     assert out_q is not None
-    round_bits = linear.acc_bits
+    return _table(
+        linear.name,
+        _Source(linear.acc_max, linear.scale, linear.zero, linear.bias),
+        segment.chain,
+        out_q,
+        table_bits,
+        exact_rounding,
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class _Source:
+    """What a table reads: a value in ``[0, hi]`` whose real value is
+    ``scale * (v - zero) + bias`` (arrays shaped ``(1, *shape)``)."""
+
+    hi: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    bias: np.ndarray
+
+    @property
+    def bits(self) -> int:
+        return bits_for(int(self.hi.max()))
+
+    def dequantize(self, v: np.ndarray) -> np.ndarray:
+        return self.scale * (np.asarray(v, dtype=np.float64) - self.zero) + self.bias
+
+
+def _table(
+    name: str,
+    source: _Source,
+    chain: tuple[Node, ...],
+    out_q: UniformQuantizer,
+    table_bits: int,
+    exact_rounding: bool,
+    inputs: tuple[int, ...] = (),
+) -> TableStep:
+    round_bits = source.bits
     lsbs = max(0, round_bits - table_bits)
     half = 2 ** (lsbs - 1) if lsbs else 0
-    if lsbs and int(linear.acc_max.max()) + half >= 2**round_bits:
+    if lsbs and int(source.hi.max()) + half >= 2**round_bits:
         # Rounding the largest accumulators up would carry into a new bit: round at one
         # more bit instead, dropping one more bit, so the table keeps table_bits inputs.
         round_bits, lsbs = round_bits + 1, lsbs + 1
         half = 2 ** (lsbs - 1)
     # Index i holds the accumulators nearest to i*2^lsbs (halves up), i.e. the cell
     # i*2^lsbs - half ... i*2^lsbs + half - 1; the table evaluates the layer at its centre.
-    index_max = (linear.acc_max + half) >> lsbs
+    index_max = (source.hi + half) >> lsbs
     centre_shift = -0.5 if lsbs else 0.0
     n_index = int(index_max.max()) + 1
     centres = np.arange(n_index, dtype=np.float64) * 2**lsbs + centre_shift
-    acc_grid = centres.reshape((n_index,) + (1,) * (linear.scale.ndim - 1))
-    real = linear.scale[0] * (acc_grid - linear.zero[0]) + linear.bias[0]
-    out = _chain(segment.chain, real)
+    acc_grid = centres.reshape((n_index,) + (1,) * (source.scale.ndim - 1))
+    real = source.scale[0] * (acc_grid - source.zero[0]) + source.bias[0]
+    out = _chain(chain, real)
     out_shape = tuple(out.shape[1:])
     table = out_q.quantize(out).reshape(n_index, -1).T.astype(np.int64)
     # Proven output bounds per element: the table's extremes over reachable indices.
@@ -375,11 +692,11 @@ def _lower_table(
 
     def exact(acc: np.ndarray) -> np.ndarray:
         # The same layer without dropping bits: the reference for the rounding's effect.
-        out = out_q.quantize(_chain(segment.chain, linear.dequantize(acc)))
+        out = out_q.quantize(_chain(chain, source.dequantize(acc)))
         return out.reshape(out.shape[0], -1).reshape(acc.shape)
 
     return TableStep(
-        f"{linear.name}",
+        name,
         lsbs,
         round_bits,
         exact_rounding or lsbs == 0,
@@ -390,6 +707,7 @@ def _lower_table(
         out_min.reshape((1,) + out_shape),
         out_max.reshape((1,) + out_shape),
         exact,
+        inputs,
     )
 
 
@@ -405,6 +723,8 @@ def lower(quantized: QuantizedGraph, table_bits: int | None = None) -> IntegerPr
     Raises:
         RangeError: a table input would exceed Concrete's 16-bit limit.
     """
+    if quantized.dag is not None:
+        return _DagLowering(quantized, table_bits).program()
     steps: list[Step] = []
     first = quantized.segments[0].linear
     input_q = first.input_quantizer
@@ -433,3 +753,314 @@ def lower(quantized: QuantizedGraph, table_bits: int | None = None) -> IntegerPr
 def _input_shape(quantized: QuantizedGraph) -> tuple[int, ...]:
     values = quantized.graph.run(np.zeros((1,) + quantized.graph.input_shape))
     return tuple(values[quantized.segments[0].linear.node.inputs[0]].shape[1:])
+
+
+# --------------------------------------------------------------------------- branching graphs
+
+
+@dataclass(frozen=True, eq=False)
+class _Value:
+    """An encrypted value of a branching program: ``values[index]`` of the program, in
+    ``[lo, hi]`` (proven), with real value ``scale * (v - zero) + bias`` (arrays shaped
+    ``(1, *shape)``). Codes (input, tables, max pools, pure adds) have ``bias = 0`` and
+    integer zero points."""
+
+    index: int
+    scale: np.ndarray
+    zero: np.ndarray
+    bias: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+
+    def source(self) -> _Source:
+        return _Source(self.hi, self.scale, self.zero, self.bias)
+
+
+def _codes_value(index: int, quantizer: UniformQuantizer, lo: Any, hi: Any) -> _Value:
+    shape = np.shape(hi)
+    return _Value(
+        index,
+        np.broadcast_to(quantizer.scale_array(len(shape)), shape).astype(np.float64),
+        np.broadcast_to(quantizer.zero_point_array(len(shape)), shape).astype(np.float64),
+        np.zeros(shape),
+        np.asarray(lo, dtype=np.int64),
+        np.asarray(hi, dtype=np.int64),
+    )
+
+
+def _channel_vector(array: np.ndarray, axis: int, node: Node, what: str) -> np.ndarray:
+    """The per-channel values of a ``(1, *shape)`` array along ``axis``; refuses arrays
+    that vary along the other axes (they would not fold into the weights)."""
+    moved = np.moveaxis(array[0], axis - 1, 0).reshape(array.shape[axis], -1)
+    if not np.all(moved == moved[:, :1]):
+        raise UnsupportedOpError(
+            f"a {node.op} whose input {what} varies within a channel",
+            node.source or node.name,
+            "Its input mixes tensors quantized per channel along another axis (a "
+            "concatenation or reshape); add an activation before it.",
+        )
+    return moved[:, 0]
+
+
+class _DagLowering:
+    """Builds the steps of a branching program, each value once, operands first."""
+
+    def __init__(self, quantized: QuantizedGraph, table_bits: int | None) -> None:
+        assert quantized.dag is not None
+        self.graph = quantized.graph
+        self.dag = quantized.dag
+        self.config = quantized.config
+        self.table_bits = table_bits if table_bits is not None else self.config.rounding_bits
+        self.steps: list[Step] = []
+        self.raw_values: dict[str, _Value] = {}
+        self.codes_values: dict[str, _Value] = {}
+        self.multipliers: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+        probe = self.graph.run(np.zeros((1,) + self.graph.input_shape))
+        self.shapes = {name: tuple(value.shape[1:]) for name, value in probe.items()}
+        self.input_shape = self.shapes[self.dag.input_name]
+        q = self.dag.input_quantizer
+        shape = (1,) + self.input_shape
+        self.codes_values[self.dag.input_name] = _codes_value(
+            0, q, np.zeros(shape), np.full(shape, q.qmax)
+        )
+        output = self.graph.node(self.dag.output_name)
+        if output.kind == "linear":
+            self.output_linears = {output.name}
+        else:
+            self.output_linears = {o.node for o in self.dag.adds[output.name] if o.mode == "acc"}
+
+    def emit(self, step: Step) -> int:
+        self.steps.append(step)
+        return len(self.steps)
+
+    def program(self) -> IntegerProgram:
+        self.raw(self.dag.output_name)
+        return IntegerProgram(self.dag.input_quantizer, self.input_shape, tuple(self.steps))
+
+    # -- values as their operation computes them
+    def raw(self, name: str) -> _Value:
+        if name not in self.raw_values:
+            node = self.graph.node(name)
+            build = {
+                "linear": self.linear,
+                "add": self.add,
+                "max_pool": self.max_pool,
+                "concat": self.concat,
+            }[node.kind]
+            self.raw_values[name] = build(node)
+        return self.raw_values[name]
+
+    def codes(self, name: str) -> _Value:
+        if name not in self.codes_values:
+            node = self.graph.node(name)
+            if name in self.dag.tables:
+                value = self.table(node)
+            elif node.kind == "reshape":
+                value = self.reshape(node)
+            else:  # max pool, concatenation, add of codes
+                value = self.raw(name)
+            self.codes_values[name] = value
+        return self.codes_values[name]
+
+    # -- steps
+    def linear(self, node: Node) -> _Value:
+        spec = OPS[node.op]
+        assert spec.linear_apply is not None
+        source = self.codes(node.inputs[0])
+        ndim = source.scale.ndim
+        axis = spec.channel_axis % ndim
+        s_in = _channel_vector(source.scale, axis, node, "scale")
+        weight = node.params["weight"]
+        per_column = s_in[weight_input_channels(node)]
+        folded = weight * per_column.reshape(per_column.shape + (1,) * (weight.ndim - 2))
+        last = node.name in self.output_linears
+        bits = self.config.n_bits_outputs if last else self.config.n_bits_weights
+        where = node.source or node.name
+        adds = [
+            add
+            for add, operands in self.dag.adds.items()
+            if any(o.node == node.name and o.mode == "acc" for o in operands)
+        ]
+        if spec.unit_weights:
+            w_q = _unit_weight_quantizer(folded, where)
+        elif adds:
+            w_q = self.scaled_weights(node, folded, bits, self.dag.add_quantizers[adds[0]])
+        else:
+            w_q = _weight_quantizer(folded, bits, self.config.per_channel)
+        w = w_q.quantize(folded)
+        lo, hi = linear_bounds(node.op, w, source.lo, source.hi, node.attrs)
+        if np.any(source.zero != np.rint(source.zero)):  # pragma: no cover - codes only
+            raise AssertionError(f"non-integer zero points entering {where}")
+        z_x = source.zero.astype(np.int64)
+        zero = spec.linear_apply(z_x, w, node.attrs, NUMPY) - lo
+        shape = lo.shape
+        scale = _broadcast(np.asarray(w_q.scale), shape, spec.channel_axis)
+        bias = _broadcast(node.params.get("bias", np.zeros(1)), shape, spec.channel_axis)
+        step = LinearStep(
+            node.name,
+            node.op,
+            w,
+            -lo,
+            hi - lo,
+            scale,
+            zero.astype(np.float64),
+            bias,
+            node.attrs,
+            (source.index,),
+        )
+        return _Value(self.emit(step), scale, step.zero, bias, np.zeros_like(lo), hi - lo)
+
+    def scaled_weights(
+        self, node: Node, folded: np.ndarray, bits: int, common: UniformQuantizer
+    ) -> UniformQuantizer:
+        """Per-channel weight scales that are integer ratios of the add's common scale
+        ``s``: ``s / m`` (``m = floor(s / s_w)``, at most ``(m + 1) / m`` coarser than the
+        natural ``s_w``) when ``s >= s_w``, else ``k * s`` (``k = ceil(s_w / s)``); the
+        add then multiplies the codes by ``m`` or the accumulator by ``k`` (free)."""
+        natural = np.asarray(_weight_quantizer(folded, bits, True).scale)
+        n_out = folded.shape[0]
+        s = np.broadcast_to(np.asarray(common.scale, dtype=np.float64), (n_out,))
+        m = np.floor(s / natural)
+        k = np.ceil(natural / s)
+        finer = m >= 1
+        scale = np.where(finer, s / np.maximum(m, 1), k * s)
+        mult_acc = np.where(finer, 1, k).astype(np.int64)
+        mult_codes = np.where(finer, m, 1).astype(np.int64)
+        unit = np.where(finer, scale, s)
+        self.multipliers[node.name] = (mult_acc, mult_codes, unit)
+        return UniformQuantizer(
+            bits=bits,
+            scale=tuple(float(v) for v in scale),
+            zero_point=(0,) * n_out,
+            signed=True,
+            narrow_range=True,
+            axis=0,
+        )
+
+    def add(self, node: Node) -> _Value:
+        operands = self.dag.adds[node.name]
+        common = self.dag.add_quantizers[node.name]
+        values = []
+        for operand in operands:
+            if operand.mode == "acc":
+                values.append(self.raw(operand.node))
+            else:
+                values.append(self.codes(operand.node))
+        shape = values[0].hi.shape
+        channel = (1, -1) + (1,) * (len(shape) - 2)
+        acc = [o.node for o in operands if o.mode == "acc"]
+        if acc:
+            mult_acc, mult_codes, unit = self.multipliers[acc[0]]
+            mult_acc, mult_codes = mult_acc.reshape(channel), mult_codes.reshape(channel)
+            unit = np.broadcast_to(unit.reshape(channel), shape)
+        else:
+            mult_acc = mult_codes = np.ones((1,) * len(shape), dtype=np.int64)
+            unit = np.broadcast_to(common.scale_array(len(shape)), shape)
+        multipliers, lo, hi = [], np.zeros(shape, np.int64), np.zeros(shape, np.int64)
+        zero, bias = np.zeros(shape), np.zeros(shape)
+        for operand, value in zip(operands, values, strict=True):
+            magnitude = mult_acc if operand.mode == "acc" else mult_codes
+            if operand.mode == "codes" and not np.allclose(value.scale, unit * magnitude):
+                raise AssertionError(f"operand {operand.node} of {node.name} off scale")
+            m = np.broadcast_to(operand.sign * magnitude, shape).astype(np.int64)
+            multipliers.append(m)
+            lo = lo + np.where(m > 0, m * value.lo, m * value.hi)
+            hi = hi + np.where(m > 0, m * value.hi, m * value.lo)
+            zero = zero + m * value.zero
+            bias = bias + operand.sign * value.bias
+        step = AddStep(
+            node.name,
+            tuple(v.index for v in values),
+            tuple(multipliers),
+            -lo,
+            hi - lo,
+            np.array(unit, dtype=np.float64),
+            zero - lo,
+            bias,
+        )
+        return _Value(self.emit(step), step.scale, step.zero, bias, np.zeros_like(lo), hi - lo)
+
+    def table(self, node: Node) -> _Value:
+        source_name, chain = _chain_source(self.graph, node.name, self.dag.input_name)
+        if source_name == self.dag.input_name:
+            source = self.codes(source_name)
+        else:
+            source = self.raw(source_name)
+        out_q = self.dag.tables[node.name]
+        bits = self.table_bits or auto_table_bits(bits_for(out_q.qmax))
+        if bits > MAX_TABLE_BITS:
+            raise RangeError(
+                f"The table producing {node.source or node.name!r} would read {bits} bits; "
+                f"Concrete accepts at most {MAX_TABLE_BITS}. Lower rounding_bits."
+            )
+        step = _table(
+            node.name,
+            source.source(),
+            chain,
+            out_q,
+            bits,
+            self.config.rounding_exact,
+            (source.index,),
+        )
+        return _codes_value(self.emit(step), out_q, step.out_min, step.out_max)
+
+    def reshape(self, node: Node) -> _Value:
+        source_name, _ = _chain_source(self.graph, node.name, self.dag.input_name)
+        source = self.codes(source_name)
+        shape = self.shapes[node.name]
+        step = ReshapeStep(node.name, (source.index,), shape)
+        full = (1,) + shape
+        return _Value(
+            self.emit(step),
+            *(a.reshape(full) for a in (source.scale, source.zero, source.bias)),
+            source.lo.reshape(full),
+            source.hi.reshape(full),
+        )
+
+    def max_pool(self, node: Node) -> _Value:
+        source = self.codes(node.inputs[0])
+        kernel, geometry = max_pool_geometry(node.attrs)
+        scale = _channel_vector(source.scale, 1, node, "scale")
+        zero = _channel_vector(source.zero, 1, node, "zero point")
+        in_shape = tuple(source.hi.shape[1:])
+        spatial = tuple(range(2, 2 + geometry.ndim))
+        orders = [spatial, spatial[::-1]] if geometry.ndim == 2 else [spatial]
+        candidates = [
+            MaxPoolStep(
+                node.name,
+                (source.index,),
+                kernel,
+                geometry.stride,
+                geometry.padding,
+                axes,
+                int(source.hi.max()),
+                in_shape,
+                self.shapes[node.name],
+            )
+            for axes in orders
+        ]
+        step = min(candidates, key=lambda c: c.lookups(in_shape))
+        lo, hi = step(source.lo, NUMPY), step(source.hi, NUMPY)
+        channel = (1, -1) + (1,) * geometry.ndim
+        return _Value(
+            self.emit(step),
+            np.broadcast_to(scale.reshape(channel), hi.shape).astype(np.float64),
+            np.broadcast_to(zero.reshape(channel), hi.shape).astype(np.float64),
+            np.zeros(hi.shape),
+            lo,
+            hi,
+        )
+
+    def concat(self, node: Node) -> _Value:
+        values = [self.codes(name) for name in node.inputs]
+        axis = int(node.attrs["axis"])
+        hi = np.concatenate([v.hi for v in values], axis=axis)
+        step = ConcatStep(node.name, tuple(v.index for v in values), axis, bits_for(int(hi.max())))
+        return _Value(
+            self.emit(step),
+            *(
+                np.concatenate([getattr(v, f) for v in values], axis=axis)
+                for f in ("scale", "zero", "bias", "lo")
+            ),
+            hi,
+        )

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from fhe_quant.errors import CompilationError, InputError, NotCompiledError, ParameterError
 from fhe_quant.fhe import FHECircuit, check_fhe_mode, compile_program
 from fhe_quant.ir import Graph, Node
-from fhe_quant.lower import IntegerProgram, LinearStep, TableStep, lower
+from fhe_quant.lower import AddStep, IntegerProgram, LinearStep, MaxPoolStep, TableStep, lower
 from fhe_quant.passes import simplify
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.ptq import QuantizedGraph, check_calibration_data, quantize_graph
@@ -87,9 +87,9 @@ class QuantizedModule:
     @property
     def statistics(self) -> dict[str, Any]:
         """PBS count, max bit width, and per-layer accumulator and table widths."""
-        layers = []
+        layers: list[dict[str, Any]] = []
         for step in self.program.steps:
-            if isinstance(step, LinearStep):
+            if isinstance(step, (LinearStep, AddStep)):
                 layers.append(
                     {
                         "layer": step.name,
@@ -97,13 +97,27 @@ class QuantizedModule:
                         "accumulator_max": int(step.acc_max.max()),
                     }
                 )
+                if isinstance(step, AddStep):
+                    layers[-1]["lookups"] = 0
             elif isinstance(step, TableStep):
-                layers[-1].update(
+                entry = {
+                    "truncated_bits": step.lsbs,
+                    "table_input_bits": step.index_bits,
+                    "table_output_bits": step.out_bits,
+                    "lookups": int(step.table.shape[0]),
+                }
+                if layers and "lookups" not in layers[-1]:
+                    layers[-1].update(entry)
+                else:  # a table after a max pool, a concatenation or an input
+                    layers.append({"layer": step.name, **entry})
+            elif isinstance(step, MaxPoolStep):
+                layers.append(
                     {
-                        "truncated_bits": step.lsbs,
+                        "layer": step.name,
                         "table_input_bits": step.index_bits,
-                        "table_output_bits": step.out_bits,
-                        "lookups": int(step.table.shape[0]),
+                        "lookups": step.lookups(step.in_shape),
+                        "lookups_per_output": step.lookups(step.in_shape)
+                        / int(np.prod(step.out_shape)),
                     }
                 )
         stats: dict[str, Any] = {"layers": layers, "input_bits": self.program.input_bits}

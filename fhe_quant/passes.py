@@ -116,7 +116,9 @@ def fold_affine_into_linear(graph: Graph) -> Graph:
 
 
 def check_chain(graph: Graph) -> Graph:
-    """Refuse graphs that are not a single chain (branches come with residual support)."""
+    """Refuse graphs that are not a single chain (no longer in :data:`FLOAT_PASSES`:
+    branching graphs are quantized by :func:`fhe_quant.quant.ptq.quantize_dag`; kept for
+    callers that only handle chains)."""
     for node in graph.nodes:
         users = graph.users(node.name)
         if len(users) > 1:
@@ -136,7 +138,6 @@ def _probe(graph: Graph) -> np.ndarray:
 FLOAT_PASSES: tuple[Callable[[Graph], Graph], ...] = (
     remove_identities,
     fold_affine_into_linear,
-    check_chain,
 )
 
 

@@ -14,7 +14,14 @@ constant weights) become ``"conv"`` nodes; ``AvgPool1d/2d`` and ``AdaptiveAvgPoo
 (modules or functions) become ``"avg_pool"`` nodes, depthwise convolutions with weights
 ``1/k``; ``BatchNorm1d/2d`` become a per-channel scale and shift that
 :func:`fhe_quant.passes.fold_affine_into_linear` folds into the convolution before them.
-Max pooling is refused for now.
+
+Branching graphs: ``MaxPool1d/2d`` and ``AdaptiveMaxPool1d/2d`` (modules or functions;
+no ``ceil_mode``, dilation or ``return_indices``) become ``"max_pool"`` nodes; the sum or
+difference of two tensors (``x + y``, ``torch.add(x, y)``, ``x - y``; residual
+connections) becomes an ``"add"`` node, and ``torch.cat`` along a non-batch axis a
+``"concat"`` node. Multiplying a tensor by a constant (per channel: ``x * c`` with ``c``
+of shape ``(C, 1, 1)``) is a ``"mul_const"``, folded into the layer before it or fused
+into a table.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fhe_quant.errors import TraceError, UnsupportedOpError
-from fhe_quant.ir import ConvGeometry, Graph, Node, describe_mismatch
+from fhe_quant.ir import ConvGeometry, Graph, Node, describe_mismatch, max_pool_geometry
 
 __all__ = ["trace_module"]
 
@@ -176,12 +183,52 @@ def _adaptive_avg_pool(
     return _avg_pool_node(shape[1], kernel, kernel, (0,) * nd)
 
 
-def _max_pool(m: nn.Module, shape: tuple[int, ...]) -> Translation:
-    raise _RefusedOptionError(
-        "max pooling",
-        "Max pooling is not supported yet (coming later); use AvgPool or a strided "
-        "convolution meanwhile.",
-    )
+def _max_pool_node(
+    kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...]
+) -> Translation:
+    geometry = ConvGeometry(stride, tuple((p, p) for p in padding), (1,) * len(kernel))
+    attrs = {**geometry.to_attrs(), "kernel": kernel}
+    try:
+        max_pool_geometry(attrs)
+    except ValueError as exc:
+        raise _RefusedOptionError(f"padding={padding}", f"{exc}") from None
+    return "max_pool", attrs, {}
+
+
+def _max_pool(m: nn.MaxPool1d | nn.MaxPool2d, shape: tuple[int, ...]) -> Translation:
+    nd = 1 if isinstance(m, nn.MaxPool1d) else 2
+    _spatial_dims(shape, nd)
+    kernel = _ntuple(m.kernel_size, nd)
+    stride = _ntuple(m.stride, nd) if m.stride else kernel
+    if m.ceil_mode:
+        raise _RefusedOptionError("ceil_mode=True", "Use ceil_mode=False (the default).")
+    if any(d != 1 for d in _ntuple(m.dilation, nd)):
+        raise _RefusedOptionError(f"dilation={m.dilation}", "Use dilation=1.")
+    if m.return_indices:
+        raise _RefusedOptionError(
+            "return_indices=True", "Indices of the maxima cannot be computed encrypted."
+        )
+    return _max_pool_node(kernel, stride, _ntuple(m.padding, nd))
+
+
+def _adaptive_max_pool(
+    m: nn.AdaptiveMaxPool1d | nn.AdaptiveMaxPool2d, shape: tuple[int, ...]
+) -> Translation:
+    nd = 1 if isinstance(m, nn.AdaptiveMaxPool1d) else 2
+    spatial = _spatial_dims(shape, nd)
+    if m.return_indices:
+        raise _RefusedOptionError(
+            "return_indices=True", "Indices of the maxima cannot be computed encrypted."
+        )
+    sizes = m.output_size if isinstance(m.output_size, (tuple, list)) else (m.output_size,) * nd
+    out = tuple(n if o is None else int(o) for n, o in zip(spatial, sizes, strict=True))
+    if any(n % o for n, o in zip(spatial, out, strict=True)):
+        raise _RefusedOptionError(
+            f"output_size={tuple(out)} for an input of size {spatial}",
+            "The output size must divide the input size.",
+        )
+    kernel = tuple(n // o for n, o in zip(spatial, out, strict=True))
+    return _max_pool_node(kernel, kernel, (0,) * nd)
 
 
 def _simple(op: str, attrs: Callable[[Any], dict[str, Any]] | None = None) -> ModuleRule:
@@ -200,8 +247,8 @@ _MODULES: dict[type, ModuleRule] = {
     nn.AdaptiveAvgPool2d: _adaptive_avg_pool,
     nn.MaxPool1d: _max_pool,
     nn.MaxPool2d: _max_pool,
-    nn.AdaptiveMaxPool1d: _max_pool,
-    nn.AdaptiveMaxPool2d: _max_pool,
+    nn.AdaptiveMaxPool1d: _adaptive_max_pool,
+    nn.AdaptiveMaxPool2d: _adaptive_max_pool,
     nn.Identity: _simple("identity"),
     nn.Dropout: _simple("identity"),
     nn.Dropout1d: _simple("identity"),
@@ -266,8 +313,8 @@ _ACTIVATION_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "sigmoid": ("sigmoid", {}),
     "tanh": ("tanh", {}),
 }
-_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape}
-_RESHAPE_METHODS = {"view", "reshape", "flatten"}
+_RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
+_RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
 _IDENTITY_FUNCTIONS = {F.dropout}
 _IDENTITY_METHODS = {"contiguous", "clone", "detach"}
 _ARITHMETIC = {
@@ -285,6 +332,7 @@ _ARITHMETIC = {
 _ARITHMETIC_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "neg": "neg"}
 # Nodes that only compute shapes for a reshape (x.size(0), x.shape[1], ...).
 _SHAPE_ONLY_METHODS = {"size", "dim"}
+_CAT_FUNCTIONS = {torch.cat, torch.concat, torch.concatenate}
 
 
 def _where(node: torch.fx.Node, module: nn.Module) -> str:
@@ -401,7 +449,8 @@ class _Translator:
             raise UnsupportedOpError(str(fx_node.target), where, "Could not read its arguments.")
         kwargs = dict(bound.kwargs)
         source = kwargs.pop("input")
-        kwargs.pop("return_indices", None)
+        if kwargs.pop("return_indices", False):
+            kwargs["return_indices"] = True  # refused by the max pool rule, naming it
         if not self.is_tensor(source):
             raise UnsupportedOpError(module_type.__name__, where, "Its input is not a tensor.")
         module = module_type(**kwargs)
@@ -477,6 +526,9 @@ class _Translator:
         args = fx_node.args
         if (is_method and target in _SHAPE_ONLY_METHODS) or target is getattr:
             return  # x.size(0), x.shape: only feed reshapes, whose shapes come from ShapeProp
+        if not is_method and target in _CAT_FUNCTIONS:
+            self.translate_cat(fx_node, where)
+            return
         if not any(self.is_tensor(a) for a in args):
             self.translate_constant_call(fx_node, where)
             return
@@ -532,6 +584,28 @@ class _Translator:
             name = target if isinstance(target, str) else getattr(target, "__name__", target)
             raise UnsupportedOpError(str(name), where, _hint_for(str(name)))
 
+    def translate_cat(self, fx_node: torch.fx.Node, where: str) -> None:
+        tensors = fx_node.args[0] if fx_node.args else fx_node.kwargs.get("tensors")
+        dim = fx_node.args[1] if len(fx_node.args) > 1 else None
+        if dim is None:
+            dim = fx_node.kwargs.get("dim", fx_node.kwargs.get("axis", 0))
+        if not isinstance(tensors, (list, tuple)) or not all(self.is_tensor(t) for t in tensors):
+            raise UnsupportedOpError(
+                "torch.cat of constants and tensors",
+                where,
+                "Every concatenated tensor must be computed from the input.",
+            )
+        ndim = len(self.out_shape(fx_node))
+        axis = int(dim) % ndim
+        if axis == 0:
+            raise UnsupportedOpError(
+                "torch.cat along the batch axis", where, "Concatenate along another axis."
+            )
+        if len(tensors) == 1:
+            self.add(fx_node, "identity", (tensors[0],))
+            return
+        self.add(fx_node, "concat", tuple(tensors), {"axis": axis})
+
     def batch_dim(self, fx_node: torch.fx.Node) -> int:
         return self.out_shape(fx_node)[0]
 
@@ -561,14 +635,24 @@ class _Translator:
         tensor_first = self.is_tensor(args[0])
         tensor_arg, other = (args[0], args[1]) if tensor_first else (args[1], args[0])
         value = self.constant_value(other)
+        alpha = fx_node.kwargs.get("alpha", 1)
+        if value is None and kind in ("add", "sub") and self.is_tensor(other):
+            if alpha not in (1, -1):
+                raise UnsupportedOpError(
+                    f"{kind} of two encrypted tensors with alpha={alpha}",
+                    where,
+                    "Only x + y and x - y are supported; scale one operand by a layer.",
+                )
+            sign = int(alpha) if kind == "add" else -int(alpha)
+            self.add(fx_node, "add", (args[0], args[1]), {"coefficients": (1, sign)})
+            return
         if value is None:
             raise UnsupportedOpError(
                 f"{kind} of two encrypted tensors",
                 where,
-                "Residual connections and products of two activations are not supported "
-                "yet; only a constant operand is.",
+                "Products and quotients of two encrypted tensors are not supported; only "
+                "sums, differences and products by a constant are.",
             )
-        alpha = fx_node.kwargs.get("alpha", 1)
         if kind == "add":
             op, constant = "add_const", value * alpha
         elif kind == "sub" and tensor_first:
@@ -602,8 +686,8 @@ def _hint_for(name: str) -> str:
         return "3-dimensional layers are not supported yet (1-d and 2-d convolutions are)."
     if "Conv" in name or "Pool" in name or "BatchNorm" in name:
         return (
-            "Supported: Conv1d, Conv2d, BatchNorm1d/2d, AvgPool1d/2d and "
-            "AdaptiveAvgPool1d/2d (MaxPool is coming later)."
+            "Supported: Conv1d, Conv2d, BatchNorm1d/2d, AvgPool1d/2d, AdaptiveAvgPool1d/2d, "
+            "MaxPool1d/2d and AdaptiveMaxPool1d/2d."
         )
     if "Softmax" in name or "softmax" in name:
         return (

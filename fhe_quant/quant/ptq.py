@@ -24,7 +24,9 @@ the client after decryption, so the encrypted program starts and ends with a mat
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
@@ -40,6 +42,10 @@ __all__ = [
     "QuantizedGraph",
     "quantize_graph",
     "check_calibration_data",
+    "AddOperand",
+    "QuantizedDag",
+    "quantize_dag",
+    "is_chain",
 ]
 
 
@@ -78,19 +84,28 @@ class Segment:
 
 @dataclass(frozen=True, eq=False)
 class QuantizedGraph:
-    """The quantized model: client pre-processing, segments, client post-processing."""
+    """The quantized model: client pre-processing, segments, client post-processing.
+
+    A chain graph is described by its ``segments``; a branching graph (residual adds,
+    concatenations, max pooling) by ``dag`` (its ``segments`` are then empty).
+    """
 
     graph: Graph
     pre: tuple[Node, ...]
     segments: tuple[Segment, ...]
     config: QuantConfig
+    dag: QuantizedDag | None = None
 
     @property
     def input_quantizer(self) -> UniformQuantizer:
+        if self.dag is not None:
+            return self.dag.input_quantizer
         return self.segments[0].linear.input_quantizer
 
     @property
     def post(self) -> tuple[Node, ...]:
+        if self.dag is not None:
+            return self.dag.post
         return self.segments[-1].chain
 
 
@@ -206,7 +221,7 @@ def _fold_input_scale(node: Node, quantizer: UniformQuantizer) -> np.ndarray:
 
 
 def quantize_graph(graph: Graph, x_calib: np.ndarray, config: QuantConfig) -> QuantizedGraph:
-    """Calibrate and quantize a simplified chain graph.
+    """Calibrate and quantize a simplified graph.
 
     Args:
         graph: a float graph after :func:`fhe_quant.passes.simplify`.
@@ -214,10 +229,14 @@ def quantize_graph(graph: Graph, x_calib: np.ndarray, config: QuantConfig) -> Qu
         config: bits per role and calibration method.
 
     Returns:
-        The quantized graph: quantizers for every linear layer's input and weights.
+        The quantized graph: for a chain, quantizers for every linear layer's input and
+        weights (``segments``); for a branching graph, the plan of :func:`quantize_dag`.
     """
     x_calib = check_calibration_data(x_calib, graph.input_shape)
     values = graph.run(x_calib)
+    if not is_chain(graph):
+        dag = quantize_dag(graph, values, config)
+        return QuantizedGraph(graph, dag.pre, (), config, dag)
     pre, parts = _split(graph)
     segments: list[Segment] = []
     input_quantizer = _activation_quantizer(
@@ -249,3 +268,312 @@ def quantize_graph(graph: Graph, x_calib: np.ndarray, config: QuantConfig) -> Qu
             input_quantizer = output_quantizer
         segments.append(Segment(linear, chain, output_quantizer))
     return QuantizedGraph(graph, pre, tuple(segments), config)
+
+
+# --------------------------------------------------------------------------- branching graphs
+
+AddMode = Literal["codes", "acc"]
+
+
+@dataclass(frozen=True, eq=False)
+class AddOperand:
+    """One operand of a residual add.
+
+    ``mode="codes"``: the operand enters as codes on the add's common quantizer (produced
+    by a table, the input or a max pool on that quantizer: 0 lookups at the add);
+    ``mode="acc"``: the operand is a linear layer's raw accumulator, whose weight scale
+    the lowering sets to an integer ratio of the common scale (0 lookups, see
+    :func:`fhe_quant.lower.lower`).
+    """
+
+    node: str
+    sign: int
+    mode: AddMode
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedDag:
+    """The quantization plan of a branching graph (residual adds, concatenations, max
+    pooling): which tensors tables produce, and on which quantizers.
+
+    Attributes:
+        input_name: the node whose value the client quantizes (the graph input, or the
+            last client-side elementwise operation).
+        output_name: the node whose value the program returns (a linear layer or an add);
+            the client dequantizes it and runs ``post``.
+        pre: client-side operations before ``input_name``.
+        post: client-side operations after ``output_name``.
+        input_quantizer: the client's quantizer.
+        tables: the nodes whose codes a table produces (fusing the elementwise operations
+            since the last linear layer, add, concatenation or max pool), with the
+            table's output quantizer. Tensors added together share one quantizer.
+        adds: for every add node, how each operand enters.
+        add_quantizers: for every add node, the common quantizer of its codes operands.
+    """
+
+    input_name: str
+    output_name: str
+    pre: tuple[Node, ...]
+    post: tuple[Node, ...]
+    input_quantizer: UniformQuantizer
+    tables: Mapping[str, UniformQuantizer]
+    adds: Mapping[str, tuple[AddOperand, ...]]
+    add_quantizers: Mapping[str, UniformQuantizer]
+
+
+def is_chain(graph: Graph) -> bool:
+    """Whether ``graph`` is a chain of linear, elementwise and reshape operations (every
+    node read at most once): the graphs :class:`Segment` describes."""
+    for node in graph.nodes:
+        if node.kind not in ("input", "linear", "elementwise", "reshape"):
+            return False
+        if len(graph.users(node.name)) > 1:
+            return False
+    return True
+
+
+def _where(node: Node) -> str:
+    return node.source or node.name
+
+
+def _chain_source(graph: Graph, name: str, stop: str) -> tuple[str, tuple[Node, ...]]:
+    """Walk back from ``name`` over elementwise/reshape nodes to the node that produces
+    their input (or ``stop``, the program input); returns it and the nodes walked."""
+    chain: list[Node] = []
+    node = graph.node(name)
+    while node.name != stop and node.kind in ("elementwise", "reshape"):
+        chain.insert(0, node)
+        node = graph.node(node.inputs[0])
+    return node.name, tuple(chain)
+
+
+class _DagPlanner:
+    """Decides, from the output backwards, which values the program materializes."""
+
+    def __init__(self, graph: Graph, input_name: str, config: QuantConfig) -> None:
+        self.graph = graph
+        self.input_name = input_name
+        self.config = config
+        self.visited: set[str] = set()
+        self.axes: dict[str, set[int]] = {}  # codes producer -> channel axes its users need
+        self.tables: list[str] = []
+        self.adds: dict[str, tuple[AddOperand, ...]] = {}
+        self.parent: dict[str, str] = {}  # union-find of codes producers sharing a quantizer
+        self.ndim = {n.name: v.ndim for n, v in zip(graph.nodes, self._probe(), strict=True)}
+
+    def _probe(self) -> list[np.ndarray]:
+        values = self.graph.run(np.zeros((1,) + self.graph.input_shape))
+        return [values[n.name] for n in self.graph.nodes]
+
+    # -- union-find
+    def find(self, name: str) -> str:
+        while self.parent.get(name, name) != name:
+            name = self.parent[name]
+        return name
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[rb] = ra
+
+    # -- demands
+    def raw(self, name: str) -> None:
+        """The value of ``name`` as its operation computes it (linear, add, concat, max
+        pool)."""
+        if name in self.visited:
+            return
+        self.visited.add(name)
+        node = self.graph.node(name)
+        if node.kind == "linear":
+            axis = OPS[node.op].channel_axis % self.ndim[node.inputs[0]]
+            self.codes(node.inputs[0], axis)
+        elif node.kind == "max_pool":
+            self.codes(node.inputs[0], 1)
+        elif node.kind == "concat":
+            for operand in node.inputs:
+                self.codes(operand, 1)
+        elif node.kind == "add":
+            self.plan_add(node)
+        else:  # pragma: no cover - callers only ask for these kinds
+            raise AssertionError(node.kind)
+
+    def codes(self, name: str, axis: int) -> None:
+        """The value of ``name`` as unsigned codes (for a linear layer, max pool, concat
+        or add); a table produces them unless they already are."""
+        node = self.graph.node(name)
+        if name == self.input_name:
+            self.axes.setdefault(name, set()).add(axis)
+            return
+        if node.kind in ("max_pool", "concat"):
+            self.raw(name)
+            return
+        if node.kind == "add":
+            self.raw(name)
+            if self.pure_add(name):
+                return
+        if node.kind == "reshape":
+            source, chain = _chain_source(self.graph, name, self.input_name)
+            if all(n.kind == "reshape" for n in chain) and self.is_codes(source):
+                self.codes(source, 1)
+                return
+        if name not in self.tables:
+            self.tables.append(name)
+        self.axes.setdefault(name, set()).add(axis)
+        source, _ = _chain_source(self.graph, name, self.input_name)
+        if source == name:  # a linear layer or an add re-quantized by an empty chain
+            self.raw(name)
+        elif source == self.input_name:
+            self.codes(source, 1)
+        else:
+            self.raw(source)
+
+    def is_codes(self, name: str) -> bool:
+        node = self.graph.node(name)
+        if name == self.input_name or node.kind in ("max_pool", "concat"):
+            return True
+        if node.kind == "add":
+            self.raw(name)
+            return self.pure_add(name)
+        return False
+
+    def pure_add(self, name: str) -> bool:
+        """An add of codes only: its sum is codes too (one bit wider, same scale), which
+        a linear layer or a max pool reads at no cost."""
+        return all(o.mode == "codes" for o in self.adds[name])
+
+    def plan_add(self, node: Node) -> None:
+        coefficients = node.attrs["coefficients"]
+        operands = []
+        trick = None
+        linears = [
+            i for i, operand in enumerate(node.inputs) if self._accumulator_fits(operand, node)
+        ]
+        if linears:
+            trick = linears[0]  # the others enter as codes: at least one operand does
+        for i, (operand, sign) in enumerate(zip(node.inputs, coefficients, strict=True)):
+            mode: AddMode = "acc" if i == trick else "codes"
+            operands.append(AddOperand(operand, int(sign), mode))
+        self.adds[node.name] = tuple(operands)
+        for operand in operands:
+            if operand.mode == "acc":
+                self.raw(operand.node)
+            else:
+                self.codes(operand.node, 1)
+                for producer in self.producers(operand.node, node):
+                    self.union(node.name, producer)
+
+    def _accumulator_fits(self, operand: str, add: Node) -> bool:
+        node = self.graph.node(operand)
+        return (
+            node.kind == "linear"
+            and not OPS[node.op].unit_weights
+            and [u.name for u in self.graph.users(operand)] == [add.name]
+            and OPS[node.op].channel_axis % self.ndim[operand] == 1
+        )
+
+    def producers(self, name: str, add: Node) -> list[str]:
+        """The tables (or input) whose quantizer the codes of ``name`` are on."""
+        node = self.graph.node(name)
+        if name == self.input_name or name in self.tables:
+            return [name]
+        if node.kind == "max_pool":
+            return self.producers(node.inputs[0], add)
+        if node.kind == "add":
+            return [name]  # a pure add: its own group
+        raise UnsupportedOpError(
+            f"a residual add of a {node.kind} result",
+            _where(add),
+            "The operands of an add must come from a layer, an activation or a max pool; "
+            "apply an activation (or add) before concatenating or reshaping.",
+        )
+
+
+def _dag_pre_post(graph: Graph) -> tuple[list[Node], str, list[Node], str]:
+    pre: list[Node] = []
+    current = graph.input_name
+    while current != graph.output_name:
+        users = graph.users(current)
+        if len(users) != 1 or users[0].kind not in ("elementwise", "reshape"):
+            break
+        pre.append(users[0])
+        current = users[0].name
+    post: list[Node] = []
+    node = graph.node(graph.output_name)
+    while node.kind in ("elementwise", "reshape") and node.name != current:
+        if len(graph.users(node.inputs[0])) != 1:
+            break
+        post.insert(0, node)
+        node = graph.node(node.inputs[0])
+    if node.kind not in ("linear", "add"):
+        raise UnsupportedOpError(
+            f"a model whose encrypted part ends with a {node.kind} operation",
+            _where(node),
+            "The last encrypted operation must be a linear layer or a residual add "
+            "(elementwise operations after it run on the client).",
+        )
+    return pre, current, post, node.name
+
+
+def _observe(method: str, axis: int | None, arrays: list[np.ndarray]) -> Any:
+    observer = make_observer(method, axis=axis)
+    for array in arrays:
+        observer.observe(array)
+    return observer
+
+
+def quantize_dag(
+    graph: Graph, values: Mapping[str, np.ndarray], config: QuantConfig
+) -> QuantizedDag:
+    """Plan the quantization of a branching graph (see :class:`QuantizedDag`).
+
+    Every tensor read as codes gets an unsigned quantizer calibrated on the float model's
+    values there, per channel (axis 1, or the last axis for a dense layer) by default;
+    the operands of an add share one quantizer, calibrated on all of them, so that the
+    add needs no lookup. Weights are quantized by :func:`fhe_quant.lower.lower`, which
+    knows the integer scales of each linear layer's input.
+    """
+    if not any(n.kind == "linear" for n in graph.nodes):
+        raise UnsupportedOpError(
+            "a model without a linear layer",
+            "model",
+            "fhe_quant compiles models with at least one Linear layer.",
+        )
+    pre, input_name, post, output_name = _dag_pre_post(graph)
+    planner = _DagPlanner(graph, input_name, config)
+    planner.raw(output_name)
+    per_channel = config.per_channel_activations
+
+    def axis_of(name: str) -> int | None:
+        axes = planner.axes.get(name, {1})
+        return next(iter(axes)) if per_channel and len(axes) == 1 else None
+
+    producers = [input_name, *planner.tables]
+    components: dict[str, list[str]] = {}
+    for name in producers:
+        components.setdefault(planner.find(name), []).append(name)
+    grouped = {planner.find(add) for add in planner.adds}
+    quantizers: dict[str, UniformQuantizer] = {}
+    for root, members in components.items():
+        if root in grouped:
+            # Tensors added together share one quantizer, on the channel axis.
+            axis = 1 if per_channel and all(axis_of(m) == 1 for m in members) else None
+        else:
+            (name,) = members
+            axis = axis_of(name)
+        bits = config.n_bits_inputs if input_name in members else config.n_bits_activations
+        observer = _observe(config.calibration, axis, [values[m] for m in members])
+        quantizer = observer.quantizer(bits, signed=False, symmetric=False)
+        for member in members:
+            quantizers[member] = quantizer
+        quantizers[root] = quantizer
+    add_quantizers = {add: quantizers[planner.find(add)] for add in planner.adds}
+    return QuantizedDag(
+        input_name,
+        output_name,
+        tuple(pre),
+        tuple(post),
+        quantizers[input_name],
+        {name: quantizers[name] for name in planner.tables},
+        dict(planner.adds),
+        add_quantizers,
+    )

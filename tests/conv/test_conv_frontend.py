@@ -197,9 +197,10 @@ def test_functional_conv_and_pooling_match_torch() -> None:
         (nn.AvgPool2d(2, divisor_override=3), (1, 6, 6), "divisor_override"),
         (nn.AdaptiveAvgPool2d(4), (1, 6, 6), r"output_size=\(4, 4\)"),
         (nn.AdaptiveAvgPool1d(4), (1, 6), r"output_size=\(4,\)"),
-        (nn.MaxPool2d(2), (1, 6, 6), "coming later"),
-        (nn.MaxPool1d(2), (1, 6), "coming later"),
-        (nn.AdaptiveMaxPool2d(1), (1, 6, 6), "coming later"),
+        (nn.MaxPool2d(2, ceil_mode=True), (1, 5, 5), "ceil_mode=True"),
+        (nn.MaxPool2d(2, dilation=2), (1, 6, 6), "dilation"),
+        (nn.MaxPool1d(2, return_indices=True), (1, 6), "return_indices"),
+        (nn.AdaptiveMaxPool2d(4), (1, 6, 6), r"output_size=\(4, 4\)"),
         (nn.Conv3d(1, 2, 3), (1, 4, 4, 4), "3-dimensional"),
     ],
     ids=lambda v: repr(v) if isinstance(v, nn.Module) else None,
@@ -215,36 +216,45 @@ def test_unsupported_options_name_the_layer(layer: nn.Module, shape, match: str)
 
 class FunctionalMaxPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(x, 2)
+        return F.max_pool2d(x, 2, ceil_mode=True)
 
 
-class ConvResidual(nn.Module):
+class ConvProduct(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv = nn.Conv2d(2, 2, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x) + x
+        return self.conv(x) * x
 
 
-class ConvConcat(nn.Module):
+class ScaledResidual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.add(self.conv(x), x, alpha=0.5)
+
+
+class BatchConcat(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.a = nn.Conv2d(2, 2, 3, padding=1)
-        self.b = nn.Conv2d(2, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.a(x), self.b(x)], dim=1)
+        return torch.cat([self.a(x), x], dim=0)
 
 
 @pytest.mark.parametrize(
     ("model", "match"),
     [
-        (FunctionalMaxPool(), r"MaxPool2d.*max_pool2d.*coming later"),
-        (ConvResidual(), "add of two encrypted tensors"),
-        (ConvConcat(), "cat"),
+        (FunctionalMaxPool(), r"MaxPool2d\(ceil_mode=True\).*max_pool2d"),
+        (ConvProduct(), "mul of two encrypted tensors"),
+        (ScaledResidual(), "alpha=0.5"),
+        (BatchConcat(), "cat along the batch axis"),
     ],
-    ids=["max_pool2d", "residual", "cat"],
+    ids=["max_pool2d", "product", "scaled-residual", "batch-cat"],
 )
 def test_unsupported_functions_and_branches(model: nn.Module, match: str) -> None:
     with pytest.raises(UnsupportedOpError, match=match):

@@ -130,9 +130,16 @@ class Residual(nn.Module):
         return self.fc(x) + x
 
 
-def test_add_of_two_tensors_is_refused() -> None:
-    with pytest.raises(UnsupportedOpError, match="add of two encrypted tensors"):
-        trace_module(Residual(), _x())
+def test_add_of_two_tensors_is_a_residual_add_and_a_product_is_refused() -> None:
+    graph = trace_module(Residual(), _x())
+    assert [n.op for n in graph.nodes] == ["input", "linear", "add"]
+
+    class Product(Residual):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) * x
+
+    with pytest.raises(UnsupportedOpError, match="mul of two encrypted tensors"):
+        trace_module(Product(), _x())
 
 
 class Dynamic(nn.Module):
