@@ -232,14 +232,14 @@ def test_rounding_bits_sets_the_compare_width(iris: Any) -> None:
 @pytest.mark.slow
 @pytest.mark.execute
 def test_execute_equals_disable(iris: Any) -> None:
-    x, y = _stored(iris, every=7)  # 15 stored points keep key generation and runs short
-    model = fs.KNeighborsClassifier(n_neighbors=3, p_error=P_ERROR).fit(x, y)
+    # NOTE: 2-bit inputs keep the distances at 6 bits: the width of every encrypted value
+    # sets Concrete's parameters, and so key generation time.
+    x, y = _stored(iris, every=8)
+    model = fs.KNeighborsClassifier(n_neighbors=3, n_bits=2, p_error=P_ERROR).fit(x, y)
+    assert model.quantized_module_.program.width == 6
     model.compile(x)
     x_test = iris[1][:2]
+    module = model.quantized_module_
     np.testing.assert_array_equal(
-        model.quantized_module_.forward_integers(x_test, fhe="execute"),
-        model.quantized_module_.forward_integers(x_test),
-    )
-    np.testing.assert_array_equal(
-        model.predict_proba(x_test, fhe="execute"), model.predict_proba(x_test)
+        module.forward_integers(x_test, fhe="execute"), module.forward_integers(x_test)
     )

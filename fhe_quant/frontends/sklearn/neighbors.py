@@ -7,14 +7,17 @@ features, ``N`` stored points, ``k`` neighbours and ``C`` classes:
 
 1. **Squared distances, exact.** Every feature is clipped to its calibrated range and
    quantized with *one* step for all features (so distances between codes are
-   proportional to euclidean distances between the clipped values). With ``c_f`` the
-   largest code of feature ``f`` and ``p_i`` the stored codes::
+   proportional to euclidean distances between the clipped values). With ``p_i`` the
+   stored codes::
 
-       |q - p_i|^2 = sum_f (q_f - c_f)^2 + 2 q . (c - p_i) - sum_f (c_f^2 - p_if^2)
+       D_i = |q - p_i|^2 = (sum_f q_f^2 + |p_i|^2) - 2 q . p_i
 
-   One table per feature, ``(q_f - c_f)^2`` (``F`` lookups of ``n_bits`` inputs), then one
-   clear matrix product with non-negative weights and a clear constant: ``D_i``, exact,
-   ``0 <= D_i <= Dmax_i`` proven, with every intermediate value non-negative.
+   One table per feature, ``q_f^2`` (``F`` lookups of ``n_bits`` inputs), then two clear
+   matrix products with non-negative weights, one clear constant and one encrypted
+   subtraction: ``D_i``, exact, ``0 <= D_i <= Dmax_i`` proven, with every intermediate
+   value non-negative (both terms are bounded by about ``1.25 sum_f c_f^2`` for central
+   points, ``c_f`` the largest code of feature ``f``, against ``2 sum_f c_f^2`` for a
+   form with a single matrix product: one bit narrower distances).
 2. **Distance levels.** Only near neighbours matter, so ``D_i`` becomes a level
    ``min(floor(D_i / 2^t), 2^e - 1)`` (``e`` level bits; ``t`` is the shift whose levels
    best reproduce scikit-learn's predictions on the calibration data, computed in clear),
@@ -175,9 +178,9 @@ class KNNProgram:
         c = self.code_max.astype(np.int64)
         p = self.points.astype(np.int64)
         t, e = self.shift, self.level_bits
-        weight = 2 * (c[None, :] - p)  # (N, F), >= 0
-        const = (c[None, :] ** 2 - p**2).sum(axis=1)  # (N,), >= 0
-        a_max = int((c**2).sum() + (weight * c[None, :]).sum(axis=1).max())
+        weight = 2 * p  # (N, F), >= 0
+        const = (p**2).sum(axis=1)  # (N,), >= 0
+        a_max = int(max((c**2).sum() + const.max(), (weight * c[None, :]).sum(axis=1).max()))
         d_max = np.maximum(p, c[None, :] - p) ** 2
         d_max = d_max.sum(axis=1)
         has_far = bool(d_max.max() >= 2 ** (t + e))
@@ -246,7 +249,7 @@ class KNNProgram:
     # ------------------------------------------------------------------ tables
     def _square(self, q: np.ndarray) -> np.ndarray:
         q = np.asarray(q, dtype=np.int64)
-        return (q - self.code_max.astype(np.int64)) ** 2
+        return q**2
 
     def _far(self, r2: np.ndarray) -> np.ndarray:
         # r2 = (floor(D / 2^(t+e)) + 1) * 2^(t+e); far iff floor(...) >= 1.
@@ -274,8 +277,9 @@ class KNNProgram:
         q = backend.hint(q, self.input_bits)
         sq = backend.hint(backend.lookup(self._square, q), consts["square_bits"])
         ones = np.ones((self.points.shape[1], n), dtype=np.int64)
-        acc = backend.hint(sq @ ones + q @ consts["weight"].T, w)
-        dist = backend.hint(acc - consts["const"], w)
+        norms = backend.hint(sq @ ones + consts["const"], w)  # |q|^2 + |p_i|^2
+        cross = backend.hint(q @ consts["weight"].T, w)  # 2 q . p_i
+        dist = backend.hint(norms - cross, w)
         if t:
             r1 = backend.hint(backend.round(backend.hint(dist + 2 ** (t - 1), w), t, True), w)
             floor1 = backend.hint(r1 - 2**t, w)  # floor(D / 2^t) * 2^t
@@ -356,8 +360,8 @@ class KNNProgram:
         far = self._consts["has_far"]
         lines = [
             f"def program(q):  # q: uint{self.input_bits}[{f}], codes clipped per feature",
-            f"    sq = (q - c)^2  # {f} lookups",
-            f"    D = sq @ 1 + q @ W[{f}x{n}] - const  # exact squared distances, {w} bits",
+            f"    sq = q^2  # {f} lookups",
+            f"    D = (sq @ 1 + |p|^2) - q @ 2P[{f}x{n}]  # exact squared distances, {w} bits",
         ]
         if far:
             lines += [
