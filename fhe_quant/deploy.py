@@ -35,6 +35,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import tempfile
 import threading
 import warnings
 from collections import OrderedDict
@@ -519,34 +520,53 @@ def _estimator_output(estimator: Any) -> tuple[str | None, bool]:
     raise AssertionError("unreachable")
 
 
-def _check_post_processing(estimator: Any, module: QuantizedModule, post: PostProcessing) -> None:
-    """Refuse to save a post-processing that does not reproduce the estimator: compare
-    the estimator's own ``predict`` (and ``predict_proba``, ``decision_function``) with
-    the client's decoding of the module's outputs, on random inputs, in clear."""
+def _check_client(model: Any, module: QuantizedModule, processing: _ClientProcessing) -> None:
+    """Refuse to save a client that would not reproduce the model: on random inputs, in
+    clear, the client's quantization must equal the module's, and its decoding of the
+    module's integer outputs must equal the module's ``forward`` (a module) or the
+    estimator's own ``predict`` (and ``predict_proba``, ``decision_function``).
+
+    ``processing`` is the client as loaded back from its saved files, so the JSON round
+    trip is checked too.
+    """
     rng = np.random.default_rng(0)
     x = rng.normal(scale=3.0, size=(16, *module.input_shape))
-    raw = np.asarray(module.forward(x), dtype=np.float64).reshape(len(x), -1)
-    methods = ["predict"]
-    if post.task == "classifier" and post.output is not None:
-        methods.append("predict_proba")
-    if post.task == "classifier" and post.has_decision_function:
-        methods.append("decision_function")
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="X does not have valid feature names")
-        for method in methods:
-            expected = np.asarray(getattr(estimator, method)(x))
-            got = getattr(post, method)(raw)
-            same = (
-                np.array_equal(expected, got)
-                if method == "predict" and post.task == "classifier"
-                else expected.shape == got.shape and np.allclose(expected, got, rtol=1e-12, atol=0)
+    name = type(model).__name__
+    if not np.array_equal(processing.quantize(x), module.quantize_input(x)):
+        raise DeploymentError(
+            f"The saved input quantization of {name} does not reproduce the model's: the "
+            "artifact would encrypt wrong inputs, so it is not saved. Please report this."
+        )
+    acc = module.forward_integers(x)
+    post = processing.post_processing
+    if post.task == "module":
+        checks = [("forward", module.forward(x), processing.dequantize(acc))]
+    else:
+        raw = processing.raw(acc)
+        methods = ["predict"]
+        if post.task == "classifier" and post.output is not None:
+            methods.append("predict_proba")
+        if post.task == "classifier" and post.has_decision_function:
+            methods.append("decision_function")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="X does not have valid feature names")
+            checks = [(m, getattr(model, m)(x), getattr(post, m)(raw)) for m in methods]
+    for method, expected, got in checks:
+        expected, got = np.asarray(expected), np.asarray(got)
+        if expected.dtype.kind in "fc" or got.dtype.kind in "fc":
+            # NOTE: the same float operations on the same integers: equal but for rounding
+            # in a reimplementation; inf (an overflowing link) compares equal to inf.
+            same = expected.shape == got.shape and np.allclose(
+                expected, got, rtol=1e-12, atol=0, equal_nan=True
             )
-            if not same:
-                raise DeploymentError(
-                    f"The client-side {method} of {type(estimator).__name__} (from classes_, "
-                    "_output, _ravel) does not reproduce the estimator's own: the artifact "
-                    "would decode wrongly, so it is not saved. Please report this."
-                )
+        else:
+            same = expected.shape == got.shape and np.array_equal(expected, got)
+        if not same:
+            raise DeploymentError(
+                f"The client-side {method} of {name} (from classes_, _output, _ravel and "
+                "the output dequantization) does not reproduce the model's own: the artifact "
+                "would decode wrongly, so it is not saved. Please report this."
+            )
 
 
 def _jsonable(value: Any) -> Any:
@@ -627,23 +647,29 @@ class FHEModelDev:
         self.model = model
         self.module, _ = _resolve(model)
 
-    def _post_processing(self) -> PostProcessing:
+    def _client_processing(self) -> _ClientProcessing:
+        """The client's processing, checked against the model after a save/load trip."""
         if isinstance(self.model, QuantizedModule):
-            return PostProcessing("module")
-        post = PostProcessing.from_estimator(self.model)
-        _check_post_processing(self.model, self.module, post)
-        return post
+            post = PostProcessing("module")
+        else:
+            post = PostProcessing.from_estimator(self.model)
+        processing = _ClientProcessing.from_model(self.module, post)
+        with tempfile.TemporaryDirectory() as scratch:
+            processing.save(Path(scratch))
+            _check_client(self.model, self.module, _ClientProcessing.load(Path(scratch)))
+        return processing
 
     def save(self) -> None:
         """Write the artifacts; refuses to overwrite existing ones.
 
         Raises:
             NotCompiledError: the model has no circuit yet.
-            DeploymentError: an artifact exists there already, or an estimator's outputs
-                cannot be decoded by the client exactly as the estimator does.
+            DeploymentError: an artifact exists there already, or the saved client would
+                not quantize or decode exactly as the model does (checked in clear on
+                random inputs before anything is written).
         """
         circuit = self.module.circuit  # raises NotCompiledError if not compiled
-        post = self._post_processing()
+        processing = self._client_processing()
         client_dir, server_dir = self.path / "client", self.path / "server"
         for directory in (client_dir, server_dir):
             if (directory / _MANIFEST).exists():
@@ -652,7 +678,6 @@ class FHEModelDev:
         circuit.server.save(server_dir / "server.zip")
         _write_manifest(server_dir, "server", ["server.zip"])
         circuit.client.save(client_dir / "client.zip")
-        processing = _ClientProcessing.from_model(self.module, post)
         files = ["client.zip", *processing.save(client_dir)]
         summary = {
             "statistics": _jsonable(self.module.statistics),

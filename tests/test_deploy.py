@@ -234,7 +234,7 @@ def _mlp_classifier() -> tuple[object, np.ndarray]:
 
     x, y = _blobs(3)
     model = MLPClassifier(
-        hidden_layer_sizes=(4,), max_iter=2000, random_state=0, n_bits=3, p_error=TINY_P_ERROR
+        hidden_layer_sizes=(4,), max_iter=2000, random_state=0, n_bits=2, p_error=TINY_P_ERROR
     )
     return model.fit(x, np.array(["a", "b", "c"], dtype=object)[y]), x
 
@@ -335,6 +335,67 @@ def test_qat_module_artifact_gives_its_forward(tmp_path: Path) -> None:
     np.testing.assert_allclose(client.deserialize_decrypt_dequantize(results), in_torch, atol=1e-5)
     with pytest.raises(DeploymentError, match="has no labels"):
         client.predict(results)
+
+
+def _tree_classifier() -> tuple[object, np.ndarray]:
+    from fhe_quant.sklearn import DecisionTreeClassifier
+
+    x, y = _blobs(3)
+    model = DecisionTreeClassifier(max_depth=2, random_state=0, p_error=TINY_P_ERROR)
+    return model.fit(x, np.array(["a", "b", "c"])[y]), x
+
+
+def _forest_regressor() -> tuple[object, np.ndarray]:
+    from fhe_quant.sklearn import RandomForestRegressor
+
+    x, _ = _blobs(2)
+    model = RandomForestRegressor(n_estimators=3, max_depth=2, random_state=0)
+    return model.fit(x, 2.0 * x[:, 0] - x[:, 1]), x
+
+
+def _knn_classifier() -> tuple[object, np.ndarray]:
+    from fhe_quant.sklearn import KNeighborsClassifier
+
+    x, y = _blobs(3, n=12)
+    return KNeighborsClassifier(n_neighbors=3).fit(x, y + 1), x
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        _tree_classifier,
+        _forest_regressor,
+        pytest.param(_knn_classifier, marks=pytest.mark.slow),  # compiling takes ~8 s
+    ],
+    ids=lambda f: f.__name__,
+)
+def test_tree_and_knn_artifacts_decode_like_the_estimator_in_clear(build, tmp_path: Path) -> None:
+    """Trees and nearest neighbours follow the same contract: the saved client decodes
+    their integer outputs as their own predict does (in clear: ``disable`` equals
+    ``simulate`` and ``execute`` bit for bit, which their own tests prove)."""
+    estimator, x = build()
+    estimator.compile(x[:4])
+    FHEModelDev(tmp_path, estimator).save()
+    client = FHEModelClient(tmp_path / "client")
+    module = estimator.quantized_module_
+    np.testing.assert_array_equal(client.processing.quantize(x), module.quantize_input(x))
+    raw = client.processing.raw(module.forward_integers(x))
+    post = client.post_processing
+    expected = estimator.predict(x)
+    assert post.predict(raw).dtype == expected.dtype
+    np.testing.assert_array_equal(post.predict(raw), expected)
+    if hasattr(estimator, "predict_proba"):
+        np.testing.assert_array_equal(post.predict_proba(raw), estimator.predict_proba(x))
+
+
+def test_a_client_that_would_dequantize_wrongly_is_not_saved(tmp_path: Path) -> None:
+    model, x = _model(hidden=False)
+    qm = compile_torch_model(model, x, n_bits=3)
+    shifted = qm.dequantize_output
+    qm.dequantize_output = lambda acc: shifted(acc) + 1.0  # not what the artifact saves
+    with pytest.raises(DeploymentError, match="client-side forward of QuantizedModule"):
+        FHEModelDev(tmp_path, qm).save()
+    assert not (tmp_path / "client" / "manifest.json").exists()
 
 
 def test_estimator_artifact_records_its_task(tmp_path: Path) -> None:
