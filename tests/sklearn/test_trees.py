@@ -147,7 +147,7 @@ def test_compares_are_shared_and_constants_cost_nothing(load: Any) -> None:
     assert np.all((thresholds >= 0) & (thresholds < 7))  # no constant compare is looked up
     # Binary classes: one output, so leaves are grouped into fewer tables than leaves.
     assert leaves.table.shape[0] < len(ensemble.values)
-    assert leaves.index_bits <= 3  # never wider than... the compares (3 bits here)
+    assert leaves.index_bits < compare.index_bits  # group tables: narrower than compares
     lookups = module.program.lookups_by_width()
     assert sum(lookups.values()) == compare.table.shape[0] + leaves.table.shape[0]
 
@@ -469,3 +469,33 @@ def test_report_scores_and_cost(load: Any) -> None:
     assert report.metric == "r2" and report.scores["simulate"] == report.scores["quantized"]
     assert report.pbs_count == sum(report.pbs_per_precision.values())
     assert "leaf_tables" in report.program and "round_bit_pattern" not in report.program
+
+
+@pytest.mark.slow
+@pytest.mark.execute
+@pytest.mark.parametrize(
+    "model",
+    [
+        fs.DecisionTreeClassifier(max_depth=3, random_state=0, n_bits=4, p_error=TINY_P_ERROR),
+        fs.GradientBoostingClassifier(
+            n_estimators=3, max_depth=2, random_state=0, n_bits=4, p_error=TINY_P_ERROR
+        ),
+    ],
+    ids=["binary-tree", "multiclass-boosting"],
+)
+def test_deployed_tree_decodes_like_the_estimator(model: Any, load: Any, tmp_path: Any) -> None:
+    from fhe_quant.deploy import FHEModelClient, FHEModelDev, FHEModelServer
+
+    x_train, x_test, y_train, _ = load("breast_cancer" if "Decision" in repr(model) else "iris")
+    model.fit(x_train, y_train)
+    model.compile(x_train)
+    FHEModelDev(tmp_path, model).save()
+    client = FHEModelClient(tmp_path / "client", key_dir=tmp_path / "keys")
+    server = FHEModelServer(tmp_path / "server")
+    keys = client.get_serialized_evaluation_keys()
+    x = x_test[:2]
+    results = [server.run(c, keys) for c in client.quantize_encrypt_serialize(x)]
+    np.testing.assert_array_equal(client.predict(results), model.predict(x, fhe="simulate"))
+    np.testing.assert_array_equal(
+        client.predict_proba(results), model.predict_proba(x, fhe="simulate")
+    )
