@@ -7,6 +7,15 @@ The model owner compiles once and saves two directories with :class:`FHEModelDev
 * ``client/``: Concrete's client specs (``client.zip``), the quantization and
   post-processing parameters (``model.json`` + ``model.npz``), and a manifest.
 
+The model is a compiled torch or QAT :class:`~fhe_quant.model.QuantizedModule` or a
+fitted and compiled fhe_quant estimator. For an estimator, ``model.json`` also holds its
+post-processing (:class:`PostProcessing`: ``classes_`` with their dtype, the output
+function, the target shape), and the client's :meth:`FHEModelClient.predict`,
+:meth:`~FHEModelClient.predict_proba` and :meth:`~FHEModelClient.decision_function`
+return what the estimator's own methods return. Before writing anything,
+:class:`FHEModelDev` checks on random inputs, in clear, that the saved client quantizes
+and decodes exactly as the model does.
+
 Nothing is pickled: parameters are JSON and a NumPy ``.npz`` read with
 ``allow_pickle=False``; circuits and keys use Concrete's own serialization. Every
 manifest records the format version and the SHA-256 of each file, and loading checks
