@@ -234,7 +234,7 @@ def test_rounding_bits_sets_the_compare_width(iris: Any) -> None:
 def test_execute_equals_disable(iris: Any) -> None:
     # NOTE: 2-bit inputs keep the distances at 6 bits: the width of every encrypted value
     # sets Concrete's parameters, and so key generation time.
-    x, y = _stored(iris, every=8)
+    x, y = _stored(iris, every=16)  # 7 stored points
     model = fs.KNeighborsClassifier(n_neighbors=3, n_bits=2, p_error=P_ERROR).fit(x, y)
     assert model.quantized_module_.program.width == 6
     model.compile(x)
