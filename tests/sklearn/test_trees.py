@@ -147,7 +147,7 @@ def test_compares_are_shared_and_constants_cost_nothing(load: Any) -> None:
     assert np.all((thresholds >= 0) & (thresholds < 7))  # no constant compare is looked up
     # Binary classes: one output, so leaves are grouped into fewer tables than leaves.
     assert leaves.table.shape[0] < len(ensemble.values)
-    assert leaves.index_bits < compare.index_bits  # group tables: narrower than compares
+    assert leaves.index_bits <= compare.index_bits  # depth-4 leaves need 3 bits anyway
     lookups = module.program.lookups_by_width()
     assert sum(lookups.values()) == compare.table.shape[0] + leaves.table.shape[0]
 
@@ -456,7 +456,7 @@ def test_from_sklearn_errors(load: Any) -> None:
     trained = sk_tree.DecisionTreeClassifier(max_depth=2).fit(x_train, y_train)
     with pytest.raises(errors.InputError, match="features"):
         fs.from_sklearn(trained, x_train[:, :2])
-    with pytest.raises(errors.UnsupportedOpError, match="HistGradientBoosting"):
+    with pytest.raises(errors.UnsupportedOpError, match=r"HistGradientBoosting.*RandomForest"):
         fs.from_sklearn(sk_ensemble.HistGradientBoostingClassifier().fit(x_train, y_train), x_train)
 
 

@@ -156,8 +156,10 @@ def converters() -> dict[type, Converter]:
 
 
 def _unsupported(estimator: Any) -> UnsupportedOpError:
+    from fhe_quant.frontends.sklearn.tree import TREE_CLASSES  # converted without a graph
+
     name = type(estimator).__name__
-    supported = ", ".join(sorted(cls.__name__ for cls in converters()))
+    supported = ", ".join(sorted(cls.__name__ for cls in (*converters(), *TREE_CLASSES)))
     kernel = getattr(estimator, "kernel", None)
     if isinstance(kernel, str):
         return UnsupportedOpError(
