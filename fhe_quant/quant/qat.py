@@ -172,7 +172,9 @@ class QATConfig:
         weight_scale: how uniform weight scales follow the weights at every step:
             ``"mse"`` (least squared error per channel, the default) or ``"max"``.
         accumulator_bits: when set (2 to 16), every layer's proven accumulator range fits
-            in this many bits (uniform weights only); ``None``: no constraint.
+            in this many bits (uniform weights only; an average pooling, whose weights are
+            fixed, is refused when its ``qmax * k`` does not fit); ``None``: no
+            constraint.
         ema_momentum: weight of each new batch in the moving averages (``"ema"``).
         seed: seed of the stochastic binarization (``None``: torch's global generator).
 
