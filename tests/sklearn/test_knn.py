@@ -144,6 +144,22 @@ def test_clone_pipeline_and_grid_search(iris: Any) -> None:
     assert search.best_estimator_.predict(x).shape == y.shape
 
 
+def test_deployment_client_quantizes_and_decodes_like_the_model(
+    compiled: Any, iris: Any, tmp_path: Any
+) -> None:
+    """The saved client (clip chain, quantizer, vote dequantization, classes) is the
+    model's: checked by FHEModelDev before saving, and here on clipped inputs."""
+    from fhe_quant.deploy import FHEModelClient, FHEModelDev
+
+    FHEModelDev(tmp_path, compiled).save()
+    processing = FHEModelClient(tmp_path / "client").processing
+    x = np.concatenate([iris[1], iris[1][:5] * 10.0])
+    module = compiled.quantized_module_
+    np.testing.assert_array_equal(processing.quantize(x), module.quantize_input(x))
+    votes = module.forward_integers(x)
+    np.testing.assert_array_equal(processing.dequantize(votes), compiled.predict_proba(x))
+
+
 def test_pickle_keeps_the_program(compiled: Any, iris: Any) -> None:
     restored = pickle.loads(pickle.dumps(compiled))
     assert isinstance(restored.quantized_module_, KNNModule)
