@@ -409,7 +409,7 @@ class ConcatStep:
     multi_operand = True
 
     def __call__(self, operands: tuple[Any, ...], backend: Backend) -> Any:
-        return backend.hint(np.concatenate(list(operands), axis=self.axis), self.bits)
+        return backend.hint(np.concatenate(tuple(operands), axis=self.axis), self.bits)
 
     def describe(self, names: list[str]) -> str:
         parts = ", ".join(names[i] for i in self.inputs)
