@@ -95,7 +95,7 @@ class Report:
         lines += ["", header, "-" * len(header)]
         for layer in self.layers:
             lines.append(
-                f"{layer['layer'][:19]:<20}{layer['accumulator_bits']:>9}"
+                f"{layer['layer'][:19]:<20}{layer.get('accumulator_bits', '-'):>9}"
                 f"{layer.get('truncated_bits', '-'):>9}{layer.get('table_input_bits', '-'):>9}"
                 f"{layer.get('table_output_bits', '-'):>10}{layer.get('lookups', 0):>9}"
             )

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from fhe_quant.deploy import FHEModelClient, FHEModelDev, FHEModelServer
-from fhe_quant.lower import AddStep
+from fhe_quant.lower import AddStep, MaxPoolStep
 from fhe_quant.torch import compile_torch_model
 
 
@@ -43,6 +43,20 @@ def test_output_add_is_dequantized_by_the_client_and_reported() -> None:
     np.testing.assert_allclose(qm.forward(x), expected, atol=0.02)
     report = qm.report(x, (expected > 0.5).astype(int).argmax(axis=1), fhe="disable")
     assert "residual add" in report.program
+    assert "add" in str(report)
+
+
+def test_report_lists_tables_and_max_pools_of_a_branching_model() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 2)
+    )
+    x = np.random.default_rng(0).normal(size=(20, 1, 4, 4))
+    qm = compile_torch_model(model, x, n_bits=3, compile=False)
+    text = str(qm.report(x, np.zeros(20, dtype=int), fhe="disable"))
+    (pool,) = [s for s in qm.program.steps if isinstance(s, MaxPoolStep)]
+    (row,) = [line.split() for line in text.splitlines() if line.startswith(pool.name + " ")]
+    assert row[-1] == str(3 * 2 * 2 * 2)  # lookups: 3 per output element
 
 
 @pytest.mark.slow
