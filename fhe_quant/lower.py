@@ -25,6 +25,12 @@ bound, so its width never depends on the data Concrete sees at compile time:
   quantization (with its clipping);
 * the last linear layer's accumulator is returned as is: the client dequantizes it.
 
+Branching graphs (:class:`~fhe_quant.quant.ptq.QuantizedDag`) add steps that name their
+operands: a residual add (:class:`AddStep`, operands times clear integers plus an offset,
+0 lookups), a concatenation and a reshape (0 lookups), and max pooling
+(:class:`MaxPoolStep`, ``k - 1`` lookups per output element and pooled axis); see
+``docs/DESIGN-NOTES.md`` section 7 for the lookup counts.
+
 The bounds are handed to Concrete as bit-width hints, which also rule out the silent
 overflow of a value wider than the compile-time inputset showed.
 """

@@ -1,9 +1,11 @@
 """Post-training quantization: a float :class:`~fhe_quant.ir.Graph` and calibration data
 in, a :class:`QuantizedGraph` out.
 
-The graph (a chain, after :func:`fhe_quant.passes.simplify`) is cut into segments, each a
+A chain graph (after :func:`fhe_quant.passes.simplify`) is cut into segments, each a
 linear-kind layer (dense, convolution, average pooling) followed by the elementwise and
-reshape operations up to the next one::
+reshape operations up to the next one (a branching graph, with residual adds,
+concatenations or max pooling, gets a :class:`QuantizedDag` plan instead; see
+:func:`quantize_dag`)::
 
     [pre: client side] -> linear -> chain -> linear -> chain -> ... -> linear -> [post]
 
