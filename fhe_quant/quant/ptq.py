@@ -352,10 +352,9 @@ def _chain_source(graph: Graph, name: str, stop: str) -> tuple[str, tuple[Node, 
 class _DagPlanner:
     """Decides, from the output backwards, which values the program materializes."""
 
-    def __init__(self, graph: Graph, input_name: str, config: QuantConfig) -> None:
+    def __init__(self, graph: Graph, input_name: str) -> None:
         self.graph = graph
         self.input_name = input_name
-        self.config = config
         self.visited: set[str] = set()
         self.axes: dict[str, set[int]] = {}  # codes producer -> channel axes its users need
         self.tables: list[str] = []
@@ -541,7 +540,7 @@ def quantize_dag(
             "fhe_quant compiles models with at least one Linear layer.",
         )
     pre, input_name, post, output_name = _dag_pre_post(graph)
-    planner = _DagPlanner(graph, input_name, config)
+    planner = _DagPlanner(graph, input_name)
     planner.raw(output_name)
     per_channel = config.per_channel_activations
 
