@@ -69,8 +69,10 @@ def run(name: str, stored: int | None, samples: int, execute: bool) -> dict:
         "compile_seconds": compile_s,
         "simulate_seconds_per_sample": simulate_s,
     }
+    print(f"{name}: compiled and simulated ({compile_s:.0f} s compile)", flush=True)
     if execute:
         row.update(measure_execute(module, x_test, samples))
+        print(f"{name}: executed {samples} samples", flush=True)
     return row
 
 
