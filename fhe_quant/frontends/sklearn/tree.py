@@ -66,6 +66,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from functools import cached_property
 from numbers import Integral
 from typing import Any
 
@@ -243,8 +244,9 @@ class TreeEnsemble:
         """The raw outputs ``(N, O)`` in float, deciding like scikit-learn (float32
         inputs against float64 thresholds)."""
         x32 = np.asarray(x, dtype=np.float32).astype(np.float64)
-        bits = (x32[:, self.feature] <= self.threshold).astype(np.int64)
-        satisfied = bits @ self.path.T + self.n_negated
+        # NOTE: float64 products of small integers are exact, and use BLAS.
+        bits = (x32[:, self.feature] <= self.threshold).astype(np.float64)
+        satisfied = bits @ self.path.T.astype(np.float64) + self.n_negated
         reached = (satisfied == self.depth).astype(np.float64)
         return reached @ self.values + self.init
 
@@ -583,10 +585,11 @@ class _QNode:
     right: _QNode | None = None
     leaf: int = -1
 
-    def compares(self) -> set[int]:
+    @cached_property
+    def compares(self) -> frozenset[int]:
         if self.left is None or self.right is None:
-            return set()
-        return {self.compare} | self.left.compares() | self.right.compares()
+            return frozenset()
+        return frozenset({self.compare}) | self.left.compares | self.right.compares
 
     def walk(self, bits: Mapping[int, int]) -> int:
         node = self
@@ -596,21 +599,22 @@ class _QNode:
 
 
 def _grid_tree(
-    ensemble: TreeEnsemble,
+    path: np.ndarray,
     leaves: list[int],
     kept: np.ndarray,
     compare_of: np.ndarray,
     decided: frozenset[int] = frozenset(),
     prefix: Mapping[int, bool] | None = None,
 ) -> _QNode:
-    """The tree of ``leaves`` (one subtree of one tree) on the grid: constant compares
+    """The tree of ``leaves`` (one subtree of one tree; ``path``, ``kept`` and
+    ``compare_of`` restricted to that tree's compares) on the grid: constant compares
     keep only the side they always take, and a quantized compare already decided on
     the path (two float splits landing on one grid compare) keeps the side it took, so
     that every path tests distinct compares and every leaf is reachable."""
     prefix = prefix or {}
     if len(leaves) == 1:
         return _QNode(leaf=leaves[0])
-    rows = ensemble.path[leaves]
+    rows = path[leaves]
     # NOTE: compares are numbered in preorder, so the subtree's root is the smallest
     # compare of its leaves not decided yet.
     root = int(min(c for c in np.nonzero(np.any(rows != 0, axis=0))[0] if c not in decided))
@@ -620,11 +624,11 @@ def _grid_tree(
     q = int(compare_of[root])
     if q < 0 or q in prefix:
         goes_left = bool(kept[root]) if q < 0 else prefix[q]
-        return _grid_tree(ensemble, left if goes_left else right, kept, compare_of, decided, prefix)
+        return _grid_tree(path, left if goes_left else right, kept, compare_of, decided, prefix)
     return _QNode(
         q,
-        _grid_tree(ensemble, left, kept, compare_of, decided, {**prefix, q: True}),
-        _grid_tree(ensemble, right, kept, compare_of, decided, {**prefix, q: False}),
+        _grid_tree(path, left, kept, compare_of, decided, {**prefix, q: True}),
+        _grid_tree(path, right, kept, compare_of, decided, {**prefix, q: False}),
     )
 
 
@@ -636,9 +640,9 @@ class _Group:
     prefix: Mapping[int, bool]
     node: _QNode
 
-    @property
+    @cached_property
     def compares(self) -> list[int]:
-        return sorted(self.node.compares())
+        return sorted(self.node.compares)
 
     def index_max(self) -> int:
         """Largest table index: ``len(prefix) * 2**k + 2**k - 1``."""
@@ -755,7 +759,12 @@ def _build_program(
     bias = ensemble.init.copy()
     trees: list[tuple[int, _QNode]] = []
     for t in np.unique(ensemble.tree):
-        root = _grid_tree(ensemble, list(np.nonzero(ensemble.tree == t)[0]), kept, compare_of)
+        leaves = np.nonzero(ensemble.tree == t)[0]
+        # NOTE: each tree's compares are contiguous; working on its own columns keeps
+        # the conversion linear in the number of trees.
+        used = np.nonzero(np.any(ensemble.path[leaves] != 0, axis=0))[0]
+        cols = slice(int(used.min()), int(used.max()) + 1) if used.size else slice(0, 0)
+        root = _grid_tree(ensemble.path[:, cols], list(leaves), kept[cols], compare_of[cols])
         if root.left is None:
             bias = bias + ensemble.values[root.leaf]  # a tree constant on the grid
         else:
