@@ -643,11 +643,12 @@ to compares on a quantized input grid, path matching and summed leaf values.
 
 Constructor parameters: those of :class:`{path}` (same names; see its documentation),
 plus the ones below. FHE-friendly defaults differ from scikit-learn's: {defaults}
-(every compare and every leaf costs one table lookup per sample).
+(every distinct compare and every group of leaves costs one table lookup per sample).
 
 Args:
     n_bits: an int in [1, 8]: bits of the per-feature input grid, also the input width
-        of every compare table (up to 5 bits a lookup is cheap; 6 costs about 4x more);
+        of every compare table (up to 5 bits a lookup is cheap; 6 costs about 2-4x
+        more; classifiers default to 5 bits, regressors need 6 to keep their R²);
         the encrypted sum of leaf values then has 8 bits (no table reads it). Or a dict
         with keys ``inputs`` (the grid, default 6) and ``outputs`` (the sum of leaf
         values, 2 to 16 bits, default 8). Default {n_bits}.
@@ -751,15 +752,20 @@ class _FHETreeRegressor(_FHETreeEstimator, _FHERegressor):
     """Tree regressors: predictions are the decrypted, dequantized sums of leaf values."""
 
 
-#: Tree models' default grid: 5-bit compare tables (6 bits cost about 4x more per lookup).
-_TREE_N_BITS = 5
+#: Tree models' default grid, measured (benchmarks/sklearn_models.py and the tests' data
+#: sets): classifiers keep their accuracy within a point with 5-bit compare tables;
+#: regressors need 6 (on diabetes at 5 bits, R² drops 0.04 for a decision tree and 0.012
+#: for extra trees), and pay about twice the latency for it.
+_TREE_CLASSIFIER_N_BITS = 5
+_TREE_REGRESSOR_N_BITS = 6
 _SINGLE_TREE = {"max_depth": 5}
 _FOREST = {"n_estimators": 20, "max_depth": 4}
 _BOOSTING = {"n_estimators": 20}
 
 
 def _make_tree(sklearn_class: type, base: type, defaults: dict[str, Any]) -> type:
-    return _make_estimator(sklearn_class, base, _TREE_N_BITS, defaults, _TREE_DOC)
+    n_bits = _TREE_CLASSIFIER_N_BITS if base is _FHETreeClassifier else _TREE_REGRESSOR_N_BITS
+    return _make_estimator(sklearn_class, base, n_bits, defaults, _TREE_DOC)
 
 
 DecisionTreeClassifier = _make_tree(_tree.DecisionTreeClassifier, _FHETreeClassifier, _SINGLE_TREE)
