@@ -15,6 +15,7 @@ __all__ = [
     "remove_identities",
     "fold_affine_into_linear",
     "check_chain",
+    "commute_max_pool",
     "FLOAT_PASSES",
     "simplify",
 ]
@@ -115,6 +116,71 @@ def fold_affine_into_linear(graph: Graph) -> Graph:
     return graph.replace(nodes, output)
 
 
+_MONOTONE = {"identity", "relu", "relu6", "hardtanh", "sigmoid", "tanh", "softplus"}
+_MONOTONE |= {"hardsigmoid"}
+
+
+def _is_monotone(node: Node, ndim: int) -> bool:
+    """Whether ``node`` is a non-decreasing elementwise function, the same at every
+    spatial position of its ``ndim``-axis input (batch included), so that it commutes
+    with a maximum over positions."""
+    if node.op in _MONOTONE:
+        return True
+    if node.op == "leaky_relu":
+        return node.attrs["negative_slope"] >= 0
+    if node.op == "elu":
+        return node.attrs["alpha"] >= 0
+    if node.op == "prelu":  # one slope, or one per channel (axis 1)
+        return bool(np.all(node.params["weight"] >= 0))
+    if node.op not in ("add_const", "mul_const"):
+        return False
+    constant = node.params["constant"]
+    shape = (1,) * (ndim - constant.ndim) + constant.shape
+    if constant.ndim > ndim or any(d != 1 for d in shape[2:]):
+        return False  # varies along a spatial axis
+    return node.op == "add_const" or bool(np.all(constant > 0))
+
+
+def commute_max_pool(graph: Graph) -> Graph:
+    """Move a non-decreasing elementwise operation that follows a max pool before it:
+    ``f(max(x)) = max(f(x))`` exactly, padding included (a padded value is never the
+    maximum either way). The table that ``f`` needs then also re-quantizes the pool's
+    input, which the pool needed anyway, and the table after the pool disappears: one
+    lookup fewer per pooled element (``conv -> max pool -> relu``)."""
+    nodes = list(graph.nodes)
+    output = graph.output_name
+    if not any(n.op == "max_pool" for n in nodes):
+        return graph
+    ndims = {name: value.ndim for name, value in graph.run(_probe(graph)).items()}
+    changed = True
+    while changed:
+        changed = False
+        for pool in nodes:
+            users = [n for n in nodes if pool.name in n.inputs]
+            if pool.op != "max_pool" or len(users) != 1 or pool.name == output:
+                continue
+            (fn,) = users
+            if (
+                fn.kind != "elementwise"
+                or fn.inputs != (pool.name,)
+                or not _is_monotone(fn, ndims[pool.inputs[0]])
+            ):
+                continue
+            # f on the pool's input, then the pool under f's name (its users and the
+            # output need no rewiring; errors still name the pooling layer).
+            before = Node(
+                f"{fn.name}_before_pool", fn.op, pool.inputs, fn.attrs, fn.params, fn.source
+            )
+            after = Node(fn.name, pool.op, (before.name,), pool.attrs, {}, pool.source)
+            ndims[before.name] = ndims[after.name] = ndims[pool.inputs[0]]
+            nodes = [
+                before if n.name == pool.name else after if n.name == fn.name else n for n in nodes
+            ]
+            changed = True
+            break
+    return graph.replace(nodes, output)
+
+
 def check_chain(graph: Graph) -> Graph:
     """Refuse graphs that are not a single chain (no longer in :data:`FLOAT_PASSES`:
     branching graphs are quantized by :func:`fhe_quant.quant.ptq.quantize_dag`; kept for
@@ -138,6 +204,7 @@ def _probe(graph: Graph) -> np.ndarray:
 FLOAT_PASSES: tuple[Callable[[Graph], Graph], ...] = (
     remove_identities,
     fold_affine_into_linear,
+    commute_max_pool,
 )
 
 

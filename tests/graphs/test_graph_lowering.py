@@ -319,3 +319,53 @@ def test_high_precision_program_tracks_the_float_model(kind: str, bits: int, see
         expected = _float(model, x)
         scale = np.abs(expected).max()
         np.testing.assert_allclose(fine.forward(x), expected, atol=0.05 * scale)
+
+
+@pytest.mark.parametrize(
+    ("after", "commuted"),
+    [
+        (nn.ReLU(), True),
+        (nn.Sigmoid(), True),
+        (nn.LeakyReLU(0.1), True),
+        (nn.GELU(), False),  # not monotone: stays after the pool
+        (nn.Hardswish(), False),
+    ],
+    ids=repr,
+)
+def test_monotone_activation_after_a_max_pool_moves_before_it(after, commuted) -> None:
+    # f(max(x)) = max(f(x)) for a non-decreasing f: the table before the pool applies f,
+    # and the pool's output needs no table (one lookup fewer per pooled element).
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1), nn.MaxPool2d(3, 2, 1), after, nn.Flatten(), nn.Linear(18, 2)
+    )
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 1, 6, 6))
+    traced = trace_module(model, x)
+    graph = simplify(traced)
+    np.testing.assert_allclose(graph(x), traced(x), rtol=1e-12, atol=1e-12)
+    ops = [n.op for n in graph.nodes]
+    activation = next(op for op in ops[2:4] if op != "max_pool")
+    assert ops[2:4] == ([activation, "max_pool"] if commuted else ["max_pool", activation])
+    qm = compile_torch_model(model, x, n_bits=4, compile=False)
+    tables = sum(s.table.shape[0] for s in qm.program.steps if isinstance(s, TableStep))
+    # conv outputs 2 x 6 x 6 = 72 elements, pooled 2 x 3 x 3 = 18
+    assert tables == 72 if commuted else tables == 72 + 18
+
+
+def test_negative_channel_scale_after_a_max_pool_is_not_moved() -> None:
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+            self.pool = nn.MaxPool2d(2)
+            self.head = nn.Linear(18, 2)
+            self.register_buffer("c", torch.tensor([2.0, -1.0]).reshape(2, 1, 1))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(torch.flatten(self.pool(self.conv(x)) * self.c, 1))
+
+    x = np.random.default_rng(0).normal(size=(10, 1, 6, 6))
+    graph = simplify(trace_module(Scaled(), x))
+    ops = [n.op for n in graph.nodes]
+    assert ops.index("max_pool") < ops.index("mul_const")  # max(-x) is not -max(x)
