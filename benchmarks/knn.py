@@ -82,9 +82,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--no-execute", action="store_true")
     parser.add_argument("--datasets", nargs="+", default=list(LOADERS))
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "knn.json")
     args = parser.parse_args()
     rows = [run(name, args.stored, args.samples, not args.no_execute) for name in args.datasets]
-    write_results(Path(__file__).parent / "results" / "knn.json", rows)
+    write_results(args.out, rows)
     print(
         "| data | stored | k | float acc | simulated acc | PBS | table bits | keygen s "
         "| execute s/sample |"
