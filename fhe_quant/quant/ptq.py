@@ -303,7 +303,8 @@ class QuantizedDag:
             last client-side elementwise operation).
         output_name: the node whose value the program returns (a linear layer or an add);
             the client dequantizes it and runs ``post``.
-        pre: client-side operations before ``input_name``.
+        pre: client-side operations before ``input_name`` (elementwise, reshapes and
+            max pools of the input: free in clear).
         post: client-side operations after ``output_name``.
         input_quantizer: the client's quantizer.
         tables: the nodes whose codes a table produces (fusing the elementwise operations
@@ -494,7 +495,8 @@ def _dag_pre_post(graph: Graph) -> tuple[list[Node], str, list[Node], str]:
     current = graph.input_name
     while current != graph.output_name:
         users = graph.users(current)
-        if len(users) != 1 or users[0].kind not in ("elementwise", "reshape"):
+        # NOTE: a max pool of the input runs on the client, in clear, like activations.
+        if len(users) != 1 or users[0].kind not in ("elementwise", "reshape", "max_pool"):
             break
         pre.append(users[0])
         current = users[0].name

@@ -83,3 +83,15 @@ def test_output_of_a_max_pool_is_refused_with_its_place() -> None:
     with pytest.raises(UnsupportedOpError, match="ends with a max_pool") as info:
         compile_torch_model(model, np.zeros((4, 1, 6, 6)), n_bits=4, compile=False)
     assert "MaxPool2d" in info.value.where
+
+
+def test_max_pool_of_the_input_runs_on_the_client() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.MaxPool2d(2), nn.Flatten(), nn.Linear(2 * 3 * 3, 2)).double()
+    x = np.random.default_rng(0).normal(size=(30, 2, 6, 6))
+    qm = compile_torch_model(model, x, n_bits=8, compile=False)
+    assert [n.op for n in qm.quantized.pre] == ["max_pool", "reshape"]
+    assert qm.program.lookups_by_width() == {}  # one linear layer, no table
+    with torch.no_grad():
+        expected = model(torch.as_tensor(x)).numpy()
+    np.testing.assert_allclose(qm.forward(x), expected, atol=0.02 * np.abs(expected).max())
