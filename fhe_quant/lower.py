@@ -305,6 +305,10 @@ class AddStep:
         )
 
 
+def _identity(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x)
+
+
 def _multiplier_text(m: np.ndarray) -> str:
     magnitudes = np.unique(np.abs(m))
     if magnitudes.size == 1:
@@ -321,11 +325,13 @@ class MaxPoolStep:
     ``d = (a + K) - b`` with ``K = max proven code``, so ``0 <= d <= 2K`` (one bit more
     than the codes) and every value stays non-negative. The padded borders hold code 0,
     which is no larger than any code, so a padded position never changes a maximum (every
-    window holds a real value); each axis is padded just before it is reduced. Lookups
-    per output element: ``(k_1 - 1) * n_1 / n_out + (k_2 - 1)`` for 2-d pooling (``n_1``:
-    elements after the first axis), ``k - 1`` for 1-d: ``k*k - 1`` for non-overlapping
-    2-d windows (as a tree of pairwise maxima), fewer for overlapping ones (3x3, stride
-    1: about ``2 * 3 = 6`` instead of 8).
+    window holds a real value); each axis is padded just before it is reduced. A last
+    identity lookup per output (at the codes' width) separates the narrow codes from the
+    wide integers of the layer that reads them (Concrete gives one width to all values
+    linked by additions). Lookups per output element: ``(k_1 - 1) * n_1 / n_out +
+    (k_2 - 1) + 1`` for 2-d pooling (``n_1``: elements after the first axis), ``k`` for
+    1-d: ``k*k`` for non-overlapping 2-d windows (4 for 2x2), fewer than a tree of
+    pairwise maxima for overlapping ones (3x3, stride 1: about 5 instead of 9).
     """
 
     name: str
@@ -361,14 +367,20 @@ class MaxPoolStep:
         return shapes
 
     def lookups(self, in_shape: tuple[int, ...]) -> int:
-        """Table lookups per sample (``in_shape`` without the batch axis)."""
-        return sum(
+        """Table lookups per sample (``in_shape`` without the batch axis): the pairwise
+        maxima, and one identity lookup per output (see ``__call__``)."""
+        shapes = self.stage_shapes(in_shape)
+        maxima = sum(
             (self.kernel[axis - 2] - 1) * int(np.prod(shape))
-            for axis, shape in zip(self.axes, self.stage_shapes(in_shape), strict=True)
+            for axis, shape in zip(self.axes, shapes, strict=True)
         )
+        return maxima + int(np.prod(shapes[-1]))
 
     def lookups_by_width(self) -> dict[int, int]:
-        return {self.index_bits: self.lookups(self.in_shape)}
+        n_out = int(np.prod(self.stage_shapes(self.in_shape)[-1]))
+        counts = {self.index_bits: self.lookups(self.in_shape) - n_out}
+        counts[self.bits] = counts.get(self.bits, 0) + n_out
+        return counts
 
     def __call__(self, x: Any, backend: Backend) -> Any:
         for axis in self.axes:
@@ -392,7 +404,11 @@ class MaxPoolStep:
                 r = backend.hint(backend.lookup(self._relu_shifted, d), self.bits)
                 value = backend.hint(tap + r, self.bits)
             x = value
-        return x
+        # NOTE: Concrete gives every value linked by additions one width, so without this
+        # lookup the codes (and d) would take the width of the accumulator that reads the
+        # pooled values, and the max tables would read that many bits: an identity lookup
+        # separates the narrow codes from the next layer's wide integers.
+        return backend.lookup(_identity, x)
 
     def describe(self, names: list[str]) -> str:
         return (
@@ -1024,7 +1040,13 @@ class _DagLowering:
         )
 
     def max_pool(self, node: Node) -> _Value:
-        source = self.codes(node.inputs[0])
+        name = node.inputs[0]
+        if name in self.dag.tables and len(self.graph.users(name)) > 1:
+            # NOTE: codes that a linear layer also reads take its accumulator's width in
+            # Concrete (see MaxPoolStep); the pool gets its own copy of the table.
+            source = self.table(self.graph.node(name))
+        else:
+            source = self.codes(name)
         kernel, geometry = max_pool_geometry(node.attrs)
         scale = _channel_vector(source.scale, 1, node, "scale")
         zero = _channel_vector(source.zero, 1, node, "zero point")

@@ -56,7 +56,7 @@ def test_report_lists_tables_and_max_pools_of_a_branching_model() -> None:
     text = str(qm.report(x, np.zeros(20, dtype=int), fhe="disable"))
     (pool,) = [s for s in qm.program.steps if isinstance(s, MaxPoolStep)]
     (row,) = [line.split() for line in text.splitlines() if line.startswith(pool.name + " ")]
-    assert row[-1] == str(3 * 2 * 2 * 2)  # lookups: 3 per output element
+    assert row[-1] == str(4 * 2 * 2 * 2)  # lookups: 3 maxima and 1 identity per output
 
 
 @pytest.mark.slow

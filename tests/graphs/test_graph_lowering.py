@@ -102,22 +102,23 @@ def test_max_pool_step_is_the_exact_max_of_codes(
         got = step(q, NUMPY)
         np.testing.assert_array_equal(got, expected)  # padding never picked
         assert got.dtype.kind == "i"
-        if nd == 1:
-            assert step.lookups(q.shape[1:]) == (kernel - 1) * expected[0].size
+        if nd == 1:  # k - 1 maxima and one identity lookup per output
+            assert step.lookups(q.shape[1:]) == kernel * expected[0].size
     # The table reads one bit more than the codes, never more.
     assert step.index_bits == code_bits + 1
 
 
 def test_max_pool_lookups_per_output_element() -> None:
-    # 2x2 stride 2: 3 = k*k - 1 per output; 3x3 stride 1 padding 1 on 6x6: separable,
-    # 2*6*6 (rows) + 2*6*6 (columns) = 144 for 36 outputs, 4 per output (a tree: 8);
-    # 3x3 stride 2 padding 1 on 7x7: 2*4*7 + 2*4*4 = 88 for 16 outputs, 5.5 (a tree: 8).
+    # 2x2 stride 2: 3 = k*k - 1 maxima per output; 3x3 stride 1 padding 1 on 6x6:
+    # separable, 2*6*6 (rows) + 2*6*6 (columns) = 144 for 36 outputs, 4 per output (a
+    # tree: 8); 3x3 stride 2 padding 1 on 7x7: 2*4*7 + 2*4*4 = 88 for 16 outputs, 5.5
+    # (a tree: 8). Plus one identity lookup per output (the width break).
     cases = [
-        ((2, 2), (2, 2), (0, 0), (3, 8, 8), 3 * 3 * 16),
-        ((3, 3), (1, 1), (1, 1), (1, 6, 6), 144),
-        ((3, 3), (2, 2), (1, 1), (1, 7, 7), 88),
+        ((2, 2), (2, 2), (0, 0), (3, 8, 8), 3 * 3 * 16, 3 * 16),
+        ((3, 3), (1, 1), (1, 1), (1, 6, 6), 144, 36),
+        ((3, 3), (2, 2), (1, 1), (1, 7, 7), 88, 16),
     ]
-    for kernel, stride, pad, shape, count in cases:
+    for kernel, stride, pad, shape, maxima, n_out in cases:
         model = nn.Sequential(
             nn.Conv2d(shape[0], shape[0], 1),
             nn.ReLU(),
@@ -131,13 +132,15 @@ def test_max_pool_lookups_per_output_element() -> None:
         qm = compile_torch_model(model, x, n_bits=4, compile=False)
         pools = [s for s in qm.program.steps if isinstance(s, MaxPoolStep)]
         assert len(pools) == 1
-        assert pools[0].lookups(pools[0].in_shape) == count
+        assert pools[0].lookups(pools[0].in_shape) == maxima + n_out
         tables = [s for s in qm.program.steps if isinstance(s, TableStep)]
         lookups = qm.program.lookups_by_width()
-        # 4-bit codes: 5-bit relu tables (automatic width) and 5-bit max tables.
-        assert lookups[5] == sum(t.table.shape[0] for t in tables) + count
+        # 4-bit codes: 5-bit relu tables (automatic width), 5-bit max tables, and the
+        # 4-bit identity lookups.
+        assert lookups[5] == sum(t.table.shape[0] for t in tables) + maxima
+        assert lookups[4] == n_out
         stats = {layer["layer"]: layer for layer in qm.statistics["layers"]}
-        assert stats[pools[0].name]["lookups"] == count
+        assert stats[pools[0].name]["lookups"] == maxima + n_out
 
 
 # ------------------------------------------------------------------ residual blocks
@@ -217,6 +220,7 @@ def test_residual_add_costs_no_lookup(kind: str, requantized: int) -> None:
     relus = 3 if kind in ("codes", "sub") else 2
     expected = (relus + requantized) * elements + 3 * 2 * 2 * 2
     assert qm.program.lookups_by_width()[5] == expected
+    assert qm.program.lookups_by_width()[4] == 2 * 2 * 2  # the pool's identity lookups
     assert sum(isinstance(s, TableStep) for s in qm.program.steps) == relus + requantized
 
 
