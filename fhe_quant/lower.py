@@ -38,7 +38,7 @@ overflow of a value wider than the compile-time inputset showed.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -824,6 +824,27 @@ def _channel_vector(array: np.ndarray, axis: int, node: Node, what: str) -> np.n
     return moved[:, 0]
 
 
+def _identity_table(name: str, value: _Value) -> TableStep:
+    """One identity lookup per element of codes (a fresh value for Concrete's widths)."""
+    n = int(value.hi.max()) + 1
+    shape = tuple(value.hi.shape[1:])
+    table = np.tile(np.arange(n, dtype=np.int64), (value.hi.size, 1))
+    return TableStep(
+        name,
+        0,
+        bits_for(n - 1),
+        True,
+        value.hi.copy(),
+        table,
+        bits_for(n - 1),
+        shape,
+        value.lo.copy(),
+        value.hi.copy(),
+        np.asarray,
+        (value.index,),
+    )
+
+
 class _DagLowering:
     """Builds the steps of a branching program, each value once, operands first."""
 
@@ -1040,13 +1061,19 @@ class _DagLowering:
         )
 
     def max_pool(self, node: Node) -> _Value:
+        # NOTE: codes that a linear layer also reads take its accumulator's width in
+        # Concrete (see MaxPoolStep): the pool reads a lookup's output that only it reads,
+        # its own copy of the table producing its input, or an identity lookup of it.
         name = node.inputs[0]
-        if name in self.dag.tables and len(self.graph.users(name)) > 1:
-            # NOTE: codes that a linear layer also reads take its accumulator's width in
-            # Concrete (see MaxPoolStep); the pool gets its own copy of the table.
+        own = len(self.graph.users(name)) == 1 and name != self.dag.input_name
+        if name in self.dag.tables and not own:
             source = self.table(self.graph.node(name))
-        else:
+        elif name in self.dag.tables or (own and self.graph.node(name).kind == "max_pool"):
             source = self.codes(name)
+        else:
+            codes = self.codes(name)
+            step = _identity_table(f"{name}_copy", codes)
+            source = replace(codes, index=self.emit(step))
         kernel, geometry = max_pool_geometry(node.attrs)
         scale = _channel_vector(source.scale, 1, node, "scale")
         zero = _channel_vector(source.zero, 1, node, "zero point")

@@ -133,3 +133,26 @@ def test_execute_equals_disable(kind: str) -> None:
     clear = qm.forward_integers(x_test, fhe="disable")
     np.testing.assert_array_equal(qm.forward_integers(x_test, fhe="simulate"), clear)
     np.testing.assert_array_equal(qm.forward_integers(x_test, fhe="execute"), clear)
+
+
+def test_max_pool_of_shared_codes_keeps_narrow_tables() -> None:
+    # The pooled codes (a residual sum whose operand a convolution also reads) would take
+    # the 16+-bit width of the accumulators in Concrete; the pool reads its own copy.
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.stem = nn.Conv2d(1, 4, 3, padding=1)
+            self.conv = nn.Conv2d(4, 4, 3, padding=1)
+            self.pool = nn.MaxPool2d(2)
+            self.head = nn.Linear(4 * 4 * 4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = torch.relu(self.stem(x))
+            return self.head(torch.flatten(self.pool(y + torch.relu(self.conv(y))), 1))
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(30, 1, 8, 8))
+    qm = compile_torch_model(Shared(), x, n_bits=6, p_error=TINY_P_ERROR)
+    assert qm.fhe_circuit.statistics.max_bit_width > 16  # accumulators, not tables
+    _check_simulate_equals_disable(qm, rng.normal(size=(1, 1, 8, 8)))
