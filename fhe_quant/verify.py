@@ -536,6 +536,17 @@ def _program_of(model: Any, where: str) -> IntegerProgram:
             f"The 'model' parameter of {where} must be a compiled model (a QuantizedModule "
             f"from compile_torch_model) or its IntegerProgram. Got {type(model).__name__}."
         )
+    # NOTE: the checks follow the chain of linear layers and tables; a branching program
+    # (residual adds, concatenations, max pools) or a custom step has no such chain.
+    for index, step in enumerate(program.steps):
+        inputs = getattr(step, "inputs", ())
+        if not isinstance(step, (LinearStep, TableStep)) or tuple(inputs) not in ((), (index,)):
+            raise UnsupportedOpError(
+                type(step).__name__,
+                getattr(step, "name", f"step {index}"),
+                f"{where} checks chains of linear layers and tables only; this program "
+                "branches (residual add, concatenation or max pool) or has a custom step.",
+            )
     return program
 
 

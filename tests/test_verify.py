@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fhe_quant.errors import InputError, ParameterError, RangeError
+from fhe_quant.errors import InputError, ParameterError, RangeError, UnsupportedOpError
 from fhe_quant.lower import NUMPY, LinearStep, TableStep
 from fhe_quant.torch import compile_torch_model
 from fhe_quant.verify import (
@@ -489,3 +489,28 @@ def test_verification_draws_fresh_randomness_by_default(small, data) -> None:
     transcript = prove_inference(small, data)
     assert verify_inference(small, data, transcript).ok
     assert verify_inference(small, data, transcript, rounds=1, rng=np.random.default_rng(9)).ok
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.inner(x))
+        return self.head(torch.relu(h + x))
+
+
+def test_branching_program_is_refused_by_name() -> None:
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(size=(30, 4))
+    qm = compile_torch_model(_Residual(), x, n_bits=3, compile=False)
+    assert not qm.program.is_chain
+    for check in (
+        lambda: field_bounds(qm),
+        lambda: prove_inference(qm, x[:2]),
+        lambda: verify_inference(qm, x[:2], None),  # refused before the transcript is read
+    ):
+        with pytest.raises(UnsupportedOpError, match="branches"):
+            check()
