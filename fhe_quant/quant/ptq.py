@@ -213,8 +213,9 @@ def _activation_quantizer(
     return _silence_dead_features(quantizer, values)
 
 
-def _silence_dead_features(quantizer: UniformQuantizer, values: np.ndarray) -> UniformQuantizer:
-    """Features that were exactly 0 on every calibration sample get the smallest scale.
+def _silence_dead_features(quantizer: UniformQuantizer, *arrays: np.ndarray) -> UniformQuantizer:
+    """Features that were exactly 0 on every calibration sample (of every array the
+    quantizer serves) get the smallest scale.
 
     A feature calibrated to ``[0, 0]`` (a ReLU channel never active, a constant pixel)
     would otherwise get scale 1.0, and folding that scale into the next layer's weights
@@ -225,9 +226,13 @@ def _silence_dead_features(quantizer: UniformQuantizer, values: np.ndarray) -> U
     """
     if quantizer.axis is None:
         return quantizer
-    axis = quantizer.axis % values.ndim
-    other = tuple(d for d in range(values.ndim) if d != axis)
-    dead = np.all(values == 0, axis=other)
+    dead = None
+    for values in arrays:
+        axis = quantizer.axis % values.ndim
+        other = tuple(d for d in range(values.ndim) if d != axis)
+        zero = np.all(values == 0, axis=other)
+        dead = zero if dead is None else dead & zero
+    assert dead is not None
     if not dead.any():
         return quantizer
     scale = np.where(dead, MIN_SCALE, np.asarray(quantizer.scale, dtype=np.float64))
@@ -589,6 +594,7 @@ def quantize_dag(
         bits = config.n_bits_inputs if input_name in members else config.n_bits_activations
         observer = _observe(config.calibration, axis, [values[m] for m in members])
         quantizer = observer.quantizer(bits, signed=False, symmetric=False)
+        quantizer = _silence_dead_features(quantizer, *(values[m] for m in members))
         for member in members:
             quantizers[member] = quantizer
         quantizers[root] = quantizer
