@@ -121,17 +121,22 @@ class QuantizedModule:
                     }
                 )
         stats: dict[str, Any] = {"layers": layers, "input_bits": self.program.input_bits}
-        if self._circuit is not None:
-            s = self._circuit.statistics
-            stats.update(
-                pbs_count=s.pbs_count,
-                max_bit_width=s.max_bit_width,
-                pbs_per_precision=dict(s.pbs_per_precision),
-                compile_seconds=s.compile_seconds,
-                keygen_seconds=s.keygen_seconds,
-                complexity=s.complexity,
-            )
+        stats.update(self._circuit_statistics())
         return stats
+
+    def _circuit_statistics(self) -> dict[str, Any]:
+        """Concrete's figures for the compiled circuit (empty before compiling)."""
+        if self._circuit is None:
+            return {}
+        s = self._circuit.statistics
+        return {
+            "pbs_count": s.pbs_count,
+            "max_bit_width": s.max_bit_width,
+            "pbs_per_precision": dict(s.pbs_per_precision),
+            "compile_seconds": s.compile_seconds,
+            "keygen_seconds": s.keygen_seconds,
+            "complexity": s.complexity,
+        }
 
     # ------------------------------------------------------------------ client side
     def check_input(self, x: Any, what: str = "input") -> np.ndarray:

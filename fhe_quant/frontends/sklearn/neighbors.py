@@ -461,16 +461,7 @@ class KNNModule(QuantizedModule):
             "shift": program.shift,
             "planned_pbs_per_precision": program.lookups_by_width(),
         }
-        if self._circuit is not None:
-            s = self._circuit.statistics
-            stats.update(
-                pbs_count=s.pbs_count,
-                max_bit_width=s.max_bit_width,
-                pbs_per_precision=dict(s.pbs_per_precision),
-                compile_seconds=s.compile_seconds,
-                keygen_seconds=s.keygen_seconds,
-                complexity=s.complexity,
-            )
+        stats.update(self._circuit_statistics())
         return stats
 
 
