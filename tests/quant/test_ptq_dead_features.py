@@ -43,3 +43,28 @@ def test_dead_input_feature_is_clipped_to_zero() -> None:
     shifted = x.copy()
     shifted[:, 1] = 5.0  # outside its calibrated range [0, 0]: counts as 0
     np.testing.assert_array_equal(qm.forward(shifted), qm.forward(x))
+
+
+class _Branches(nn.Module):
+    """Two branches concatenated: a branching graph (planned by ``quantize_dag``)."""
+
+    def __init__(self, dead_weight: float) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.left, self.right, self.head = nn.Linear(2, 3), nn.Linear(2, 3), nn.Linear(6, 2)
+        with torch.no_grad():
+            self.left.weight[2] = 0.0
+            self.left.bias[2] = -100.0  # left channel 2 never fires
+            self.head.weight[:, 2] = dead_weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.cat([torch.relu(self.left(x)), torch.relu(self.right(x))], 1))
+
+
+def test_dead_channel_of_a_branching_graph_does_not_change_the_quantized_model() -> None:
+    x = np.random.default_rng(2).normal(size=(64, 2))
+    reference = compile_torch_model(_Branches(0.0).eval(), x, n_bits=4, compile=False)
+    loud = compile_torch_model(_Branches(50.0).eval(), x, n_bits=4, compile=False)
+    assert not loud.program.is_chain
+    np.testing.assert_array_equal(loud.float_forward(x), reference.float_forward(x))
+    np.testing.assert_array_equal(loud.forward(x), reference.forward(x))
