@@ -208,6 +208,12 @@ class _FHEEstimator(BaseEstimator):
     verbose: Any
 
     # ------------------------------------------------------------------ helpers
+    @classmethod
+    def _import_graph(cls, estimator: Any) -> SklearnGraph | None:
+        """What :func:`from_sklearn` reads from a fitted model of this class (a copy);
+        options this class cannot compile fail here, by name."""
+        return sklearn_to_graph(estimator)
+
     def _make_sklearn_model(self) -> Any:
         return self._sklearn_class(**{name: getattr(self, name) for name in self._sklearn_params})
 
@@ -684,6 +690,10 @@ class _FHETreeEstimator(_FHEEstimator):
             )
         return _trees.TreeQuantConfig.from_n_bits(self.n_bits)
 
+    @classmethod
+    def _import_graph(cls, estimator: Any) -> None:
+        return None  # no graph: unsupported options fail when the module is built
+
     def _set_fitted(
         self, model: Any, X: np.ndarray, config: Any, imported: SklearnGraph | None = None
     ) -> None:
@@ -855,14 +865,14 @@ def from_sklearn(
         >>> bool(np.allclose(model.predict(x[:3]), trained.predict(x[:3]), atol=0.05))
         True
     """
-    is_tree = isinstance(estimator, _trees.TREE_CLASSES)
-    if not is_tree:
-        converter_for(estimator)  # unsupported classes fail here, by name
-    wrapper_class = next(_WRAPPERS[cls] for cls in type(estimator).__mro__ if cls in _WRAPPERS)
+    wrapper_class = next(
+        (_WRAPPERS[cls] for cls in type(estimator).__mro__ if cls in _WRAPPERS), None
+    )
+    if wrapper_class is None:
+        converter_for(estimator)  # raises: the class is unsupported (named, with the others)
     _check_fitted(estimator, None)
     estimator = copy.deepcopy(estimator)
-    # Unsupported options fail here (trees: when the module is built).
-    imported = None if is_tree else sklearn_to_graph(estimator)
+    imported = wrapper_class._import_graph(estimator)
     params = {
         name: value
         for name, value in estimator.get_params(deep=False).items()
@@ -893,4 +903,4 @@ from fhe_quant.frontends.sklearn import neighbors as _neighbors  # noqa: E402
 
 KNeighborsClassifier = _neighbors.build_estimator()
 __all__.append("KNeighborsClassifier")
-from_sklearn = _neighbors.register_from_sklearn(from_sklearn, KNeighborsClassifier)
+_WRAPPERS[KNeighborsClassifier._sklearn_class] = KNeighborsClassifier

@@ -61,7 +61,6 @@ points to a few hundred at most; latency grows linearly with them.
 
 from __future__ import annotations
 
-import copy
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -85,7 +84,6 @@ __all__ = [
     "knn_to_module",
     "check_knn_options",
     "build_estimator",
-    "register_from_sklearn",
     "DEFAULT_N_BITS",
     "DEFAULT_LEVEL_BITS",
 ]
@@ -605,6 +603,11 @@ class _KNNMixin:
     sklearn_model_: Any
     quantized_module_: KNNModule
 
+    @classmethod
+    def _import_graph(cls, estimator: Any) -> None:
+        check_knn_options(estimator)  # no graph: the points are read when fitted
+        return None
+
     def _config(self) -> Any:
         config = super()._config()  # type: ignore[misc]
         if not isinstance(self.n_bits, int | np.integer) or isinstance(self.n_bits, bool):  # type: ignore[attr-defined]
@@ -717,48 +720,3 @@ def build_estimator() -> type:
     cls = fs._make_estimator(_SkKNeighborsClassifier, base, DEFAULT_N_BITS)
     cls.__doc__ = _DOC.format(n_bits=DEFAULT_N_BITS, level=DEFAULT_LEVEL_BITS)
     return cls
-
-
-def register_from_sklearn(from_sklearn: Callable[..., Any], estimator_class: type) -> Any:
-    """``from_sklearn`` extended to fitted ``sklearn.neighbors.KNeighborsClassifier``."""
-
-    @functools.wraps(from_sklearn)
-    def wrapped(
-        estimator: Any,
-        X: Any,
-        n_bits: int | dict[str, int] | None = None,
-        *,
-        rounding_bits: int | None = None,
-        p_error: float | None = None,
-        verbose: bool = False,
-    ) -> Any:
-        if not isinstance(estimator, _SkKNeighborsClassifier):
-            return from_sklearn(
-                estimator, X, n_bits, rounding_bits=rounding_bits, p_error=p_error, verbose=verbose
-            )
-        from fhe_quant import sklearn as fs
-
-        fs._check_fitted(estimator, None)
-        check_knn_options(estimator)
-        estimator = copy.deepcopy(estimator)
-        params = {
-            name: value
-            for name, value in estimator.get_params(deep=False).items()
-            if name in estimator_class._sklearn_params  # type: ignore[attr-defined]
-        }
-        params.update(rounding_bits=rounding_bits, p_error=p_error, verbose=verbose)
-        if n_bits is not None:
-            params["n_bits"] = n_bits
-        model = estimator_class(**params)
-        config = model._config()
-        X = model._validate(X, reset=True)
-        expected = getattr(estimator, "n_features_in_", X.shape[1])
-        if X.shape[1] != expected:
-            raise errors.InputError(
-                f"X has {X.shape[1]} features, but the fitted {type(estimator).__name__} "
-                f"expects {expected}: pass the data the model was trained on."
-            )
-        model._set_fitted(estimator, X, config)
-        return model
-
-    return wrapped
