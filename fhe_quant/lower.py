@@ -51,12 +51,12 @@ from fhe_quant.ir import (
     conv_numpy,
     linear_bounds,
     max_pool_geometry,
-    weight_input_channels,
 )
 from fhe_quant.quant.ptq import (
     QuantizedGraph,
     Segment,
     _chain_source,
+    _fold_input_scale,
     _unit_weight_quantizer,
     _weight_quantizer,
 )
@@ -611,11 +611,8 @@ def _broadcast(values: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndar
 def _lower_linear(segment: Segment, lower: np.ndarray, upper: np.ndarray) -> LinearStep:
     linear = segment.linear
     node: Node = linear.node
-    spec = OPS[node.op]
-    assert spec.linear_apply is not None
     weight = linear.weight_q
     lo, hi = linear_bounds(node.op, weight, lower, upper, node.attrs)
-    shape = lo.shape
     x_q = linear.input_quantizer
     # NOTE: input x_i = s_i * (q_i - z_i) and the integer weights W approximate
     # w * s_in / s_w (input scales folded in, see quant/ptq.py), so
@@ -624,9 +621,25 @@ def _lower_linear(segment: Segment, lower: np.ndarray, upper: np.ndarray) -> Lin
     # convolution pads z with 0 as it pads q, so `zero` differs at the borders and a
     # padded tap contributes s_w * (0 - 0) = 0: the real zero padding, for any z.
     z_x = np.broadcast_to(x_q.zero_point_array(lower.ndim), lower.shape).astype(np.int64)
-    zero = spec.linear_apply(z_x, weight, node.attrs, NUMPY) - lo
-    scale = _broadcast(np.asarray(linear.weight_quantizer.scale), shape, spec.channel_axis)
-    bias = _broadcast(node.params.get("bias", np.zeros(1)), shape, spec.channel_axis)
+    return _linear_step(node, weight, linear.weight_quantizer.scale, lo, hi, z_x)
+
+
+def _linear_step(
+    node: Node,
+    weight: np.ndarray,
+    weight_scale: Any,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    input_zero: np.ndarray,
+    inputs: tuple[int, ...] = (),
+) -> LinearStep:
+    """``acc = apply(q, weight) - lo`` (``0 <= acc <= hi - lo``) and its dequantization
+    ``scale * (acc - zero) + bias``, with ``zero = apply(input_zero, weight) - lo``."""
+    spec = OPS[node.op]
+    assert spec.linear_apply is not None
+    zero = spec.linear_apply(input_zero, weight, node.attrs, NUMPY) - lo
+    scale = _broadcast(np.asarray(weight_scale), lo.shape, spec.channel_axis)
+    bias = _broadcast(node.params.get("bias", np.zeros(1)), lo.shape, spec.channel_axis)
     return LinearStep(
         node.name,
         node.op,
@@ -637,6 +650,7 @@ def _lower_linear(segment: Segment, lower: np.ndarray, upper: np.ndarray) -> Lin
         zero.astype(np.float64),
         bias,
         node.attrs,
+        inputs,
     )
 
 
@@ -913,9 +927,7 @@ class _DagLowering:
         ndim = source.scale.ndim
         axis = spec.channel_axis % ndim
         s_in = _channel_vector(source.scale, axis, node, "scale")
-        weight = node.params["weight"]
-        per_column = s_in[weight_input_channels(node)]
-        folded = weight * per_column.reshape(per_column.shape + (1,) * (weight.ndim - 2))
+        folded = _fold_input_scale(node, s_in)
         last = node.name in self.output_linears
         bits = self.config.n_bits_outputs if last else self.config.n_bits_weights
         where = node.source or node.name
@@ -934,24 +946,10 @@ class _DagLowering:
         lo, hi = linear_bounds(node.op, w, source.lo, source.hi, node.attrs)
         if np.any(source.zero != np.rint(source.zero)):  # pragma: no cover - codes only
             raise AssertionError(f"non-integer zero points entering {where}")
-        z_x = source.zero.astype(np.int64)
-        zero = spec.linear_apply(z_x, w, node.attrs, NUMPY) - lo
-        shape = lo.shape
-        scale = _broadcast(np.asarray(w_q.scale), shape, spec.channel_axis)
-        bias = _broadcast(node.params.get("bias", np.zeros(1)), shape, spec.channel_axis)
-        step = LinearStep(
-            node.name,
-            node.op,
-            w,
-            -lo,
-            hi - lo,
-            scale,
-            zero.astype(np.float64),
-            bias,
-            node.attrs,
-            (source.index,),
+        step = _linear_step(
+            node, w, w_q.scale, lo, hi, source.zero.astype(np.int64), (source.index,)
         )
-        return _Value(self.emit(step), scale, step.zero, bias, np.zeros_like(lo), hi - lo)
+        return _Value(self.emit(step), step.scale, step.zero, step.bias, np.zeros_like(lo), hi - lo)
 
     def scaled_weights(
         self, node: Node, folded: np.ndarray, bits: int, common: UniformQuantizer

@@ -239,11 +239,12 @@ def _silence_dead_features(quantizer: UniformQuantizer, *arrays: np.ndarray) -> 
     return dataclasses.replace(quantizer, scale=tuple(float(s) for s in scale))
 
 
-def _fold_input_scale(node: Node, quantizer: UniformQuantizer) -> np.ndarray:
+def _fold_input_scale(node: Node, input_scale: Any) -> np.ndarray:
     """``weight * s_in`` along the weight's input axis (axis 1 of a (out, in, ...) weight;
-    with groups, output channel ``o`` reads the input channels of its group)."""
+    with groups, output channel ``o`` reads the input channels of its group); ``s_in`` is
+    one scale, or one per input channel."""
     weight = node.params["weight"]
-    scale = np.asarray(quantizer.scale, dtype=np.float64)
+    scale = np.asarray(input_scale, dtype=np.float64)
     if scale.size == 1:
         return weight * scale.item()
     per_column = scale[weight_input_channels(node)]
@@ -279,7 +280,7 @@ def quantize_graph(graph: Graph, x_calib: np.ndarray, config: QuantConfig) -> Qu
     for index, (node, chain) in enumerate(parts):
         last = index == len(parts) - 1
         bits = config.n_bits_outputs if last else config.n_bits_weights
-        weight = _fold_input_scale(node, input_quantizer)
+        weight = _fold_input_scale(node, input_quantizer.scale)
         if OPS[node.op].unit_weights:
             w_quantizer = _unit_weight_quantizer(weight, node.source or node.name)
         else:
