@@ -375,6 +375,13 @@ def quantize_graph(graph: Graph, x_calib: np.ndarray, config: QuantConfig) -> Qu
     x_calib = check_calibration_data(x_calib, graph.input_shape)
     values = graph.run(x_calib)
     if not is_chain(graph):
+        if config.accumulator_bits is not None:
+            raise UnsupportedOpError(
+                "accumulator_bits on a branching model",
+                "model",
+                "Accumulator-aware quantization supports chain models (no residual add, "
+                "concatenation or max pooling) for now; use accumulator_bits=None.",
+            )
         dag = quantize_dag(graph, values, config)
         return QuantizedGraph(graph, dag.pre, (), config, dag)
     pre, parts = _split(graph)
