@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fhe_quant.errors import RangeError
+from fhe_quant.errors import RangeError, UnsupportedOpError
 from fhe_quant.ir import OPS, ConvGeometry, linear_bounds
 from fhe_quant.lower import NUMPY, LinearStep, TableStep
 from fhe_quant.quant import axe
@@ -206,3 +206,18 @@ def test_budgeted_cnn_execute_equals_simulate_equals_disable() -> None:
     clear = qm.forward_integers(x_test, fhe="disable")
     np.testing.assert_array_equal(qm.forward_integers(x_test, fhe="simulate"), clear)
     np.testing.assert_array_equal(qm.forward_integers(x_test[:1], fhe="execute"), clear[:1])
+
+
+def test_branching_model_refuses_accumulator_bits_by_name() -> None:
+    class Residual(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(3, 3), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)) + x)
+
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    with pytest.raises(UnsupportedOpError, match="accumulator_bits on a branching model"):
+        compile_torch_model(Residual().eval(), x, accumulator_bits=10, compile=False)
