@@ -22,27 +22,13 @@ import numpy as np
 import torch
 from _common import digits_split, write_results
 from digits_cnn import digits_images, train_cnn
+from digits_mlp import train_mlp
 from tqdm.auto import tqdm
 
 from fhe_quant.errors import FHEQuantError
 from fhe_quant.torch import compile_torch_model
-from fhe_quant.training import fit
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def train_mlp(x: np.ndarray, y: np.ndarray, epochs: int = 30, seed: int = 0) -> torch.nn.Module:
-    """The issue's MLP: 64-64-64-10 ReLU, Adam, 30 epochs, on standardized digits."""
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 10),
-    )
-    fit(model, x, y, epochs=epochs, seed=seed, verbose=False)
-    return model.eval()
 
 
 def measure(model: Any, data: tuple, setting: dict[str, Any]) -> dict[str, Any]:
@@ -79,7 +65,7 @@ def run(bits: list[int], tables: list[int]) -> list[dict[str, Any]]:
     mlp_data = digits_split()
     cnn_data = digits_images()
     models = {
-        "digits MLP 64-64-64-10": (train_mlp(mlp_data[0], mlp_data[2]), mlp_data),
+        "digits MLP 64-64-64-10": (train_mlp(mlp_data[0], mlp_data[2], epochs=30), mlp_data),
         "digits CNN conv8-pool-72-10": (train_cnn(cnn_data[0], cnn_data[2]), cnn_data),
     }
     settings: list[dict[str, Any]] = [{"accumulator_bits": None, "rounding_bits": None}]

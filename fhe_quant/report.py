@@ -134,15 +134,16 @@ class Report:
         lines.append(f"input bits: {self.input_bits}")
         header = (
             f"{'layer':<20}{'acc bits':>9}{'dropped':>9}{'table in':>9}{'table out':>10}"
-            f"{'lookups':>9}{'SQNR dB':>9}"
+            f"{'SQNR dB':>9}{'lookups':>9}"
         )
+        # NOTE: lookups stay the last column (tests and scripts read it there).
         lines += ["", header, "-" * len(header)]
         for layer in self.layers:
             lines.append(
                 f"{layer['layer'][:19]:<20}{layer.get('accumulator_bits', '-'):>9}"
                 f"{layer.get('truncated_bits', '-'):>9}{layer.get('table_input_bits', '-'):>9}"
-                f"{layer.get('table_output_bits', '-'):>10}{layer.get('lookups', 0):>9}"
-                f"{_sqnr_text(layer.get('sqnr_db')):>9}"
+                f"{layer.get('table_output_bits', '-'):>10}"
+                f"{_sqnr_text(layer.get('sqnr_db')):>9}{layer.get('lookups', 0):>9}"
             )
         lines.append("(last layer: accumulator decrypted and dequantized by the client)")
         if self.pbs_count is not None:
