@@ -49,6 +49,7 @@ __all__ = [
     "SearchSpace",
     "check_validation",
     "search_torch",
+    "search_tree",
     "COMPILED",
     "MAX_VALIDATION",
 ]
@@ -182,7 +183,7 @@ class SearchRow:
     compiled, ``detail`` says why), or ``"chosen"``.
     """
 
-    candidate: Candidate
+    candidate: Any  # a Candidate, or a TreeQuantConfig for trees
     status: str
     metric: float | None = None
     estimated_seconds: float | None = None
@@ -341,41 +342,109 @@ def search_torch(
     x_val, y_val = _subset(*validation, seed)
     metric = _metric_of(y_val)
     reference = score(float_forward(x_val), y_val, metric)
-    cost_model = CostModel.default()
     candidates = (space or SearchSpace()).candidates(supports_accumulator_bits())
-    rows: dict[Candidate, SearchRow] = {}
-    passing: list[tuple[float, Candidate, Any]] = []
-    failed: list[Candidate] = []
-    closest: tuple[float, Candidate, Any] | None = None
+    return _run(
+        candidates,
+        lambda c: build(c.config(rounding_exact, **fixed)),
+        lambda c, other: c.dominates(other),
+        lambda module: score(module.forward(x_val, fhe="disable"), y_val, metric),
+        (metric, reference, budget),
+        x_calib,
+        verbose,
+    )
+
+
+#: Tree candidates: input grid bits x leaf-sum bits.
+TREE_INPUT_BITS = (2, 3, 4, 5, 6, 7)
+TREE_LEAF_BITS = (4, 6, 8)
+
+
+def search_tree(
+    build: Callable[[Any], Any],
+    x_calib: np.ndarray,
+    validation: tuple[np.ndarray, np.ndarray],
+    score_module: Callable[[Any, np.ndarray, np.ndarray], float],
+    reference: float,
+    *,
+    max_accuracy_drop: float = 0.01,
+    verbose: bool = False,
+) -> Any:
+    """The tree counterpart of :func:`search_torch`: candidates are the input grid bits
+    and leaf-sum bits (:class:`~fhe_quant.frontends.sklearn.tree.TreeQuantConfig`), a
+    config with no more bits of either kind than a failing one is pruned.
+
+    Args:
+        build: config -> an uncompiled tree module.
+        x_calib: calibration data (Concrete's inputset).
+        validation: checked ``(X_val, y_val)``.
+        score_module: ``(module, X, y)`` -> the estimator's metric in clear.
+        reference: the float model's metric on the validation data.
+        max_accuracy_drop: largest drop allowed.
+        verbose: a progress bar.
+    """
+    from fhe_quant.frontends.sklearn.tree import TreeQuantConfig
+
+    budget = _check_budget(max_accuracy_drop)
+    x_val, y_val = validation
+    candidates = sorted(
+        (TreeQuantConfig(i, o) for i in TREE_INPUT_BITS for o in TREE_LEAF_BITS),
+        key=lambda c: (c.input_bits, c.leaf_bits),
+    )
+    return _run(
+        candidates,
+        build,
+        lambda c, other: c.input_bits >= other.input_bits and c.leaf_bits >= other.leaf_bits,
+        lambda module: score_module(module, x_val, y_val),
+        ("metric", reference, budget),
+        x_calib,
+        verbose,
+    )
+
+
+def _run(
+    candidates: Sequence[Any],
+    build: Callable[[Any], Any],
+    dominates: Callable[[Any, Any], bool],
+    evaluate: Callable[[Any], float],
+    reference: tuple[str, float, float],
+    x_calib: np.ndarray,
+    verbose: bool,
+) -> Any:
+    """Score every candidate not pruned, compile the cheapest passing ones, pick."""
+    metric, value_float, budget = reference
+    cost_model = CostModel.default()
+    rows: dict[Any, SearchRow] = {}
+    passing: list[tuple[float, Any, Any]] = []
+    failed: list[Any] = []
+    closest: tuple[float, Any, Any] | None = None
     for candidate in tqdm(candidates, desc="n_bits='auto'", disable=not verbose, leave=False):
-        if any(f.dominates(candidate) for f in failed):
+        if any(dominates(f, candidate) for f in failed):
             rows[candidate] = SearchRow(candidate, "pruned")
             continue
         try:
-            module = build(candidate.config(rounding_exact, **fixed))
+            module = build(candidate)
         except (ParameterError, RangeError, InputError) as exc:
             rows[candidate] = SearchRow(candidate, "error", detail=str(exc))
             continue
-        value = score(module.forward(x_val, fhe="disable"), y_val, metric)
+        value = evaluate(module)
         price = _program_price(module.program, cost_model)
-        if value < reference - budget:
-            if closest is None or value > closest[0]:
-                closest = (value, candidate, module)
-            failed.append(candidate)
-            rows[candidate] = SearchRow(candidate, "failed", value, lookup_price=price)
+        status = "passed" if value >= value_float - budget else "failed"
+        rows[candidate] = SearchRow(candidate, status, value, lookup_price=price)
+        if status == "passed":
+            passing.append((price, candidate, module))
             continue
-        rows[candidate] = SearchRow(candidate, "passed", value, lookup_price=price)
-        passing.append((price, candidate, module))
+        failed.append(candidate)
+        if closest is None or value > closest[0]:
+            closest = (value, candidate, module)
     best = _compile_cheapest(passing, rows, x_calib, cost_model)
-    report = [rows[c] for c in candidates]
     if best is None:
         if closest is not None:  # its cost, for the error message
             _compile_cheapest([(0.0, closest[1], closest[2])], rows, x_calib, cost_model)
-            report = [rows[c] for c in candidates]
+        report = [rows[c] for c in candidates]
         scored = [r for r in report if r.metric is not None]
         top = max(scored, key=lambda r: r.metric, default=None)
         raise AccuracyBudgetError(
-            reference,
+            value_float,
             float("nan") if top is None else float(top.metric),
             None if top is None else top.estimated_seconds,
             budget,
@@ -384,7 +453,7 @@ def search_torch(
     chosen, module = best
     rows[chosen] = replace(rows[chosen], status="chosen")
     module.search_report_ = [rows[c] for c in candidates]
-    module.search_reference_ = (metric, reference)
+    module.search_reference_ = (metric, value_float)
     return module
 
 
