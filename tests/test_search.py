@@ -41,7 +41,7 @@ def problem():
     return net, x[:200], x[200:], y[200:]
 
 
-def _search(problem, **kwargs):
+def _search(problem, space=SPACE, **kwargs):
     from fhe_quant.frontends.torch import trace_module
     from fhe_quant.model import build_quantized_module
     from fhe_quant.passes import simplify
@@ -53,7 +53,7 @@ def _search(problem, **kwargs):
         graph,
         x,
         (xv, yv.astype(np.float64)),
-        space=SPACE,
+        space=space,
         **kwargs,
     )
 
@@ -111,7 +111,7 @@ def test_compile_torch_model_auto_end_to_end(problem):
 
 
 def test_unreachable_budget_is_a_typed_error_with_the_best(problem):
-    net, x, xv, yv = problem
+    net, x, _, _ = problem
     before = [p.detach().clone() for p in net.parameters()]
     # measured: no candidate of SPACE keeps the float model's accuracy exactly
     with pytest.raises(AccuracyBudgetError, match="best reached") as info:
@@ -179,3 +179,15 @@ def test_candidates_and_dominance():
     with pytest.raises(ParameterError, match="rounding_bits"):
         Candidate(3, 3, 0)
     assert check_validation((np.zeros((2, 3)), [0, 1]), (3,))[1].tolist() == [0.0, 1.0]
+
+
+@pytest.mark.slow
+@pytest.mark.execute
+def test_auto_choice_executes_like_disable(problem):
+    _, _, xv, _ = problem
+    space = SearchSpace(weights=(3, 4), activations=(3, 4), rounding_bits=(4,), per_channel=(True,))
+    qm = _search(problem, max_accuracy_drop=0.2, space=space)
+    assert max(qm.program.lookups_by_width()) <= 4
+    assert np.array_equal(
+        qm.forward_integers(xv[:1], fhe="execute"), qm.forward_integers(xv[:1], fhe="disable")
+    )

@@ -95,3 +95,15 @@ def test_validation_without_auto_is_refused():
         model.fit(x_train, y_train, validation=(x_test, y_test))
     with pytest.raises(Exception, match="n_bits"):
         fs.DecisionTreeClassifier(n_bits="fast").fit(x_train, y_train)
+
+
+@pytest.mark.slow
+@pytest.mark.execute
+def test_auto_tree_executes_like_disable():
+    x_train, x_test, y_train, y_test = dataset("wine")
+    model = fs.DecisionTreeClassifier(n_bits="auto", max_depth=2, random_state=0)
+    model.fit(x_train, y_train, validation=(x_test, y_test), max_accuracy_drop=0.05)
+    assert max(model.quantized_module_.program.lookups_by_width()) <= 4
+    assert np.array_equal(
+        model.predict(x_test[:1], fhe="execute"), model.predict(x_test[:1], fhe="disable")
+    )
