@@ -66,7 +66,7 @@ def test_estimate_needs_no_keys_and_matches_circuit(small_model):
 
 
 def test_report_shows_estimate_per_layer_and_total(small_model):
-    qm, x = small_model
+    qm, _ = small_model
     report = qm.report()
     text = str(report)
     assert "est. s" in text
