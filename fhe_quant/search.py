@@ -167,11 +167,15 @@ class Candidate:
         as accuracy grows with bits, at least as accurate)."""
         return (
             self.per_channel == other.per_channel
-            and self.accumulator_bits == other.accumulator_bits
+            and _budget(self.accumulator_bits) >= _budget(other.accumulator_bits)
             and self.table_bits >= other.table_bits
             and self.weights >= other.weights
             and self.activations >= other.activations
         )
+
+
+def _budget(bits: int | None) -> float:
+    return float("inf") if bits is None else float(bits)
 
 
 @dataclass(frozen=True)
@@ -205,7 +209,8 @@ class SearchSpace:
     activations: tuple[int, ...] = (3, 4, 5, 6)
     rounding_bits: tuple[int | None, ...] = (None, 6, 5, 4)
     per_channel: tuple[bool, ...] = (True, False)
-    accumulator_bits: tuple[int | None, ...] = field(default=(None,))
+    #: Used only when QuantConfig has ``accumulator_bits`` (accumulator-aware PTQ).
+    accumulator_bits: tuple[int | None, ...] = field(default=(None, 12, 10, 8))
 
     def candidates(self, accumulator: bool) -> list[Candidate]:
         """Every candidate, fewest bits first (``accumulator``: budgets supported)."""
@@ -223,7 +228,13 @@ class SearchSpace:
 def _order(c: Candidate) -> tuple:
     # NOTE: fewest bits first; within a bit pair the widest table first, so that a
     # branch stops at its first failure.
-    return (c.weights + c.activations, c.weights, -c.table_bits, not c.per_channel)
+    return (
+        c.weights + c.activations,
+        c.weights,
+        -c.table_bits,
+        -_budget(c.accumulator_bits),
+        not c.per_channel,
+    )
 
 
 def supports_accumulator_bits() -> bool:

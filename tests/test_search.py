@@ -176,6 +176,10 @@ def test_candidates_and_dominance():
     big, small = Candidate(5, 5, None), Candidate(4, 5, 5)
     assert big.table_bits == 6 and big.dominates(small) and not small.dominates(big)
     assert not Candidate(5, 5, None, per_channel=False).dominates(small)
+    # a wider accumulator budget (None: no budget) is at least as accurate
+    assert Candidate(5, 5, None, accumulator_bits=12).dominates(Candidate(5, 5, None, True, 10))
+    assert not Candidate(5, 5, None, accumulator_bits=10).dominates(Candidate(5, 5, None))
+    assert len(space.candidates(accumulator=True)) == 4 * len(candidates)
     with pytest.raises(ParameterError, match="rounding_bits"):
         Candidate(3, 3, 0)
     assert check_validation((np.zeros((2, 3)), [0, 1]), (3,))[1].tolist() == [0.0, 1.0]
