@@ -39,15 +39,8 @@ DROP = 0.01
 
 def _net(x_train, y_train) -> torch.nn.Module:
     torch.manual_seed(0)
-    net = torch.nn.Sequential(
-        torch.nn.Linear(64, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 10),
-    )
+    hidden = [m for _ in range(3) for m in (torch.nn.Linear(64, 64), torch.nn.ReLU())]
+    net = torch.nn.Sequential(*hidden, torch.nn.Linear(64, 10))  # the 64-64-64-10
     fit(net, x_train, y_train, epochs=30, lr=1e-3, verbose=False)
     return net
 
