@@ -12,7 +12,7 @@ The report compares, on data the user passes:
 The estimated latency, key generation time and key size come from the cost model
 (:mod:`fhe_quant.cost`: Concrete's own cost estimate of the circuit, fitted on runs
 measured on a 2-core machine with concrete-python 2.11), before any key exists; each
-layer's share of the latency (``est. s``) is its part of the lookups' price. It is a
+layer's share of the latency is its part of the lookups' price. It is a
 guide, ``benchmarks/`` holds measurements.
 """
 
@@ -103,16 +103,14 @@ class Report:
         lines.append(f"input bits: {self.input_bits}")
         header = (
             f"{'layer':<20}{'acc bits':>9}{'dropped':>9}{'table in':>9}{'table out':>10}"
-            f"{'lookups':>9}{'est. s':>9}"
+            f"{'lookups':>9}"
         )
         lines += ["", header, "-" * len(header)]
-        seconds = _layer_seconds(self.layers, self.estimated_latency_seconds)
-        for layer, layer_s in zip(self.layers, seconds, strict=True):
+        for layer in self.layers:
             lines.append(
                 f"{layer['layer'][:19]:<20}{layer.get('accumulator_bits', '-'):>9}"
                 f"{layer.get('truncated_bits', '-'):>9}{layer.get('table_input_bits', '-'):>9}"
                 f"{layer.get('table_output_bits', '-'):>10}{layer.get('lookups', 0):>9}"
-                f"{'-' if layer_s is None else f'{layer_s:.3f}':>9}"
             )
         lines.append("(last layer: accumulator decrypted and dequantized by the client)")
         if self.pbs_count is not None:
@@ -128,7 +126,18 @@ class Report:
                     f"estimated key generation: {self.estimated_keygen_seconds:.1f} s, "
                     f"evaluation keys {self.evaluation_key_bytes / 1e9:.2f} GB"
                 )
+            lines += self._estimate_lines()
         return "\n".join(lines)
+
+    def _estimate_lines(self) -> list[str]:
+        """The estimated latency shared between the layers that do lookups."""
+        seconds = _layer_seconds(self.layers, self.estimated_latency_seconds)
+        rows = [
+            f"  {layer['layer'][:19]:<20}{s:>9.3f} s"
+            for layer, s in zip(self.layers, seconds, strict=True)
+            if s
+        ]
+        return ["estimated latency per layer (by lookup price):", *rows] if rows else []
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython
         printer.text(str(self))
