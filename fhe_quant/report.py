@@ -9,9 +9,11 @@ The report compares, on data the user passes:
   effect of dropping accumulator bits before each table;
 * ``simulate`` (or ``execute``): Concrete's circuit, which must equal ``quantized``.
 
-The estimated latency scales Concrete's own cost estimate of the circuit by a factor
-measured on a 2-core machine with concrete-python 2.11; it is a guide, ``benchmarks/``
-holds measurements.
+The estimated latency, key generation time and key size come from the cost model
+(:mod:`fhe_quant.cost`: Concrete's own cost estimate of the circuit, fitted on runs
+measured on a 2-core machine with concrete-python 2.11), before any key exists; each
+layer's share of the latency is its part of the lookups' price. It is a
+guide, ``benchmarks/`` holds measurements.
 """
 
 from __future__ import annotations
@@ -52,6 +54,15 @@ def estimate_latency(complexity: float) -> float:
         16.0
     """
     return float(complexity) * SECONDS_PER_COMPLEXITY
+
+
+def _layer_seconds(layers: list[dict[str, Any]], total: float | None) -> list[float | None]:
+    """Each layer's share of the estimated latency (:func:`fhe_quant.cost.layer_costs`)."""
+    if total is None:
+        return [None] * len(layers)
+    from fhe_quant.cost import layer_costs
+
+    return [total * share for _, share in layer_costs(layers)]
 
 
 def score(output: np.ndarray, y: np.ndarray, metric: str) -> float:
@@ -121,6 +132,8 @@ class Report:
     pbs_per_precision: dict[int, int] = field(default_factory=dict)
     estimated_latency_seconds: float | None = None
     program: str = ""
+    estimated_keygen_seconds: float | None = None
+    evaluation_key_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -154,7 +167,23 @@ class Report:
                 f"max bit width: {self.max_bit_width}",
                 f"estimated latency: {self.estimated_latency_seconds:.2f} s/sample (2 cores)",
             ]
+            if self.evaluation_key_bytes is not None:
+                lines.append(
+                    f"estimated key generation: {self.estimated_keygen_seconds:.1f} s, "
+                    f"evaluation keys {self.evaluation_key_bytes / 1e9:.2f} GB"
+                )
+            lines += self._estimate_lines()
         return "\n".join(lines)
+
+    def _estimate_lines(self) -> list[str]:
+        """The estimated latency shared between the layers that do lookups."""
+        seconds = _layer_seconds(self.layers, self.estimated_latency_seconds)
+        rows = [
+            f"  {layer['layer'][:19]:<20}{s:>9.3f} s"
+            for layer, s in zip(self.layers, seconds, strict=True)
+            if s
+        ]
+        return ["estimated latency per layer (by lookup price):", *rows] if rows else []
 
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython
         printer.text(str(self))
@@ -197,6 +226,11 @@ def build_report(
             if layer["layer"] in sqnr:
                 layer["sqnr_db"] = sqnr[layer["layer"]]
     per_precision = stats.get("pbs_per_precision", {})
+    estimate = None
+    if model._circuit is not None:
+        from fhe_quant.cost import estimate_cost
+
+        estimate = estimate_cost(model)
     return Report(
         metric=metric,
         scores=scores,
@@ -205,8 +239,8 @@ def build_report(
         pbs_count=stats.get("pbs_count"),
         max_bit_width=stats.get("max_bit_width"),
         pbs_per_precision=per_precision,
-        estimated_latency_seconds=(
-            estimate_latency(stats["complexity"]) if "complexity" in stats else None
-        ),
+        estimated_latency_seconds=None if estimate is None else estimate.seconds_per_sample,
         program=model.program.source(),
+        estimated_keygen_seconds=None if estimate is None else estimate.keygen_seconds,
+        evaluation_key_bytes=None if estimate is None else estimate.key_bytes,
     )

@@ -41,7 +41,7 @@ from sklearn import tree as _tree
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.metrics import accuracy_score, d2_tweedie_score, r2_score
 from sklearn.utils import get_tags
-from sklearn.utils._param_validation import Interval, InvalidParameterError
+from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
 
@@ -684,7 +684,9 @@ Args:
         more; classifiers default to 5 bits, regressors need 6 to keep their R²);
         the encrypted sum of leaf values then has 8 bits (no table reads it). Or a dict
         with keys ``inputs`` (the grid, default 6) and ``outputs`` (the sum of leaf
-        values, 2 to 16 bits, default 8). Default {n_bits}.
+        values, 2 to 16 bits, default 8). Or ``"auto"``: ``fit(X, y,
+        validation=(X_val, y_val), max_accuracy_drop=0.01)`` picks both by estimated
+        latency (:func:`fhe_quant.search.search_tree`). Default {n_bits}.
     rounding_bits: must be ``None``: a tree has no accumulator to round.
     p_error: error probability of each table lookup in FHE (``None``: Concrete's
         default for the whole circuit).
@@ -715,7 +717,71 @@ class _FHETreeEstimator(_FHEEstimator):
                 f"accumulator to round. Got {self.rounding_bits!r} instead (set n_bits "
                 "to change the tables' width)."
             )
+        if isinstance(self.n_bits, str):  # "auto": chosen in _set_fitted
+            return self.n_bits
         return _trees.TreeQuantConfig.from_n_bits(self.n_bits)
+
+    def fit(  # type: ignore[override]
+        self,
+        X: Any,
+        y: Any,
+        sample_weight: Any = None,
+        *,
+        validation: Any = None,
+        max_accuracy_drop: float = 0.01,
+        **fit_params: Any,
+    ) -> Any:
+        """Fit as the other estimators; with ``n_bits="auto"``, also choose the input
+        grid and leaf-sum bits of least estimated latency whose metric on
+        ``validation=(X_val, y_val)`` in clear stays within ``max_accuracy_drop`` of the
+        float model's (:func:`fhe_quant.search.search_tree`; candidates are compiled,
+        never keyed, and listed in ``search_report_``).
+
+        Raises:
+            errors.InputError: bad validation data (named).
+            errors.ParameterError: validation without ``n_bits="auto"``, or a bad
+                ``max_accuracy_drop``.
+            fhe_quant.search.AccuracyBudgetError: no candidate meets the budget.
+        """
+        from fhe_quant.search import check_validation
+
+        if self.n_bits != "auto":
+            if validation is not None:
+                raise errors.ParameterError(
+                    "The 'validation' argument of fit is only used with n_bits='auto'; "
+                    f"got n_bits={self.n_bits!r}."
+                )
+            return super().fit(X, y, sample_weight, **fit_params)
+        self._auto = (check_validation(validation, None), max_accuracy_drop)
+        try:
+            return super().fit(X, y, sample_weight, **fit_params)
+        finally:
+            del self._auto
+
+    def _search(self, model: Any, X: np.ndarray) -> Any:
+        """``n_bits="auto"``: the tree module chosen by the cost model."""
+        from fhe_quant.search import check_validation, search_tree
+
+        (x_val, y_val), drop = self._auto
+        x_val, y_val = check_validation((x_val, y_val), (X.shape[1],))
+
+        def metric(module: Any, x: np.ndarray, y: np.ndarray) -> float:
+            raw = np.asarray(module.forward(x, fhe="disable"), dtype=np.float64).reshape(len(x), -1)
+            if hasattr(model, "classes_"):
+                index = (raw[:, 0] > 0).astype(np.intp) if raw.shape[1] == 1 else raw.argmax(1)
+                return float(accuracy_score(y, model.classes_[index]))
+            out = OUTPUT_FUNCTIONS[module.ensemble.output](raw)
+            return float(r2_score(y, out.reshape(-1) if module.ensemble.ravel else out))
+
+        return search_tree(
+            lambda config: _trees.build_tree_module(model, config, X),
+            X,
+            (x_val, y_val),
+            metric,
+            float(model.score(x_val, y_val)),
+            max_accuracy_drop=drop,
+            verbose=bool(self.verbose),
+        )
 
     @classmethod
     def _import_graph(cls, estimator: Any) -> None:
@@ -724,7 +790,11 @@ class _FHETreeEstimator(_FHEEstimator):
     def _set_fitted(
         self, model: Any, X: np.ndarray, config: Any, imported: SklearnGraph | None = None
     ) -> None:
-        module = _trees.build_tree_module(model, config, X)
+        if config == "auto":
+            module = self._search(model, X)
+            self.search_report_ = module.search_report_
+        else:
+            module = _trees.build_tree_module(model, config, X)
         # NOTE: every fitted attribute is set at the end, so a failure leaves the
         # estimator as it was.
         if hasattr(model, "classes_"):
@@ -802,7 +872,14 @@ _BOOSTING = {"n_estimators": 20}
 
 def _make_tree(sklearn_class: type, base: type, defaults: dict[str, Any]) -> type:
     n_bits = _TREE_CLASSIFIER_N_BITS if base is _FHETreeClassifier else _TREE_REGRESSOR_N_BITS
-    return _make_estimator(sklearn_class, base, n_bits, defaults, _TREE_DOC)
+    cls = _make_estimator(sklearn_class, base, n_bits, defaults, _TREE_DOC)
+    # n_bits="auto": fit(..., validation=(X_val, y_val)) chooses the bits by cost.
+    constraints = cls._parameter_constraints
+    cls._parameter_constraints = {
+        **constraints,
+        "n_bits": [*constraints["n_bits"], StrOptions({"auto"})],
+    }
+    return cls
 
 
 DecisionTreeClassifier = _make_tree(_tree.DecisionTreeClassifier, _FHETreeClassifier, _SINGLE_TREE)

@@ -37,7 +37,7 @@ def _rounding_exact(rounding: Any) -> bool:
 def compile_torch_model(
     module: Any,
     X_calib: Any,
-    n_bits: int | dict[str, int] = 6,
+    n_bits: int | dict[str, int] | str = 6,
     *,
     rounding_bits: int | None = None,
     rounding: str = "exact",
@@ -48,6 +48,9 @@ def compile_torch_model(
     global_p_error: float | None = None,
     compile: bool = True,
     verbose: bool = False,
+    max_accuracy_drop: float = 0.01,
+    validation: Any = None,
+    seed: int = 0,
 ) -> QuantizedModule:
     """Quantize a trained module after training and compile it for encrypted inference.
 
@@ -56,7 +59,12 @@ def compile_torch_model(
         X_calib: representative inputs ``(N, *input_shape)`` (NumPy or torch); they set
             the quantization ranges, and inputs outside them are clipped.
         n_bits: bits for every role, or a dict with keys ``inputs``, ``weights``,
-            ``activations``, ``outputs`` (the last layer's weights).
+            ``activations``, ``outputs`` (the last layer's weights), or ``"auto"``: the
+            weight and activation bits, table width (``rounding_bits``) and
+            per-channel weights of least estimated latency whose validation metric
+            stays within ``max_accuracy_drop`` of the float model's
+            (:mod:`fhe_quant.search`; the candidates tried are in the result's
+            ``search_report_``). Candidates are compiled, never keyed.
         rounding_bits: width of every table's input; the accumulator's low bits are
             dropped exactly down to it. ``None`` picks a width per layer from its output
             bits (see :func:`fhe_quant.lower.auto_table_bits`).
@@ -75,6 +83,10 @@ def compile_torch_model(
         compile: compile with Concrete now (else only ``fhe="disable"`` works until
             ``.compile(X)`` is called).
         verbose: show progress bars.
+        max_accuracy_drop: with ``n_bits="auto"``, the largest drop of the validation
+            metric (accuracy for integer labels, else R²) allowed.
+        validation: with ``n_bits="auto"``, ``(X_val, y_val)``.
+        seed: with ``n_bits="auto"``, picks the validation subset of a large set.
 
     Returns:
         A :class:`~fhe_quant.model.QuantizedModule`.
@@ -86,7 +98,24 @@ def compile_torch_model(
         ParameterError: ``n_bits`` or another parameter out of range.
         AccumulatorBudgetError: ``accumulator_bits`` too small for a layer (named, with
             the smallest width that works); a :class:`~fhe_quant.errors.RangeError`.
+        AccuracyBudgetError: ``n_bits="auto"`` and no candidate meets the budget.
     """
+    if isinstance(n_bits, str) and n_bits == "auto":
+        return _compile_auto(
+            module,
+            X_calib,
+            validation,
+            max_accuracy_drop=max_accuracy_drop,
+            rounding_exact=_rounding_exact(rounding),
+            calibration=calibration,
+            seed=seed,
+            verbose=verbose,
+            compile=compile,
+        )
+    if validation is not None:
+        raise ParameterError(
+            f"The 'validation' parameter is only used with n_bits='auto'; got n_bits={n_bits!r}."
+        )
     config = make_config(
         n_bits,
         rounding_bits=rounding_bits,
@@ -107,4 +136,47 @@ def compile_torch_model(
         p_error=p_error,
         global_p_error=global_p_error,
         verbose=verbose,
+    )
+
+
+def _compile_auto(
+    module: Any,
+    X_calib: Any,
+    validation: Any,
+    *,
+    max_accuracy_drop: float,
+    rounding_exact: bool,
+    calibration: str,
+    seed: int,
+    verbose: bool,
+    compile: bool,
+) -> QuantizedModule:
+    """``n_bits="auto"``: trace once, then :func:`fhe_quant.search.search_torch`."""
+    from fhe_quant.passes import simplify
+    from fhe_quant.search import check_validation, search_torch
+
+    if not compile:
+        raise ParameterError(
+            "n_bits='auto' compiles its candidates to compare their cost; compile=False "
+            "cannot be combined with it."
+        )
+    if hasattr(X_calib, "detach"):
+        X_calib = X_calib.detach().cpu().numpy()
+    x = check_calibration_data(np.asarray(X_calib), None)
+    graph = simplify(trace_module(module, x))
+    x_val, y_val = check_validation(validation, graph.input_shape)
+
+    def build(config: Any) -> QuantizedModule:
+        return build_quantized_module(graph, x, config, compile=False)
+
+    return search_torch(
+        build,
+        graph,
+        x,
+        (x_val, y_val),
+        max_accuracy_drop=max_accuracy_drop,
+        rounding_exact=rounding_exact,
+        seed=seed,
+        verbose=verbose,
+        calibration=calibration,
     )
