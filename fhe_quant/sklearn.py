@@ -25,6 +25,8 @@ Examples:
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -40,6 +42,7 @@ from sklearn import svm as _svm
 from sklearn import tree as _tree
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.metrics import accuracy_score, d2_tweedie_score, r2_score
+from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import get_tags
 from sklearn.utils._param_validation import Interval, InvalidParameterError
 from sklearn.utils.metaestimators import available_if
@@ -54,6 +57,7 @@ from fhe_quant.frontends.sklearn import (
     converter_for,
     sklearn_to_graph,
 )
+from fhe_quant.frontends.sklearn import boosting as _boosting
 from fhe_quant.frontends.sklearn import tree as _trees
 from fhe_quant.lower import lower
 from fhe_quant.model import QuantizedModule, build_quantized_module, make_config
@@ -86,6 +90,10 @@ __all__ = [
     "ExtraTreesRegressor",
     "GradientBoostingClassifier",
     "GradientBoostingRegressor",
+    "XGBClassifier",  # noqa: F822 - lazy (optional xgboost), see __getattr__
+    "XGBRegressor",  # noqa: F822 - lazy (optional xgboost), see __getattr__
+    "LGBMClassifier",  # noqa: F822 - lazy (optional lightgbm), see __getattr__
+    "LGBMRegressor",  # noqa: F822 - lazy (optional lightgbm), see __getattr__
     "from_sklearn",
     "NeuralNetClassifier",  # noqa: F822 - lazy, see __getattr__
     "NeuralNetRegressor",  # noqa: F822 - lazy, see __getattr__
@@ -101,6 +109,8 @@ def __getattr__(name: str) -> Any:
         from fhe_quant import qat
 
         return getattr(qat, name)
+    if name in _BOOSTING:
+        return _boosting_wrapper(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -538,6 +548,7 @@ def _make_estimator(
     default_n_bits: int,
     defaults: dict[str, Any] | None = None,
     doc: str = _DOC,
+    sk_signature: inspect.Signature | None = None,
 ) -> type:
     """A public estimator class wrapping ``sklearn_class``.
 
@@ -551,9 +562,10 @@ def _make_estimator(
     arguments raise ``TypeError`` as usual) and only stores them.
 
     ``defaults`` replaces some of scikit-learn's defaults (tree models get FHE-friendly
-    sizes); ``doc`` is the class docstring template.
+    sizes); ``doc`` is the class docstring template; ``sk_signature`` replaces the
+    class's own (XGBoost's takes ``**kwargs``).
     """
-    sk_signature = inspect.signature(sklearn_class.__init__)
+    sk_signature = sk_signature or inspect.signature(sklearn_class.__init__)
     if defaults:
         sk_signature = sk_signature.replace(
             parameters=[
@@ -584,7 +596,10 @@ def _make_estimator(
     name = sklearn_class.__name__
     init.__name__ = "__init__"
     init.__qualname__ = f"{name}.__init__"
-    constraints = {**sklearn_class._parameter_constraints, **_FHE_PARAMETER_CONSTRAINTS}  # type: ignore[attr-defined]
+    constraints = {
+        **getattr(sklearn_class, "_parameter_constraints", {}),
+        **_FHE_PARAMETER_CONSTRAINTS,
+    }
     if has_verbose:
         constraints["verbose"] = sklearn_class._parameter_constraints["verbose"]  # type: ignore[attr-defined]
     path = f"{sklearn_class.__module__.split('._')[0]}.{name}"
@@ -676,6 +691,9 @@ class _FHETreeEstimator(_FHEEstimator):
     """Tree models: fit, compile and predict as the other estimators; the quantized
     module comes from :func:`fhe_quant.frontends.sklearn.tree.build_tree_module`."""
 
+    #: Builds the quantized module from a fitted model (and its calibration data or range).
+    _build_module = staticmethod(_trees.build_tree_module)
+
     def _config(self) -> Any:  # type: ignore[override]
         try:
             self._validate_params()
@@ -697,7 +715,7 @@ class _FHETreeEstimator(_FHEEstimator):
     def _set_fitted(
         self, model: Any, X: np.ndarray, config: Any, imported: SklearnGraph | None = None
     ) -> None:
-        module = _trees.build_tree_module(model, config, X)
+        module = self._build_module(model, config, X)
         # NOTE: every fitted attribute is set at the end, so a failure leaves the
         # estimator as it was.
         if hasattr(model, "classes_"):
@@ -734,7 +752,7 @@ class _FHETreeEstimator(_FHEEstimator):
         tree_state = state.pop("_tree_state", None)
         BaseEstimator.__setstate__(self, state)
         if tree_state is not None:
-            self.quantized_module_ = _trees.build_tree_module(
+            self.quantized_module_ = self._build_module(
                 self.sklearn_model_,
                 _trees.TreeQuantConfig(**tree_state["config"]),
                 low=tree_state["low"],
@@ -790,6 +808,130 @@ GradientBoostingClassifier = _make_tree(
 GradientBoostingRegressor = _make_tree(
     _ensemble.GradientBoostingRegressor, _FHETreeRegressor, _BOOSTING
 )
+
+# --------------------------------------------------------------------------- XGBoost, LightGBM
+# NOTE: both libraries are optional (``pip install fhe-quant[boosting]``): their wrappers
+# are built on first use (module __getattr__, from_sklearn), so importing this module
+# never imports them. Their trees go through the same lowering as scikit-learn's
+# (fhe_quant.frontends.sklearn.boosting reads the dumped trees).
+
+_BOOSTING_DOC = """{name} for encrypted inference: :class:`{path}`, its trees converted
+to compares on a quantized input grid, path matching and summed leaf values (the same
+lowering as scikit-learn's tree models; see :mod:`fhe_quant.frontends.sklearn.boosting`
+for how thresholds, base score, classes and link functions are read).
+
+Constructor parameters: those of :class:`{path}` (same names; see its documentation),
+plus the ones below. FHE-friendly defaults differ from the library's: {defaults}
+(every distinct compare and every group of leaves costs one table lookup per sample).
+NaN inputs are refused (``InputError``): the trees' default directions never apply.
+
+Args:
+    n_bits: an int in [1, 8]: bits of the per-feature input grid, also the input width
+        of every compare table; or a dict with keys ``inputs`` and ``outputs`` (the
+        sum of leaf values, default 8 bits). Default {n_bits}.
+    rounding_bits: must be ``None``: a tree has no accumulator to round.
+    p_error: error probability of each table lookup in FHE (``None``: Concrete's
+        default for the whole circuit).
+    verbose: show progress bars{verbose_note}.
+
+Attributes:
+    sklearn_model_: the fitted library model (float).
+    quantized_module_: the quantized model
+        (:class:`fhe_quant.frontends.sklearn.tree.TreeModule`); its circuit exists after
+        :meth:`compile`.{classes}
+    n_features_in_: number of features seen during ``fit``.
+"""
+
+
+class _FHEBoostingEstimator(_FHETreeEstimator):
+    """XGBoost and LightGBM models: tree estimators whose trees are read from the
+    library's dump."""
+
+    _build_module = staticmethod(_boosting.build_boosting_module)
+
+    def _make_sklearn_model(self) -> Any:
+        params = {name: getattr(self, name) for name in self._sklearn_params}
+        if self._sklearn_class.__module__.startswith("lightgbm") and not self.verbose:
+            params["verbose"] = -1  # NOTE: LightGBM prints its warnings unless told not to
+        return self._sklearn_class(**params)
+
+
+class _FHEBoostingClassifier(_FHEBoostingEstimator, _FHETreeClassifier):
+    """XGBoost/LightGBM classifiers: trained on the labels' indices (XGBoost accepts no
+    other labels), ``classes_`` the labels themselves."""
+
+    def fit(self, X: Any, y: Any, sample_weight: Any = None, **fit_params: Any) -> Any:
+        """Fit the library's model on the indices of the labels, then quantize it (see
+        :meth:`_FHEEstimator.fit`)."""
+        try:
+            labels = column_or_1d(y, warn=True)
+            encoder = LabelEncoder().fit(labels)
+        except (ValueError, TypeError) as exc:
+            raise errors.InputError(str(exc)) from exc
+        super().fit(X, encoder.transform(labels), sample_weight, **fit_params)
+        self.classes_ = encoder.classes_
+        return self
+
+
+class _FHEBoostingRegressor(_FHEBoostingEstimator, _FHETreeRegressor):
+    """XGBoost/LightGBM regressors."""
+
+
+#: The FHE-friendly defaults of the boosting wrappers (the libraries': 100 trees, depth 6
+#: for XGBoost; 100 trees of 31 leaves, unbounded depth, for LightGBM).
+_XGB_DEFAULTS = {"n_estimators": 20, "max_depth": 4}
+_LGBM_DEFAULTS = {"n_estimators": 20, "num_leaves": 15, "max_depth": 4}
+#: Public name -> (library, its class, our base class, our defaults).
+_BOOSTING: dict[str, tuple[str, str, type, dict[str, Any]]] = {
+    "XGBClassifier": ("xgboost", "XGBClassifier", _FHEBoostingClassifier, _XGB_DEFAULTS),
+    "XGBRegressor": ("xgboost", "XGBRegressor", _FHEBoostingRegressor, _XGB_DEFAULTS),
+    "LGBMClassifier": ("lightgbm", "LGBMClassifier", _FHEBoostingClassifier, _LGBM_DEFAULTS),
+    "LGBMRegressor": ("lightgbm", "LGBMRegressor", _FHEBoostingRegressor, _LGBM_DEFAULTS),
+}
+
+
+def _library_signature(library_class: type) -> inspect.Signature:
+    """The keyword-only parameters of a library estimator, with their defaults: its
+    ``get_params`` (XGBoost's ``__init__`` takes ``**kwargs`` for most of them)."""
+    params = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value)
+        for name, value in library_class().get_params(deep=False).items()
+    ]
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return inspect.Signature([self_param, *params])
+
+
+@functools.cache
+def _boosting_wrapper(name: str) -> type:
+    """The public wrapper ``name`` (built once, registered for :func:`from_sklearn`).
+
+    Raises:
+        ImportError: the library is not installed (with the command that installs it).
+    """
+    library, class_name, base, defaults = _BOOSTING[name]
+    try:
+        module = importlib.import_module(library)
+    except ImportError as exc:
+        raise ImportError(
+            f"fhe_quant.sklearn.{name} needs {library}: pip install 'fhe-quant[boosting]'."
+        ) from exc
+    library_class = getattr(module, class_name)
+    n_bits = _TREE_CLASSIFIER_N_BITS if base is _FHEBoostingClassifier else _TREE_REGRESSOR_N_BITS
+    wrapper = _make_estimator(
+        library_class, base, n_bits, defaults, _BOOSTING_DOC, _library_signature(library_class)
+    )
+    _WRAPPERS[library_class] = wrapper
+    return wrapper
+
+
+def _register_boosting(estimator: Any) -> None:
+    """Build the wrappers of ``estimator``'s library, if it is XGBoost or LightGBM."""
+    if _boosting.is_booster(estimator):
+        library = type(estimator).__module__.split(".")[0]
+        for name, (lib, *_) in _BOOSTING.items():
+            if lib == library:
+                _boosting_wrapper(name)
+
 
 #: The public estimator of each supported scikit-learn class.
 _WRAPPERS: dict[type, type] = {
@@ -865,6 +1007,7 @@ def from_sklearn(
         >>> bool(np.allclose(model.predict(x[:3]), trained.predict(x[:3]), atol=0.05))
         True
     """
+    _register_boosting(estimator)
     wrapper_class = next(
         (_WRAPPERS[cls] for cls in type(estimator).__mro__ if cls in _WRAPPERS), None
     )
