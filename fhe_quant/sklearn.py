@@ -46,7 +46,14 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import get_tags
 from sklearn.utils._param_validation import Interval, InvalidParameterError
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_array,
+    check_is_fitted,
+    column_or_1d,
+    validate_data,
+)
 
 from fhe_quant import errors
 from fhe_quant.fhe import check_fhe_mode
@@ -768,12 +775,13 @@ class _FHETreeClassifier(_FHETreeEstimator, _FHEClassifier):
         out = super()._validate(X, y, reset=reset)
         if isinstance(y, str) and y == "no_validation":
             return out
-        X, y = out
-        if y.ndim == 2 and y.shape[1] == 1:
-            # NOTE: as scikit-learn's single-output classifiers: a column becomes 1-D,
-            # with its warning (several columns are refused when the model is built).
-            y = column_or_1d(y, warn=True)
-        return X, y
+        return out[0], _one_column(out[1])
+
+
+def _one_column(y: np.ndarray) -> np.ndarray:
+    # NOTE: as scikit-learn's single-output estimators: a column becomes 1-D, with its
+    # warning (several columns are refused when the model is built).
+    return column_or_1d(y, warn=True) if y.ndim == 2 and y.shape[1] == 1 else y
 
 
 class _FHETreeRegressor(_FHETreeEstimator, _FHERegressor):
@@ -855,6 +863,31 @@ class _FHEBoostingEstimator(_FHETreeEstimator):
             params["verbose"] = -1  # NOTE: LightGBM prints its warnings unless told not to
         return self._sklearn_class(**params)
 
+    def fit(self, X: Any, y: Any, sample_weight: Any = None, **fit_params: Any) -> Any:
+        """Fit the library's model, then quantize it (see :meth:`_FHEEstimator.fit`).
+
+        Raises:
+            errors.InputError: also for sample weights that are all zero (the libraries
+                would fit a model of nothing).
+        """
+        if sample_weight is not None:
+            try:
+                sample_weight = _check_sample_weight(sample_weight, np.asarray(X))
+            except (ValueError, TypeError) as exc:
+                raise errors.InputError(str(exc)) from exc
+        if sample_weight is not None and not np.any(sample_weight != 0):
+            raise errors.InputError(
+                f"{type(self).__name__}.fit: every sample weight is zero; at least one "
+                "sample must have a non-zero weight."
+            )
+        return super().fit(X, y, sample_weight, **fit_params)
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = False  # one output tree per class or target
+        tags.input_tags.allow_nan = False  # NaN inputs are refused, see the class doc
+        return tags
+
 
 class _FHEBoostingClassifier(_FHEBoostingEstimator, _FHETreeClassifier):
     """XGBoost/LightGBM classifiers: trained on the labels' indices (XGBoost accepts no
@@ -863,18 +896,40 @@ class _FHEBoostingClassifier(_FHEBoostingEstimator, _FHETreeClassifier):
     def fit(self, X: Any, y: Any, sample_weight: Any = None, **fit_params: Any) -> Any:
         """Fit the library's model on the indices of the labels, then quantize it (see
         :meth:`_FHEEstimator.fit`)."""
+        if y is None:
+            raise errors.InputError(
+                f"{type(self).__name__} requires y to be passed, but the target y is None."
+            )
         try:
-            labels = column_or_1d(y, warn=True)
+            labels = column_or_1d(check_array(y, ensure_2d=False, dtype=None), warn=True)
+            check_classification_targets(labels)
             encoder = LabelEncoder().fit(labels)
         except (ValueError, TypeError) as exc:
             raise errors.InputError(str(exc)) from exc
+        weights = None if sample_weight is None else np.asarray(sample_weight)
+        # NOTE: weights of the wrong shape are refused by the base fit, named as such.
+        weighted = (
+            labels if weights is None or weights.shape != labels.shape else labels[weights != 0]
+        )
+        present = np.unique(weighted) if len(weighted) else encoder.classes_
+        if len(present) < 2:
+            raise errors.InputError(
+                f"{type(self).__name__} needs samples of at least 2 classes (of non-zero "
+                f"weight); got 1 class ({present[0]!r})."
+            )
         super().fit(X, encoder.transform(labels), sample_weight, **fit_params)
         self.classes_ = encoder.classes_
         return self
 
 
 class _FHEBoostingRegressor(_FHEBoostingEstimator, _FHETreeRegressor):
-    """XGBoost/LightGBM regressors."""
+    """XGBoost/LightGBM regressors (one target: a column becomes 1-D, with its warning)."""
+
+    def _validate(self, X: Any, y: Any = "no_validation", *, reset: bool) -> Any:
+        out = super()._validate(X, y, reset=reset)
+        if isinstance(y, str) and y == "no_validation":
+            return out
+        return out[0], _one_column(out[1])
 
 
 #: The FHE-friendly defaults of the boosting wrappers (the libraries': 100 trees, depth 6
