@@ -56,6 +56,7 @@ import numpy as np
 
 from fhe_quant import __version__
 from fhe_quant.errors import DeploymentError, InputError
+from fhe_quant.fhe import native_output as fhe_native_output
 from fhe_quant.ir import Node
 from fhe_quant.model import QuantizedModule, run_chain
 from fhe_quant.process import import_concrete
@@ -736,9 +737,13 @@ class FHEModelClient:
             self._key_id = hashlib.sha256(self.get_serialized_evaluation_keys()).digest()
         return self._key_id
 
-    def generate_private_and_evaluation_keys(self, force: bool = False) -> None:
-        """Generate keys (or load them from ``key_dir``); ``force`` makes new ones."""
-        self.client.keygen(force=force)
+    def generate_private_and_evaluation_keys(
+        self, force: bool = False, *, verbose: bool = False
+    ) -> None:
+        """Generate keys (or load them from ``key_dir``); ``force`` makes new ones;
+        ``verbose`` lets Concrete's native key-cache messages through."""
+        with fhe_native_output(verbose):
+            self.client.keygen(force=force)
         if force:
             self._key_message = self._key_id = None
 

@@ -10,7 +10,12 @@ Only this module and :mod:`fhe_quant.deploy` use ``concrete``, imported through
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,9 +29,60 @@ from fhe_quant.process import import_concrete
 
 fhe = import_concrete()
 
-__all__ = ["FHE_MODES", "check_fhe_mode", "CircuitStatistics", "FHECircuit", "compile_program"]
+__all__ = [
+    "FHE_MODES",
+    "check_fhe_mode",
+    "CircuitStatistics",
+    "FHECircuit",
+    "compile_program",
+    "native_output",
+]
 
 FHE_MODES = ("disable", "simulate", "execute")
+
+
+#: Lines Concrete's native runtime writes on its own (no flag turns them off), dropped
+#: unless ``verbose``: its key cache reports every miss on stderr.
+_NATIVE_CHATTER = (b"KeySetCache: ",)
+
+
+@contextlib.contextmanager
+def native_output(verbose: bool = False) -> Iterator[None]:
+    """Route what Concrete's native code writes to file descriptors 1 and 2 (which
+    Python's ``sys.stdout``/``sys.stderr`` cannot catch): unless ``verbose``, its own
+    chatter (:data:`_NATIVE_CHATTER`, e.g. ``KeySetCache: miss, regenerating <path>``)
+    is dropped; everything else is written back where it was going, after the block.
+
+    Examples:
+        >>> with native_output():
+        ...     _ = os.write(2, b"KeySetCache: miss, regenerating /tmp/keys\\n")
+    """
+    if verbose:
+        yield
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved, captures = {}, {}
+    try:
+        for fd in (1, 2):
+            captures[fd] = tempfile.TemporaryFile()
+            saved[fd] = os.dup(fd)
+            os.dup2(captures[fd].fileno(), fd)
+        yield
+    finally:
+        for fd, capture in captures.items():
+            if fd in saved:
+                os.dup2(saved[fd], fd)
+                os.close(saved[fd])
+            capture.seek(0)
+            kept = [
+                line
+                for line in capture.read().splitlines(keepends=True)
+                if not line.startswith(_NATIVE_CHATTER)
+            ]
+            capture.close()
+            if kept:
+                os.write(fd, b"".join(kept))
 
 
 def check_fhe_mode(mode: Any) -> str:
@@ -142,7 +198,8 @@ class FHECircuit:
         if self.statistics.keygen_seconds is not None and not force:
             return self.statistics.keygen_seconds
         start = time.perf_counter()
-        self.circuit.keygen(force=force)
+        with native_output():
+            self.circuit.keygen(force=force)
         self.statistics.keygen_seconds = time.perf_counter() - start
         stats = self.circuit.statistics
         self.statistics.key_bytes = {

@@ -25,6 +25,8 @@ Examples:
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
 import inspect
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -40,10 +42,18 @@ from sklearn import svm as _svm
 from sklearn import tree as _tree
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
 from sklearn.metrics import accuracy_score, d2_tweedie_score, r2_score
+from sklearn.preprocessing import LabelEncoder
 from sklearn.utils import get_tags
 from sklearn.utils._param_validation import Interval, InvalidParameterError, StrOptions
 from sklearn.utils.metaestimators import available_if
-from sklearn.utils.validation import check_is_fitted, column_or_1d, validate_data
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import (
+    _check_sample_weight,
+    check_array,
+    check_is_fitted,
+    column_or_1d,
+    validate_data,
+)
 
 from fhe_quant import errors
 from fhe_quant.fhe import check_fhe_mode
@@ -54,6 +64,7 @@ from fhe_quant.frontends.sklearn import (
     converter_for,
     sklearn_to_graph,
 )
+from fhe_quant.frontends.sklearn import boosting as _boosting
 from fhe_quant.frontends.sklearn import tree as _trees
 from fhe_quant.lower import lower
 from fhe_quant.model import QuantizedModule, build_quantized_module, make_config
@@ -86,6 +97,10 @@ __all__ = [
     "ExtraTreesRegressor",
     "GradientBoostingClassifier",
     "GradientBoostingRegressor",
+    "XGBClassifier",  # noqa: F822 - lazy (optional xgboost), see __getattr__
+    "XGBRegressor",  # noqa: F822 - lazy (optional xgboost), see __getattr__
+    "LGBMClassifier",  # noqa: F822 - lazy (optional lightgbm), see __getattr__
+    "LGBMRegressor",  # noqa: F822 - lazy (optional lightgbm), see __getattr__
     "from_sklearn",
     "NeuralNetClassifier",  # noqa: F822 - lazy, see __getattr__
     "NeuralNetRegressor",  # noqa: F822 - lazy, see __getattr__
@@ -101,6 +116,8 @@ def __getattr__(name: str) -> Any:
         from fhe_quant import qat
 
         return getattr(qat, name)
+    if name in _BOOSTING:
+        return _boosting_wrapper(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -549,6 +566,7 @@ def _make_estimator(
     defaults: dict[str, Any] | None = None,
     doc: str = _DOC,
     accumulator: bool = False,
+    sk_signature: inspect.Signature | None = None,
 ) -> type:
     """A public estimator class wrapping ``sklearn_class``.
 
@@ -563,9 +581,10 @@ def _make_estimator(
 
     ``defaults`` replaces some of scikit-learn's defaults (tree models get FHE-friendly
     sizes); ``doc`` is the class docstring template; ``accumulator`` adds the
-    ``accumulator_bits`` parameter (perceptrons: accumulator-aware quantization).
+    ``accumulator_bits`` parameter (perceptrons: accumulator-aware quantization);
+    ``sk_signature`` replaces the class's own (XGBoost's takes ``**kwargs``).
     """
-    sk_signature = inspect.signature(sklearn_class.__init__)
+    sk_signature = sk_signature or inspect.signature(sklearn_class.__init__)
     if defaults:
         sk_signature = sk_signature.replace(
             parameters=[
@@ -600,7 +619,10 @@ def _make_estimator(
     name = sklearn_class.__name__
     init.__name__ = "__init__"
     init.__qualname__ = f"{name}.__init__"
-    constraints = {**sklearn_class._parameter_constraints, **_FHE_PARAMETER_CONSTRAINTS}  # type: ignore[attr-defined]
+    constraints = {
+        **getattr(sklearn_class, "_parameter_constraints", {}),
+        **_FHE_PARAMETER_CONSTRAINTS,
+    }
     if accumulator:
         constraints["accumulator_bits"] = [
             Interval(Integral, 2, MAX_ACCUMULATOR_BITS, closed="both"),
@@ -705,6 +727,9 @@ class _FHETreeEstimator(_FHEEstimator):
     """Tree models: fit, compile and predict as the other estimators; the quantized
     module comes from :func:`fhe_quant.frontends.sklearn.tree.build_tree_module`."""
 
+    #: Builds the quantized module from a fitted model (and its calibration data or range).
+    _build_module = staticmethod(_trees.build_tree_module)
+
     def _config(self) -> Any:  # type: ignore[override]
         try:
             self._validate_params()
@@ -774,7 +799,7 @@ class _FHETreeEstimator(_FHEEstimator):
             return float(r2_score(y, out.reshape(-1) if module.ensemble.ravel else out))
 
         return search_tree(
-            lambda config: _trees.build_tree_module(model, config, X),
+            lambda config: self._build_module(model, config, X),
             X,
             (x_val, y_val),
             metric,
@@ -794,7 +819,7 @@ class _FHETreeEstimator(_FHEEstimator):
             module = self._search(model, X)
             self.search_report_ = module.search_report_
         else:
-            module = _trees.build_tree_module(model, config, X)
+            module = self._build_module(model, config, X)
         # NOTE: every fitted attribute is set at the end, so a failure leaves the
         # estimator as it was.
         if hasattr(model, "classes_"):
@@ -831,7 +856,7 @@ class _FHETreeEstimator(_FHEEstimator):
         tree_state = state.pop("_tree_state", None)
         BaseEstimator.__setstate__(self, state)
         if tree_state is not None:
-            self.quantized_module_ = _trees.build_tree_module(
+            self.quantized_module_ = self._build_module(
                 self.sklearn_model_,
                 _trees.TreeQuantConfig(**tree_state["config"]),
                 low=tree_state["low"],
@@ -847,12 +872,13 @@ class _FHETreeClassifier(_FHETreeEstimator, _FHEClassifier):
         out = super()._validate(X, y, reset=reset)
         if isinstance(y, str) and y == "no_validation":
             return out
-        X, y = out
-        if y.ndim == 2 and y.shape[1] == 1:
-            # NOTE: as scikit-learn's single-output classifiers: a column becomes 1-D,
-            # with its warning (several columns are refused when the model is built).
-            y = column_or_1d(y, warn=True)
-        return X, y
+        return out[0], _one_column(out[1])
+
+
+def _one_column(y: np.ndarray) -> np.ndarray:
+    # NOTE: as scikit-learn's single-output estimators: a column becomes 1-D, with its
+    # warning (several columns are refused when the model is built).
+    return column_or_1d(y, warn=True) if y.ndim == 2 and y.shape[1] == 1 else y
 
 
 class _FHETreeRegressor(_FHETreeEstimator, _FHERegressor):
@@ -894,6 +920,177 @@ GradientBoostingClassifier = _make_tree(
 GradientBoostingRegressor = _make_tree(
     _ensemble.GradientBoostingRegressor, _FHETreeRegressor, _BOOSTING
 )
+
+# --------------------------------------------------------------------------- XGBoost, LightGBM
+# NOTE: both libraries are optional (``pip install fhe-quant[boosting]``): their wrappers
+# are built on first use (module __getattr__, from_sklearn), so importing this module
+# never imports them. Their trees go through the same lowering as scikit-learn's
+# (fhe_quant.frontends.sklearn.boosting reads the dumped trees).
+
+_BOOSTING_DOC = """{name} for encrypted inference: :class:`{path}`, its trees converted
+to compares on a quantized input grid, path matching and summed leaf values (the same
+lowering as scikit-learn's tree models; see :mod:`fhe_quant.frontends.sklearn.boosting`
+for how thresholds, base score, classes and link functions are read).
+
+Constructor parameters: those of :class:`{path}` (same names; see its documentation),
+plus the ones below. FHE-friendly defaults differ from the library's: {defaults}
+(every distinct compare and every group of leaves costs one table lookup per sample).
+NaN inputs are refused (``InputError``): the trees' default directions never apply.
+
+Args:
+    n_bits: an int in [1, 8]: bits of the per-feature input grid, also the input width
+        of every compare table; or a dict with keys ``inputs`` and ``outputs`` (the
+        sum of leaf values, default 8 bits). Default {n_bits}.
+    rounding_bits: must be ``None``: a tree has no accumulator to round.
+    p_error: error probability of each table lookup in FHE (``None``: Concrete's
+        default for the whole circuit).
+    verbose: show progress bars{verbose_note}.
+
+Attributes:
+    sklearn_model_: the fitted library model (float).
+    quantized_module_: the quantized model
+        (:class:`fhe_quant.frontends.sklearn.tree.TreeModule`); its circuit exists after
+        :meth:`compile`.{classes}
+    n_features_in_: number of features seen during ``fit``.
+"""
+
+
+class _FHEBoostingEstimator(_FHETreeEstimator):
+    """XGBoost and LightGBM models: tree estimators whose trees are read from the
+    library's dump."""
+
+    _build_module = staticmethod(_boosting.build_boosting_module)
+
+    def _make_sklearn_model(self) -> Any:
+        params = {name: getattr(self, name) for name in self._sklearn_params}
+        if self._sklearn_class.__module__.startswith("lightgbm") and not self.verbose:
+            params["verbose"] = -1  # NOTE: LightGBM prints its warnings unless told not to
+        return self._sklearn_class(**params)
+
+    def fit(self, X: Any, y: Any, sample_weight: Any = None, **fit_params: Any) -> Any:
+        """Fit the library's model, then quantize it (see :meth:`_FHEEstimator.fit`).
+
+        Raises:
+            errors.InputError: also for sample weights that are all zero (the libraries
+                would fit a model of nothing).
+        """
+        if sample_weight is not None:
+            try:
+                sample_weight = _check_sample_weight(sample_weight, np.asarray(X))
+            except (ValueError, TypeError) as exc:
+                raise errors.InputError(str(exc)) from exc
+        if sample_weight is not None and not np.any(sample_weight != 0):
+            raise errors.InputError(
+                f"{type(self).__name__}.fit: every sample weight is zero; at least one "
+                "sample must have a non-zero weight."
+            )
+        return super().fit(X, y, sample_weight, **fit_params)
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = False  # one output tree per class or target
+        tags.input_tags.allow_nan = False  # NaN inputs are refused, see the class doc
+        return tags
+
+
+class _FHEBoostingClassifier(_FHEBoostingEstimator, _FHETreeClassifier):
+    """XGBoost/LightGBM classifiers: trained on the labels' indices (XGBoost accepts no
+    other labels), ``classes_`` the labels themselves."""
+
+    def fit(self, X: Any, y: Any, sample_weight: Any = None, **fit_params: Any) -> Any:
+        """Fit the library's model on the indices of the labels, then quantize it (see
+        :meth:`_FHEEstimator.fit`)."""
+        if y is None:
+            raise errors.InputError(
+                f"{type(self).__name__} requires y to be passed, but the target y is None."
+            )
+        try:
+            labels = column_or_1d(check_array(y, ensure_2d=False, dtype=None), warn=True)
+            check_classification_targets(labels)
+            encoder = LabelEncoder().fit(labels)
+        except (ValueError, TypeError) as exc:
+            raise errors.InputError(str(exc)) from exc
+        weights = None if sample_weight is None else np.asarray(sample_weight)
+        # NOTE: weights of the wrong shape are refused by the base fit, named as such.
+        weighted = (
+            labels if weights is None or weights.shape != labels.shape else labels[weights != 0]
+        )
+        present = np.unique(weighted) if len(weighted) else encoder.classes_
+        if len(present) < 2:
+            raise errors.InputError(
+                f"{type(self).__name__} needs samples of at least 2 classes (of non-zero "
+                f"weight); got 1 class ({present[0]!r})."
+            )
+        super().fit(X, encoder.transform(labels), sample_weight, **fit_params)
+        self.classes_ = encoder.classes_
+        return self
+
+
+class _FHEBoostingRegressor(_FHEBoostingEstimator, _FHETreeRegressor):
+    """XGBoost/LightGBM regressors (one target: a column becomes 1-D, with its warning)."""
+
+    def _validate(self, X: Any, y: Any = "no_validation", *, reset: bool) -> Any:
+        out = super()._validate(X, y, reset=reset)
+        if isinstance(y, str) and y == "no_validation":
+            return out
+        return out[0], _one_column(out[1])
+
+
+#: The FHE-friendly defaults of the boosting wrappers (the libraries': 100 trees, depth 6
+#: for XGBoost; 100 trees of 31 leaves, unbounded depth, for LightGBM).
+_XGB_DEFAULTS = {"n_estimators": 20, "max_depth": 4}
+_LGBM_DEFAULTS = {"n_estimators": 20, "num_leaves": 15, "max_depth": 4}
+#: Public name -> (library, its class, our base class, our defaults).
+_BOOSTING: dict[str, tuple[str, str, type, dict[str, Any]]] = {
+    "XGBClassifier": ("xgboost", "XGBClassifier", _FHEBoostingClassifier, _XGB_DEFAULTS),
+    "XGBRegressor": ("xgboost", "XGBRegressor", _FHEBoostingRegressor, _XGB_DEFAULTS),
+    "LGBMClassifier": ("lightgbm", "LGBMClassifier", _FHEBoostingClassifier, _LGBM_DEFAULTS),
+    "LGBMRegressor": ("lightgbm", "LGBMRegressor", _FHEBoostingRegressor, _LGBM_DEFAULTS),
+}
+
+
+def _library_signature(library_class: type) -> inspect.Signature:
+    """The keyword-only parameters of a library estimator, with their defaults: its
+    ``get_params`` (XGBoost's ``__init__`` takes ``**kwargs`` for most of them)."""
+    params = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=value)
+        for name, value in library_class().get_params(deep=False).items()
+    ]
+    self_param = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return inspect.Signature([self_param, *params])
+
+
+@functools.cache
+def _boosting_wrapper(name: str) -> type:
+    """The public wrapper ``name`` (built once, registered for :func:`from_sklearn`).
+
+    Raises:
+        ImportError: the library is not installed (with the command that installs it).
+    """
+    library, class_name, base, defaults = _BOOSTING[name]
+    try:
+        module = importlib.import_module(library)
+    except ImportError as exc:
+        raise ImportError(
+            f"fhe_quant.sklearn.{name} needs {library}: pip install 'fhe-quant[boosting]'."
+        ) from exc
+    library_class = getattr(module, class_name)
+    n_bits = _TREE_CLASSIFIER_N_BITS if base is _FHEBoostingClassifier else _TREE_REGRESSOR_N_BITS
+    wrapper = _make_estimator(
+        library_class, base, n_bits, defaults, _BOOSTING_DOC, _library_signature(library_class)
+    )
+    _WRAPPERS[library_class] = wrapper
+    return wrapper
+
+
+def _register_boosting(estimator: Any) -> None:
+    """Build the wrappers of ``estimator``'s library, if it is XGBoost or LightGBM."""
+    if _boosting.is_booster(estimator):
+        library = type(estimator).__module__.split(".")[0]
+        for name, (lib, *_) in _BOOSTING.items():
+            if lib == library:
+                _boosting_wrapper(name)
+
 
 #: The public estimator of each supported scikit-learn class.
 _WRAPPERS: dict[type, type] = {
@@ -972,6 +1169,7 @@ def from_sklearn(
         >>> bool(np.allclose(model.predict(x[:3]), trained.predict(x[:3]), atol=0.05))
         True
     """
+    _register_boosting(estimator)
     wrapper_class = next(
         (_WRAPPERS[cls] for cls in type(estimator).__mro__ if cls in _WRAPPERS), None
     )

@@ -202,6 +202,8 @@ class TreeEnsemble:
         node: ``(L,)`` int, each leaf's node id in its scikit-learn tree (``apply``).
         output: the client's output function (a key of ``OUTPUT_FUNCTIONS``).
         ravel: scikit-learn returns the single output as a 1-D array.
+        float32_inputs: the model compares ``float32(x)`` with the thresholds
+            (scikit-learn, XGBoost); ``False``: it compares the float64 input (LightGBM).
     """
 
     n_features: int
@@ -214,6 +216,7 @@ class TreeEnsemble:
     node: np.ndarray
     output: str
     ravel: bool
+    float32_inputs: bool = True
 
     def __post_init__(self) -> None:
         n_compares, n_leaves = len(self.feature), len(self.values)
@@ -243,7 +246,8 @@ class TreeEnsemble:
     def evaluate(self, x: np.ndarray) -> np.ndarray:
         """The raw outputs ``(N, O)`` in float, deciding like scikit-learn (float32
         inputs against float64 thresholds)."""
-        x32 = np.asarray(x, dtype=np.float32).astype(np.float64)
+        x32 = np.asarray(x, dtype=np.float32 if self.float32_inputs else np.float64)
+        x32 = x32.astype(np.float64)
         # NOTE: float64 products of small integers are exact, and use BLAS.
         bits = (x32[:, self.feature] <= self.threshold).astype(np.float64)
         satisfied = bits @ self.path.T.astype(np.float64) + self.n_negated
@@ -529,7 +533,9 @@ def _grid_thresholds(
     codes = np.arange(qmax + 1, dtype=np.float64)
     # NOTE: the grid value of code k is what the client's quantizer maps to k; the tree
     # compares it as float32, like scikit-learn does on any input.
-    grid = (low[:, None] + codes[None, :] * scale[:, None]).astype(np.float32)
+    grid = low[:, None] + codes[None, :] * scale[:, None]
+    if ensemble.float32_inputs:
+        grid = grid.astype(np.float32)
     left = grid[ensemble.feature].astype(np.float64) <= ensemble.threshold[:, None]
     return left.sum(axis=1) - 1  # float32 of a monotone grid is monotone: a prefix
 
