@@ -1077,7 +1077,12 @@ def _boosting_wrapper(name: str) -> type:
     library_class = getattr(module, class_name)
     n_bits = _TREE_CLASSIFIER_N_BITS if base is _FHEBoostingClassifier else _TREE_REGRESSOR_N_BITS
     wrapper = _make_estimator(
-        library_class, base, n_bits, defaults, _BOOSTING_DOC, _library_signature(library_class)
+        library_class,
+        base,
+        n_bits,
+        defaults,
+        _BOOSTING_DOC,
+        sk_signature=_library_signature(library_class),
     )
     _WRAPPERS[library_class] = wrapper
     return wrapper
