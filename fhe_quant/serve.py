@@ -214,9 +214,23 @@ def _client_id(client_id: str) -> str:
         raise _RefusalError(400, str(exc)) from None
 
 
+async def _drain(request: Request) -> None:
+    """Read and drop an unread body (within the size limit) before refusing the request:
+    a client still sending it would otherwise get a reset connection, not the answer."""
+    try:
+        async for _ in request.stream():
+            pass
+    except Exception:  # NOTE: the client is gone, or the body was read already
+        pass
+
+
 async def _predict(service: _Service, client_id: str, request: Request, batch: bool) -> bytes:
-    service.authorize(_client_id(client_id), request.headers.get("authorization"))
-    keys = await run_in_threadpool(service.keys, client_id)
+    try:
+        service.authorize(_client_id(client_id), request.headers.get("authorization"))
+        keys = await run_in_threadpool(service.keys, client_id)
+    except _RefusalError:
+        await _drain(request)
+        raise
     body = await request.body()
     if not body:
         raise _RefusalError(400, "The request body is empty.")
@@ -232,6 +246,24 @@ async def _predict(service: _Service, client_id: str, request: Request, batch: b
     finally:
         service.release()
     return pack(results) if batch else results[0]
+
+
+async def _check_upload(service: _Service, client_id: str, request: Request) -> str:
+    """The checks of a key upload that need no body; returns the declared circuit id."""
+    if await run_in_threadpool(service.store.has, _client_id(client_id)):
+        service.authorize(client_id, request.headers.get("authorization"))
+    circuit = request.headers.get(CIRCUIT_HEADER)
+    if circuit is None:
+        raise _RefusalError(
+            400, f"The {CIRCUIT_HEADER} header (the client's circuit id) is missing."
+        )
+    if circuit != service.circuit:
+        raise _RefusalError(
+            400,
+            f"These keys are for another circuit ({circuit[:16]}...) than this model's "
+            f"({service.circuit[:16]}...): make them from this model's client artifact.",
+        )
+    return circuit
 
 
 def _routes(app: FastAPI, service: _Service) -> None:
@@ -250,19 +282,11 @@ def _routes(app: FastAPI, service: _Service) -> None:
         """Store (or, with the current token, replace) a client's evaluation keys; the body
         is the key message, the circuit id goes in the X-FHE-Quant-Circuit header.
         Answers the client's (new) bearer token."""
-        if await run_in_threadpool(service.store.has, _client_id(client_id)):
-            service.authorize(client_id, request.headers.get("authorization"))
-        circuit = request.headers.get(CIRCUIT_HEADER)
-        if circuit is None:
-            raise _RefusalError(
-                400, f"The {CIRCUIT_HEADER} header (the client's circuit id) is missing."
-            )
-        if circuit != service.circuit:
-            raise _RefusalError(
-                400,
-                f"These keys are for another circuit ({circuit[:16]}...) than this model's "
-                f"({service.circuit[:16]}...): make them from this model's client artifact.",
-            )
+        try:
+            circuit = await _check_upload(service, client_id, request)
+        except _RefusalError:
+            await _drain(request)
+            raise
         body = await request.body()
         if not is_fhe_quant_message(body):
             raise _RefusalError(400, "The body is not an fhe_quant evaluation-key message.")
