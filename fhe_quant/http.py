@@ -13,13 +13,14 @@ unknown path or client id; 405 for a wrong method; 411 without ``Content-Length`
 for a body over ``max_body_bytes`` (refused from its header, before reading it). The
 server keeps serving after any error. A client id matches ``[A-Za-z0-9_-]{1,64}``.
 
-Why the standard library's :class:`http.server.ThreadingHTTPServer`: it adds no
-dependency, and one thread per connection is enough for a loopback demo and for tests.
-It has no TLS, no authentication (anyone who can reach it may replace a client's keys),
-no request queueing or back-pressure, and keeps keys in memory only. A production
-deployment would put an ASGI/WSGI application (e.g. FastAPI or Starlette under uvicorn or
-gunicorn) behind a TLS-terminating reverse proxy with authentication and rate limits,
-store evaluation keys in a persistent store, and run the FHE computation in a worker pool.
+This is the no-dependency fallback: the service for real use is ``fhe-quant serve``
+(:mod:`fhe_quant.serve`: FastAPI under uvicorn, a key store on disk with per-client bearer
+tokens, FHE on a Dask cluster, 413/429 limits; see ``docs/SERVING.md``). This server stays
+because it needs only the standard library (a loopback demo, a machine without the
+``serve`` extra) and because tests and examples still start it. It has no TLS, no
+authentication (anyone who can reach it may replace a client's keys), no back-pressure,
+keeps keys in memory only and runs FHE on the request thread. ``fhe-quant predict`` talks
+to it too, one request per sample.
 
 Run it with ``python -m fhe_quant.http artifact/server --port 8000``: the first line it
 prints is the URL it listens on.
