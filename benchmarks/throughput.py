@@ -37,7 +37,7 @@ from deployment import P_ERROR, qat_mlp
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
-from fhe_quant.batch import run_batch, worker_statistics
+from fhe_quant.batch import local_cluster, run_batch, worker_statistics
 from fhe_quant.deploy import FHEModelClient, FHEModelDev, FHEModelServer
 from fhe_quant.model import QuantizedModule
 from fhe_quant.service_client import ServiceClient, circuit_id
@@ -61,24 +61,11 @@ MODELS: dict[str, tuple[str, Callable[[], tuple[Any, QuantizedModule, np.ndarray
 }
 
 
-def _cluster(workers: int) -> tuple[Any, Any]:
-    from distributed import Client, LocalCluster
-
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        env={"OMP_NUM_THREADS": "1"},
-    )
-    return cluster, Client(cluster)
-
-
 def _throughput(
     server: FHEModelServer, client: FHEModelClient, x: np.ndarray, expected: np.ndarray, w: int
 ) -> dict[str, Any]:
     keys = client.get_serialized_evaluation_keys()
-    cluster, dask = _cluster(w)
+    cluster, dask = local_cluster(w)
     try:
         dask.wait_for_workers(w)
         warm = client.quantize_encrypt_serialize(x[: 2 * w])

@@ -55,6 +55,7 @@ __all__ = [
     "check_batch",
     "connect",
     "embedded_client",
+    "local_cluster",
     "run_batch",
     "worker_statistics",
     "forget_keys",
@@ -140,8 +141,9 @@ def _artifact_of(server: FHEModelServer) -> ServerArtifact:
     return artifact
 
 
-def check_batch(ciphertexts: Sequence[bytes], keys: bytes) -> bytes:
-    """Refuse a batch that cannot be right, before any work; returns the key id.
+def check_batch(ciphertexts: Sequence[bytes], keys: bytes, key_id: bytes | None = None) -> bytes:
+    """Refuse a batch that cannot be right, before any work; returns the key id
+    (``key_id``, when the caller knows the SHA-256 of ``keys`` already).
 
     Raises:
         DeploymentError: not a key message; an empty batch; a sample that is not an
@@ -152,7 +154,7 @@ def check_batch(ciphertexts: Sequence[bytes], keys: bytes) -> bytes:
         raise DeploymentError("The evaluation keys are not an fhe_quant key message.")
     if len(ciphertexts) == 0:
         raise DeploymentError("The batch is empty: send at least one ciphertext.")
-    key_id = hashlib.sha256(keys).digest()
+    key_id = key_id or hashlib.sha256(keys).digest()
     head = len(MESSAGE_MAGIC)
     for i, message in enumerate(ciphertexts):
         if not is_fhe_quant_message(message) or len(message) <= head + _DIGEST:
@@ -269,19 +271,24 @@ def embedded_client(n_workers: int | None = None) -> Any:
         client = _EMBEDDED.get("client")
         if client is not None and client.status == "running":
             return client
-        from distributed import Client, LocalCluster
-
-        workers = n_workers or os.cpu_count() or 1
-        cluster = LocalCluster(
-            n_workers=workers,
-            threads_per_worker=1,
-            processes=True,
-            dashboard_address=None,
-            env={"OMP_NUM_THREADS": "1"},
-        )
-        client = Client(cluster)
+        cluster, client = local_cluster(n_workers or os.cpu_count() or 1)
         _EMBEDDED.update(cluster=cluster, client=client)
         return client
+
+
+def local_cluster(n_workers: int) -> tuple[Any, Any]:
+    """A new :class:`distributed.LocalCluster` of ``n_workers`` processes, one thread
+    and ``OMP_NUM_THREADS=1`` each, and its client (close both when done)."""
+    from distributed import Client, LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=n_workers,
+        threads_per_worker=1,
+        processes=True,
+        dashboard_address=None,
+        env={"OMP_NUM_THREADS": "1"},
+    )
+    return cluster, Client(cluster)
 
 
 @atexit.register
@@ -337,7 +344,12 @@ def forget_keys(key_id: bytes) -> None:
 
 
 def run_batch(
-    server: FHEModelServer, ciphertexts: Sequence[bytes], keys: bytes, client: Any = None
+    server: FHEModelServer,
+    ciphertexts: Sequence[bytes],
+    keys: bytes,
+    client: Any = None,
+    *,
+    key_id: bytes | None = None,
 ) -> list[bytes]:
     """Run ``server``'s circuit on every ciphertext of a batch, on a Dask cluster.
 
@@ -346,6 +358,8 @@ def run_batch(
         ciphertexts: one client's serialized encrypted samples.
         keys: that client's evaluation-key message.
         client: a :class:`distributed.Client`, or ``None`` for the embedded cluster.
+        key_id: the SHA-256 of ``keys`` if known (a key store keeps it): saves hashing
+            hundreds of MB per call.
 
     Returns:
         The serialized encrypted results, in the order of ``ciphertexts``.
@@ -355,7 +369,7 @@ def run_batch(
             cannot be run (the rest of the batch is cancelled).
     """
     ciphertexts = list(ciphertexts)
-    key_id = check_batch(ciphertexts, keys)
+    key_id = check_batch(ciphertexts, keys, key_id)
     dask_client = client if client is not None else embedded_client()
     artifact = _artifact_of(server)
     artifact_future = _scattered(dask_client, "server:" + artifact.digest, artifact)

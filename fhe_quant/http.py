@@ -60,6 +60,7 @@ __all__ = [
     "FHEHTTPServer",
     "make_server",
     "serve",
+    "http_request",
     "Client",
 ]
 
@@ -323,6 +324,39 @@ def serve(
         httpd.server_close()
 
 
+def http_request(
+    method: str,
+    url: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    timeout: float,
+    error: type[HTTPRequestError] | None = None,
+) -> bytes:
+    """One request with :mod:`urllib.request`; the answer's body.
+
+    Raises:
+        HTTPRequestError: (or ``error``, a subclass) a 4xx/5xx, with the server's JSON
+            ``error`` message, or no answer at all (``status=None``).
+    """
+    error = error or HTTPRequestError
+    headers = dict(headers)
+    if body is not None:
+        headers["Content-Type"] = "application/octet-stream"
+    request = urllib.request.Request(url, body, headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            message = json.loads(raw)["error"]
+        except (ValueError, KeyError, TypeError):
+            message = raw.decode(errors="replace") or exc.reason
+        raise error(exc.code, str(message)) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise error(None, f"{method} {url}: {exc}") from None
+
+
 class Client:
     """A minimal client of the HTTP server, on :mod:`urllib.request`.
 
@@ -336,20 +370,7 @@ class Client:
         self.timeout = timeout
 
     def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
-        request = urllib.request.Request(self.url + path, body, headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.read()
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                message = json.loads(raw)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = raw.decode(errors="replace") or exc.reason
-            raise HTTPRequestError(exc.code, str(message)) from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise HTTPRequestError(None, f"{method} {self.url}{path}: {exc}") from None
+        return http_request(method, self.url + path, body, {}, self.timeout)
 
     def health(self) -> dict[str, Any]:
         """The server's ``/health`` answer."""

@@ -27,9 +27,13 @@ library only). ``python -m fhe_quant.http`` stays as a no-dependency fallback (o
 process, keys in memory, no tokens): see its docstring.
 
 Examples:
-    >>> app = create_app(ServiceSettings("artifact/server"))  # doctest: +SKIP
-    >>> sorted(r.path for r in app.routes if "clients" in r.path)  # doctest: +SKIP
-    ['/clients/{client_id}/keys', '/clients/{client_id}/predict', ...]
+    >>> from fhe_quant.keystore import parse_size
+    >>> ServiceSettings("artifact/server", key_memory=parse_size("2GB")).key_memory
+    2000000000
+    >>> ServiceSettings("artifact/server", max_concurrent=0)
+    Traceback (most recent call last):
+    ...
+    fhe_quant.errors.ParameterError: ServiceSettings.max_concurrent must be a positive int; got 0.
 """
 
 from __future__ import annotations
@@ -167,7 +171,9 @@ class _Service:
 
     def run(self, ciphertexts: list[bytes], keys: StoredKeys) -> list[bytes]:
         """Runs in a thread: the batch on the cluster."""
-        return self.server.run_batch(ciphertexts, keys.message, client=self.dask)
+        from fhe_quant.batch import run_batch
+
+        return run_batch(self.server, ciphertexts, keys.message, self.dask, key_id=keys.key_id)
 
 
 # ------------------------------------------------------------------ the application

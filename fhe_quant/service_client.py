@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from typing import Any
 
 from fhe_quant.deploy import FHEModelClient, FHEModelServer
-from fhe_quant.errors import DeploymentError, FHEQuantError
+from fhe_quant.errors import DeploymentError
+from fhe_quant.http import HTTPRequestError, http_request
 
 __all__ = [
     "BATCH_MAGIC",
@@ -84,19 +83,13 @@ def circuit_id(side: FHEModelClient | FHEModelServer) -> str:
     return hashlib.sha256(info.get_keyset_info().serialize()).hexdigest()
 
 
-class ServiceError(FHEQuantError):
+class ServiceError(HTTPRequestError):
     """The service refused a request (4xx/5xx) or could not be reached.
 
     Attributes:
         status: the HTTP status, or ``None`` if no response came back.
         message: the service's error message (or the transport error).
     """
-
-    def __init__(self, status: int | None, message: str) -> None:
-        self.status = status
-        self.message = message
-        prefix = f"HTTP {status}" if status is not None else "Request failed"
-        super().__init__(f"{prefix}: {message}")
 
 
 class ServiceClient:
@@ -121,23 +114,9 @@ class ServiceClient:
         headers: dict[str, str] | None = None,
     ) -> bytes:
         headers = dict(headers or {})
-        if body is not None:
-            headers["Content-Type"] = "application/octet-stream"
         if self.token is not None:
             headers["Authorization"] = f"Bearer {self.token}"
-        request = urllib.request.Request(self.url + path, body, headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.read()
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                message = json.loads(raw)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = raw.decode(errors="replace") or exc.reason
-            raise ServiceError(exc.code, str(message)) from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise ServiceError(None, f"{method} {self.url}{path}: {exc}") from None
+        return http_request(method, self.url + path, body, headers, self.timeout, ServiceError)
 
     def health(self) -> dict[str, Any]:
         """The service's ``/health`` answer."""

@@ -13,7 +13,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fhe_quant.batch import ServerArtifact, check_batch, run_batch, worker_statistics
+from fhe_quant.batch import (
+    ServerArtifact,
+    check_batch,
+    local_cluster,
+    run_batch,
+    worker_statistics,
+)
 from fhe_quant.deploy import FHEModelServer
 from fhe_quant.errors import DeploymentError
 
@@ -22,14 +28,7 @@ distributed = pytest.importorskip("distributed")
 
 @pytest.fixture(scope="module")
 def dask_client() -> Iterator[Any]:
-    cluster = distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        env={"OMP_NUM_THREADS": "1"},
-    )
-    client = distributed.Client(cluster)
+    cluster, client = local_cluster(2)
     try:
         yield client
     finally:
