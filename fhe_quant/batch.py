@@ -285,7 +285,7 @@ def local_cluster(n_workers: int) -> tuple[Any, Any]:
         n_workers=n_workers,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=None,
+        dashboard_address=":0",  # NOTE: a free port: 8787 may be taken by another cluster
         env={"OMP_NUM_THREADS": "1"},
     )
     return cluster, Client(cluster)

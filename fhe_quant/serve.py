@@ -363,5 +363,8 @@ def serve(settings: ServiceSettings, host: str = "127.0.0.1", port: int = 8000) 
             print(url, flush=True)
 
     app = create_app(settings)
-    config = uvicorn.Config(app, log_level="warning", timeout_keep_alive=30, lifespan="on")
+    # NOTE: on SIGTERM, requests in flight get 10 s to finish (a long batch is cut).
+    config = uvicorn.Config(
+        app, log_level="warning", timeout_keep_alive=30, lifespan="on", timeout_graceful_shutdown=10
+    )
     _Server(config).run(sockets=[sock])

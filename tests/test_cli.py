@@ -183,7 +183,7 @@ def _serve(server_dir: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
     )
-    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    ready, _, _ = select.select([proc.stdout], [], [], 300)  # the Dask workers start first
     line = proc.stdout.readline().decode().strip() if ready else ""
     if not line.startswith("http://127.0.0.1:"):
         proc.kill()
