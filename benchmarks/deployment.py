@@ -13,6 +13,14 @@ Models: scikit-learn's LogisticRegression on breast cancer at its default 8 bits
 table lookup) and a PyTorch MLP 64-24-10 on digits trained quantization-aware to 3 bits
 (8-bit accumulators).
 
+Wire compression (Concrete's ``compress_evaluation_keys`` and
+``compress_input_ciphertexts``, on by default since fhe_quant.fhe.WIRE_COMPRESSION): for
+each model, the same integer program compiled with compression off and on, in the same
+run: serialized evaluation keys, one input ciphertext and one result, key generation,
+the server's first run with fresh keys (it expands compressed keys then) and a later
+run, Concrete's ``complexity`` (must not change), and whether both decrypt to the clear
+program's integers. Written to ``deployment_wire.json`` and ``deployment_wire.md``.
+
 Run: python benchmarks/deployment.py [--n 3] [--out benchmarks/results/deployment.json]
 The machine's load average is recorded with the results: on a shared machine latencies
 grow with it.
@@ -41,6 +49,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from fhe_quant.deploy import FHEModelClient, FHEModelDev
+from fhe_quant.fhe import compile_program
 from fhe_quant.http import Client
 from fhe_quant.model import QuantizedModule
 
@@ -156,6 +165,65 @@ def measure(name: str, root: Path, n: int) -> dict[str, Any]:
     }
 
 
+def measure_wire(name: str) -> list[dict[str, Any]]:
+    """Sizes and times with compression off, then on, for one model's program."""
+    label, build = MODELS[name]
+    _, qm, x_test = build()
+    q = qm.quantize_input(x_test[:2])
+    calibration = qm.quantize_input(x_test)
+    expected = np.asarray(qm.program(q), dtype=np.int64)
+    rows = []
+    for compress in (False, True):
+        fc = compile_program(qm.program, calibration, p_error=P_ERROR, compress=compress)
+        circuit = fc.circuit
+        keygen = fc.keygen()
+        keys = circuit.client.evaluation_keys.serialize()
+        server_keys = type(circuit.client.evaluation_keys).deserialize(keys)
+        ciphertexts = [circuit.encrypt(q[i : i + 1]) for i in range(len(q))]
+        runs, answers = [], []
+        for ciphertext in ciphertexts:
+            start = time.perf_counter()
+            result = circuit.server.run(ciphertext, evaluation_keys=server_keys)
+            runs.append(time.perf_counter() - start)
+            answers.append(np.asarray(circuit.decrypt(result)).reshape(1, -1))
+        rows.append(
+            {
+                "name": name,
+                "model": label,
+                "compressed": compress,
+                "complexity": fc.statistics.complexity,
+                "pbs_count": fc.statistics.pbs_count,
+                "evaluation_keys_bytes": len(keys),
+                "ciphertext_bytes": len(ciphertexts[0].serialize()),
+                "result_bytes": len(result.serialize()),
+                "keygen_seconds": keygen,
+                "first_run_seconds": runs[0],
+                "later_run_seconds": runs[-1],
+                "equals_clear": bool(
+                    np.array_equal(np.concatenate(answers), expected.reshape(2, -1))
+                ),
+                "load_average_1min": os.getloadavg()[0],
+            }
+        )
+    return rows
+
+
+def wire_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | compressed | complexity | eval keys MiB | ciphertext B | result B "
+        "| keygen s | 1st run s | later run s | exact | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} | {r['compressed']} | {r['complexity']:.4g} "
+            f"| {_mib(r['evaluation_keys_bytes'])} | {r['ciphertext_bytes']} "
+            f"| {r['result_bytes']} | {r['keygen_seconds']:.2f} | {r['first_run_seconds']:.3f} "
+            f"| {r['later_run_seconds']:.3f} | {r['equals_clear']} | {r['load_average_1min']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def _mib(n: int) -> str:
     return f"{n / 2**20:.2f}"
 
@@ -184,9 +252,19 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=3, help="predictions per model")
     parser.add_argument("--models", nargs="+", choices=sorted(MODELS), default=list(MODELS))
     parser.add_argument(
+        "--wire-only", action="store_true", help="only the compression off/on comparison"
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "deployment.json"
     )
     args = parser.parse_args()
+    wire = [row for name in args.models for row in measure_wire(name)]
+    wire_out = args.out.with_name(args.out.stem + "_wire.json")
+    write_results(wire_out, wire)
+    wire_out.with_suffix(".md").write_text(wire_table(wire))
+    print(wire_table(wire))
+    if args.wire_only:
+        return
     rows = []
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.models:

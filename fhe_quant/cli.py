@@ -7,8 +7,9 @@
 * ``fhe-quant compile``: the same for a PyTorch model or a trained scikit-learn
   estimator, then write the deployment directory (``OUT/client``, ``OUT/server``).
 * ``fhe-quant info``: describe a saved client directory.
-* ``fhe-quant serve``: serve a server directory over HTTP.
-* ``fhe-quant predict``: encrypt ``.npy`` inputs, run them on a server, decrypt.
+* ``fhe-quant serve``: serve a server directory (FastAPI, key store, Dask workers).
+* ``fhe-quant predict``: encrypt ``.npy``/``.csv`` inputs, run them on a service in
+  batches, decrypt; resumable when writing ``--out``.
 
 Run ``fhe-quant <command> --help`` for each command's options.
 """
@@ -226,46 +227,109 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from fhe_quant.http import serve
+    from fhe_quant.keystore import parse_size
 
-    serve(args.server_dir, args.host, args.port, args.max_body_bytes)
+    try:
+        from fhe_quant.serve import ServiceSettings, serve
+    except ImportError as exc:
+        raise ParameterError(
+            f"fhe-quant serve needs FastAPI, uvicorn and Dask ({exc}): "
+            "pip install 'fhe-quant[serve]' (or run python -m fhe_quant.http, the "
+            "standard-library fallback)."
+        ) from None
+    settings = ServiceSettings(
+        server_dir=args.server_dir,
+        key_store=args.key_store,
+        key_memory=parse_size(args.key_memory),
+        dask=args.dask,
+        workers=args.workers,
+        max_body_bytes=parse_size(args.max_body_bytes),
+        max_concurrent=args.max_concurrent,
+    )
+    serve(settings, args.host, args.port)
     return 0
+
+
+def _load_data(path: str) -> np.ndarray:
+    """Inputs from a ``.npy`` array or a ``.csv`` table (an optional header row)."""
+    if not path.lower().endswith(".csv"):
+        return _load_array(path, "--data")
+    file = _existing_file(path, "--data")
+    for skip in (0, 1):
+        try:
+            return np.loadtxt(file, delimiter=",", ndmin=2, skiprows=skip)
+        except ValueError as exc:
+            error = exc
+    raise InputError(f"--data: {path!r} is not a CSV table of numbers ({error}).")
+
+
+def _decode(client: Any, replies: list[bytes]) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predictions (labels, predictions or float outputs) and a classifier's
+    probabilities (``None`` otherwise)."""
+    post = client.post_processing
+    if post.task == "module":
+        return client.deserialize_decrypt_dequantize(replies), None
+    probabilities = (
+        client.predict_proba(replies) if post.task == "classifier" and post.output else None
+    )
+    return client.predict(replies), probabilities
+
+
+def _print_rows(post: Any, start: int, predictions: np.ndarray, probabilities: Any) -> None:
+    if post.task == "module":
+        for i, row in enumerate(predictions.reshape(len(predictions), -1)):
+            label = f"  argmax {int(row.argmax())}" if row.size > 1 else ""
+            print(f"sample {start + i}: {np.array2string(row, precision=6)}{label}")
+        return
+    # NOTE: one line per sample: the prediction (repr, so labels keep their type),
+    # then the probabilities of a classifier that has them.
+    for i, prediction in enumerate(predictions):
+        extra = (
+            f"  probabilities {np.array2string(probabilities[i], precision=6)}"
+            if probabilities is not None
+            else ""
+        )
+        if isinstance(prediction, np.ndarray):  # a regressor with several targets
+            text = np.array2string(prediction, precision=6)
+        else:
+            text = repr(prediction.item() if isinstance(prediction, np.generic) else prediction)
+        print(f"sample {start + i}: prediction {text}{extra}")
 
 
 def _predict(args: argparse.Namespace) -> int:
     import uuid
 
-    from fhe_quant.deploy import FHEModelClient
-    from fhe_quant.http import Client
+    from tqdm.auto import tqdm
 
+    from fhe_quant.deploy import FHEModelClient
+    from fhe_quant.predictions import PredictionFile
+    from fhe_quant.service_client import ServiceClient, circuit_id
+
+    if args.batch_size < 1:
+        raise ParameterError(f"--batch-size must be >= 1; got {args.batch_size}.")
     client = FHEModelClient(args.client_dir, key_dir=args.key_dir)
-    x = _load_array(args.data, "--data")[: args.samples]
-    api = Client(args.url, timeout=args.timeout)
+    x = _load_data(args.data)[: args.samples]
+    output = PredictionFile(args.out, x) if args.out else None
+    done = output.rows_done() if output is not None else 0
+    api = ServiceClient(args.url, timeout=args.timeout)
     client_id = uuid.uuid4().hex
-    api.upload_keys(client_id, client.get_serialized_evaluation_keys())
-    replies = [api.predict(client_id, c) for c in client.quantize_encrypt_serialize(x)]
+    if done < len(x):
+        api.upload_keys(client_id, client.get_serialized_evaluation_keys(), circuit_id(client))
     post = client.post_processing
-    if post.task != "module":
-        # NOTE: one line per sample: the prediction (repr, so labels keep their type),
-        # then the probabilities of a classifier that has them.
-        predictions = client.predict(replies)
-        probabilities = client.predict_proba(replies) if post.output else None
-        for i, prediction in enumerate(predictions):
-            extra = (
-                f"  probabilities {np.array2string(probabilities[i], precision=6)}"
-                if probabilities is not None and post.task == "classifier"
-                else ""
-            )
-            if isinstance(prediction, np.ndarray):  # a regressor with several targets
-                text = np.array2string(prediction, precision=6)
+    with tqdm(total=len(x), initial=done, desc="predict", unit="sample", disable=args.quiet) as bar:
+        for start in range(done, len(x), args.batch_size):
+            chunk = x[start : start + args.batch_size]
+            replies = api.predict_batch(client_id, client.quantize_encrypt_serialize(chunk))
+            predictions, probabilities = _decode(client, replies)
+            if output is None:
+                _print_rows(post, start, predictions, probabilities)
             else:
-                text = repr(prediction.item() if isinstance(prediction, np.generic) else prediction)
-            print(f"sample {i}: prediction {text}{extra}")
-        return 0
-    outputs = client.deserialize_decrypt_dequantize(replies)
-    for i, row in enumerate(outputs.reshape(len(outputs), -1)):
-        label = f"  argmax {int(row.argmax())}" if row.size > 1 else ""
-        print(f"sample {i}: {np.array2string(row, precision=6)}{label}")
+                output.append(predictions, probabilities, post)
+            bar.update(len(chunk))
+    if output is not None:
+        path = output.finish()
+        if args.quiet is False:
+            print(f"wrote {len(x)} predictions to {path}", file=sys.stderr)
     return 0
 
 
@@ -291,6 +355,53 @@ written to OUT never use pickle.
 The calibration inputs (one sample per row, shaped like the model's inputs) set the
 quantization ranges: pass the training data or a representative sample of it.
 """
+
+
+def _add_serve_parser(sub: Any) -> None:
+    srv = sub.add_parser(
+        "serve",
+        help="serve a server artifact: FastAPI under uvicorn, FHE on a Dask cluster",
+        description="Serve a server artifact over HTTP (OpenAPI at /docs). Clients upload "
+        "their evaluation keys (PUT /clients/ID/keys, answered with a bearer token) and "
+        "send ciphertexts (POST /clients/ID/predict or /predict_batch). Prints its URL "
+        "once ready. Needs the 'serve' extra: pip install 'fhe-quant[serve]'.",
+    )
+    srv.add_argument("server_dir", help="the artifact's server directory")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    srv.add_argument(
+        "--key-store", help="directory of the clients' keys (default: temporary, lost at exit)"
+    )
+    srv.add_argument("--key-memory", default="4GB", help="keys kept in memory, e.g. 4GB")
+    srv.add_argument(
+        "--dask", metavar="ADDRESS", help="a Dask scheduler (tcp://host:8786); default: local"
+    )
+    srv.add_argument("--workers", type=int, help="local worker processes (default: one per core)")
+    srv.add_argument("--max-body-bytes", default=str(512 * 2**20), help="largest request body")
+    srv.add_argument("--max-concurrent", type=int, default=8, help="predictions at once (429)")
+    srv.set_defaults(func=_serve)
+
+
+def _add_predict_parser(sub: Any) -> None:
+    pre = sub.add_parser(
+        "predict",
+        help="encrypt inputs, run them on a server in batches, decrypt",
+        description="Encrypt inputs (.npy or .csv, one sample per row), send them in "
+        "batches to a 'fhe-quant serve' service, decrypt and decode the answers. With --out "
+        "(.csv or .npy) the predictions are written as each batch comes back: run the same "
+        "command again after an interruption and the rows already there are kept and not "
+        "sent again. Without --out, one line per sample is printed.",
+    )
+    pre.add_argument("client_dir", help="the artifact's client directory")
+    pre.add_argument("--data", required=True, help=".npy or .csv inputs, one sample per row")
+    pre.add_argument("--url", default="http://127.0.0.1:8000")
+    pre.add_argument("--batch-size", type=int, default=32, help="samples per request")
+    pre.add_argument("--out", help="predictions file, .csv or .npy (resumable)")
+    pre.add_argument("--samples", type=int, default=None, help="only the first N samples")
+    pre.add_argument("--key-dir", help="where to keep the keys (default: memory)")
+    pre.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    pre.add_argument("--quiet", action="store_true", help="no progress bar")
+    pre.set_defaults(func=_predict)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,20 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("artifact", help="the artifact's client directory")
     info.add_argument("--json", action="store_true", help="print JSON")
     info.set_defaults(func=_info)
-    srv = sub.add_parser("serve", help="serve a server artifact over HTTP (fhe_quant.http)")
-    srv.add_argument("server_dir", help="the artifact's server directory")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000, help="0 picks a free port")
-    srv.add_argument("--max-body-bytes", type=int, default=512 * 2**20)
-    srv.set_defaults(func=_serve)
-    pre = sub.add_parser("predict", help="encrypt .npy inputs, run them on a server, decrypt")
-    pre.add_argument("client_dir", help="the artifact's client directory")
-    pre.add_argument("--data", required=True, help=".npy inputs, one sample per row")
-    pre.add_argument("--url", default="http://127.0.0.1:8000")
-    pre.add_argument("--samples", type=int, default=None, help="only the first N samples")
-    pre.add_argument("--key-dir", help="where to keep the keys (default: memory)")
-    pre.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
-    pre.set_defaults(func=_predict)
+    _add_serve_parser(sub)
+    _add_predict_parser(sub)
     return parser
 
 

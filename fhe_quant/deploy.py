@@ -884,3 +884,21 @@ class FHEModelServer:
         except Exception as exc:
             raise DeploymentError(f"The server could not run this input: {exc}") from None
         return _seal(key_id, result.serialize())
+
+    def run_batch(self, ciphertexts: list[bytes], keys: bytes, client: Any = None) -> list[bytes]:
+        """Run a batch of one client's serialized samples on a ``dask.distributed``
+        cluster; the results come back in input order (see :mod:`fhe_quant.batch`).
+
+        Args:
+            ciphertexts: serialized encrypted samples (``quantize_encrypt_serialize``).
+            keys: the client's evaluation-key message.
+            client: a :class:`distributed.Client`; ``None`` starts (once) an embedded
+                :class:`distributed.LocalCluster`, one single-threaded worker per core.
+
+        Raises:
+            DeploymentError: a bad batch (refused before any work) or a sample that
+                cannot be run.
+        """
+        from fhe_quant.batch import run_batch
+
+        return run_batch(self, ciphertexts, keys, client)

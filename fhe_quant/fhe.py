@@ -31,6 +31,7 @@ fhe = import_concrete()
 
 __all__ = [
     "FHE_MODES",
+    "WIRE_COMPRESSION",
     "check_fhe_mode",
     "CircuitStatistics",
     "FHECircuit",
@@ -39,6 +40,12 @@ __all__ = [
 ]
 
 FHE_MODES = ("disable", "simulate", "execute")
+
+#: Concrete's options that shrink what travels between client and server, on for every
+#: compiled model: evaluation keys and input ciphertexts are sent as seeds plus bodies
+#: (the server expands them; the first run with new keys pays that expansion once). The
+#: circuit, its cost (``complexity``) and its results are unchanged.
+WIRE_COMPRESSION = ("compress_evaluation_keys", "compress_input_ciphertexts")
 
 
 #: Lines Concrete's native runtime writes on its own (no flag turns them off), dropped
@@ -112,6 +119,9 @@ class CircuitStatistics:
         compile_seconds: time Concrete took to compile.
         keygen_seconds: time key generation took (``None`` until keys exist).
         complexity: Concrete's cost estimate for one run.
+        key_bytes: sizes of the keys Concrete generated (after ``keygen``).
+        compression: each option of :data:`WIRE_COMPRESSION` and whether the compiled
+            circuit's configuration has it on.
     """
 
     pbs_count: int
@@ -121,6 +131,7 @@ class CircuitStatistics:
     complexity: float
     keygen_seconds: float | None = None
     key_bytes: dict[str, int] = field(default_factory=dict)
+    compression: dict[str, bool] = field(default_factory=dict)
 
 
 def _pad(x: Any, pads: tuple[tuple[int, int], ...]) -> Any:
@@ -178,6 +189,12 @@ class _ConcreteBackend:
 CONCRETE = _ConcreteBackend()
 
 
+def _wire_compression(circuit: Any) -> dict[str, bool]:
+    """What the compiled circuit's configuration says of :data:`WIRE_COMPRESSION`."""
+    configuration = getattr(circuit, "configuration", None)
+    return {name: bool(getattr(configuration, name, False)) for name in WIRE_COMPRESSION}
+
+
 class FHECircuit:
     """A compiled Concrete circuit for an :class:`IntegerProgram`, with its statistics."""
 
@@ -191,6 +208,7 @@ class FHECircuit:
             pbs_per_precision=program.lookups_by_width(),
             compile_seconds=compile_seconds,
             complexity=float(stats.get("complexity", 0.0)),
+            compression=_wire_compression(circuit),
         )
 
     def keygen(self, force: bool = False) -> float:
@@ -228,6 +246,23 @@ class FHECircuit:
         )
 
 
+def _configuration(
+    p_error: float | None, global_p_error: float | None, verbose: bool, compress: bool
+) -> Any:
+    """Concrete's configuration: the error probabilities and the wire compression."""
+    wire = dict.fromkeys(WIRE_COMPRESSION, bool(compress))
+    if p_error is not None and global_p_error is None:
+        return fhe.Configuration(
+            p_error=p_error, global_p_error=None, show_progress=verbose, **wire
+        )
+    return fhe.Configuration(
+        p_error=p_error,
+        global_p_error=global_p_error if global_p_error is not None else 1e-5,
+        show_progress=verbose,
+        **wire,
+    )
+
+
 def compile_program(
     program: IntegerProgram,
     inputset: np.ndarray,
@@ -235,6 +270,7 @@ def compile_program(
     p_error: float | None = None,
     global_p_error: float | None = None,
     verbose: bool = False,
+    compress: bool = True,
 ) -> FHECircuit:
     """Compile ``program`` with Concrete.
 
@@ -246,6 +282,9 @@ def compile_program(
             default (a probability for the whole circuit, ``global_p_error=1e-5``).
         global_p_error: error probability for the whole circuit.
         verbose: show Concrete's progress.
+        compress: turn on :data:`WIRE_COMPRESSION` (smaller evaluation keys and input
+            ciphertexts; same circuit and results). ``False`` only to measure the
+            difference.
     """
     if p_error is not None and not 0 < p_error < 1:
         raise ParameterError(f"The 'p_error' parameter must be in (0, 1). Got {p_error!r}.")
@@ -253,16 +292,7 @@ def compile_program(
         raise ParameterError(
             f"The 'global_p_error' parameter must be in (0, 1). Got {global_p_error!r}."
         )
-    if p_error is not None and global_p_error is None:
-        configuration = fhe.Configuration(
-            p_error=p_error, global_p_error=None, show_progress=verbose
-        )
-    else:
-        configuration = fhe.Configuration(
-            p_error=p_error,
-            global_p_error=global_p_error if global_p_error is not None else 1e-5,
-            show_progress=verbose,
-        )
+    configuration = _configuration(p_error, global_p_error, verbose, compress)
 
     def circuit_fn(q: Any) -> Any:
         return program(q, CONCRETE)

@@ -13,13 +13,14 @@ unknown path or client id; 405 for a wrong method; 411 without ``Content-Length`
 for a body over ``max_body_bytes`` (refused from its header, before reading it). The
 server keeps serving after any error. A client id matches ``[A-Za-z0-9_-]{1,64}``.
 
-Why the standard library's :class:`http.server.ThreadingHTTPServer`: it adds no
-dependency, and one thread per connection is enough for a loopback demo and for tests.
-It has no TLS, no authentication (anyone who can reach it may replace a client's keys),
-no request queueing or back-pressure, and keeps keys in memory only. A production
-deployment would put an ASGI/WSGI application (e.g. FastAPI or Starlette under uvicorn or
-gunicorn) behind a TLS-terminating reverse proxy with authentication and rate limits,
-store evaluation keys in a persistent store, and run the FHE computation in a worker pool.
+This is the no-dependency fallback: the service for real use is ``fhe-quant serve``
+(:mod:`fhe_quant.serve`: FastAPI under uvicorn, a key store on disk with per-client bearer
+tokens, FHE on a Dask cluster, 413/429 limits; see ``docs/SERVING.md``). This server stays
+because it needs only the standard library (a loopback demo, a machine without the
+``serve`` extra) and because tests and examples still start it. It has no TLS, no
+authentication (anyone who can reach it may replace a client's keys), no back-pressure,
+keeps keys in memory only and runs FHE on the request thread. ``fhe-quant predict`` talks
+to it too, one request per sample.
 
 Run it with ``python -m fhe_quant.http artifact/server --port 8000``: the first line it
 prints is the URL it listens on.
@@ -59,6 +60,7 @@ __all__ = [
     "FHEHTTPServer",
     "make_server",
     "serve",
+    "http_request",
     "Client",
 ]
 
@@ -322,6 +324,39 @@ def serve(
         httpd.server_close()
 
 
+def http_request(
+    method: str,
+    url: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    timeout: float,
+    error: type[HTTPRequestError] | None = None,
+) -> bytes:
+    """One request with :mod:`urllib.request`; the answer's body.
+
+    Raises:
+        HTTPRequestError: (or ``error``, a subclass) a 4xx/5xx, with the server's JSON
+            ``error`` message, or no answer at all (``status=None``).
+    """
+    error = error or HTTPRequestError
+    headers = dict(headers)
+    if body is not None:
+        headers["Content-Type"] = "application/octet-stream"
+    request = urllib.request.Request(url, body, headers, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.read()
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            message = json.loads(raw)["error"]
+        except (ValueError, KeyError, TypeError):
+            message = raw.decode(errors="replace") or exc.reason
+        raise error(exc.code, str(message)) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise error(None, f"{method} {url}: {exc}") from None
+
+
 class Client:
     """A minimal client of the HTTP server, on :mod:`urllib.request`.
 
@@ -335,20 +370,7 @@ class Client:
         self.timeout = timeout
 
     def _request(self, method: str, path: str, body: bytes | None = None) -> bytes:
-        headers = {"Content-Type": "application/octet-stream"} if body is not None else {}
-        request = urllib.request.Request(self.url + path, body, headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                return response.read()
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                message = json.loads(raw)["error"]
-            except (ValueError, KeyError, TypeError):
-                message = raw.decode(errors="replace") or exc.reason
-            raise HTTPRequestError(exc.code, str(message)) from None
-        except (urllib.error.URLError, OSError) as exc:
-            raise HTTPRequestError(None, f"{method} {self.url}{path}: {exc}") from None
+        return http_request(method, self.url + path, body, {}, self.timeout)
 
     def health(self) -> dict[str, Any]:
         """The server's ``/health`` answer."""

@@ -183,7 +183,7 @@ def _serve(server_dir: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL
     )
-    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    ready, _, _ = select.select([proc.stdout], [], [], 300)  # the Dask workers start first
     line = proc.stdout.readline().decode().strip() if ready else ""
     if not line.startswith("http://127.0.0.1:"):
         proc.kill()
@@ -366,3 +366,86 @@ def test_every_command_has_help(command: str, capsys) -> None:
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert f"fhe-quant {command}" in capsys.readouterr().out
+
+
+@pytest.fixture
+def tiny_artifact(tmp_path: Path) -> tuple[Path, Any, np.ndarray]:
+    from fhe_quant.deploy import FHEModelDev
+    from fhe_quant.torch import compile_torch_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    x = np.random.default_rng(0).normal(size=(20, 3))
+    qm = compile_torch_model(model, x, n_bits=2, p_error=1e-12)
+    FHEModelDev(tmp_path / "art", qm).save()
+    return tmp_path / "art", qm, x
+
+
+def test_predict_resumes_an_interrupted_csv_and_writes_npy(
+    tiny_artifact, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from fhe_quant.http import make_server
+    from fhe_quant.service_client import ServiceClient
+
+    root, qm, x = tiny_artifact
+    header = "a,b,c\n"
+    (tmp_path / "x.csv").write_text(header + "\n".join(",".join(map(repr, r)) for r in x[:5]))
+    sent: list[int] = []
+    original = ServiceClient.predict_batch
+
+    def counting(self, client_id, ciphertexts):
+        if len(sent) == 1 and monkeypatch_state["interrupt"]:
+            raise KeyboardInterrupt  # the user stops the run after one batch
+        sent.append(len(ciphertexts))
+        return original(self, client_id, ciphertexts)
+
+    monkeypatch_state = {"interrupt": True}
+    monkeypatch.setattr(ServiceClient, "predict_batch", counting)
+    httpd = make_server(root / "server", port=0)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    argv = ["predict", str(root / "client"), "--data", str(tmp_path / "x.csv"), "--url", url]
+    argv += ["--batch-size", "2", "--quiet", "--key-dir", str(tmp_path / "keys")]
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            main([*argv, "--out", str(tmp_path / "p.csv")])
+        assert (tmp_path / "p.csv").read_text().count("\n") == 3  # header + 2 rows kept
+        monkeypatch_state["interrupt"] = False
+        assert main([*argv, "--out", str(tmp_path / "p.csv")]) == 0
+        assert sent == [2, 2, 1]  # the first two rows were not sent again
+        assert main([*argv, "--out", str(tmp_path / "p.npy")]) == 0
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    expected = qm.forward(x[:5])
+    table = np.loadtxt(tmp_path / "p.csv", delimiter=",", skiprows=1)
+    np.testing.assert_array_equal(table, expected)
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), expected)
+    assert not list(tmp_path.glob("p.*.progress.json")) and not (tmp_path / "p.npy.parts").exists()
+    other = tmp_path / "other.npy"
+    np.save(other, x[5:8])
+    (tmp_path / "p.csv.progress.json").write_text('{"data_sha256": "0"}')
+    code = main(
+        ["predict", str(root / "client"), "--data", str(other), "--out", str(tmp_path / "p.csv")]
+    )
+    assert code == 2
+
+
+def test_predict_and_serve_errors_are_one_line(tiny_artifact, tmp_path: Path, capsys) -> None:
+    root, _, _ = tiny_artifact
+    (tmp_path / "bad.csv").write_text("a,b\nx,y\n")
+    base = ["predict", str(root / "client"), "--url", "http://127.0.0.1:9"]
+    assert main([*base, "--data", str(tmp_path / "bad.csv")]) == 2
+    assert "not a CSV table of numbers" in capsys.readouterr().err
+    np.save(tmp_path / "x.npy", np.zeros((2, 3)))
+    assert main([*base, "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "p.txt")]) == 2
+    assert "--out must end in .csv or .npy" in capsys.readouterr().err
+    assert main([*base, "--data", str(tmp_path / "x.npy"), "--batch-size", "0"]) == 2
+    assert "--batch-size" in capsys.readouterr().err
+    assert main([*base, "--data", str(tmp_path / "x.npy")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Request failed" in err
+    assert main(["serve", str(root / "server"), "--key-memory", "lots"]) == 2
+    assert "size must look like" in capsys.readouterr().err
