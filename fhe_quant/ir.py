@@ -56,6 +56,7 @@ __all__ = [
     "describe_mismatch",
     "max_pool_numpy",
     "max_pool_geometry",
+    "chain_source",
 ]
 
 Kind = Literal["input", "linear", "elementwise", "reshape", "add", "concat", "max_pool"]
@@ -179,6 +180,25 @@ class Graph:
         return Graph(
             tuple(nodes), self.input_name, output_name or self.output_name, self.input_shape
         )
+
+
+def chain_source(graph: Graph, name: str, stop: str) -> tuple[str, tuple[Node, ...]]:
+    """Walk back from ``name`` over elementwise/reshape nodes to the node that produces
+    their input (or ``stop``); returns its name and the nodes walked, in graph order.
+
+    Examples:
+        >>> g = Graph((Node("x", "input"), Node("r", "relu", ("x",)),
+        ...            Node("t", "tanh", ("r",))), "x", "t", (2,))
+        >>> source, chain = chain_source(g, "t", "x")
+        >>> source, [node.name for node in chain]
+        ('x', ['r', 't'])
+    """
+    chain: list[Node] = []
+    node = graph.node(name)
+    while node.name != stop and node.kind in ("elementwise", "reshape"):
+        chain.insert(0, node)
+        node = graph.node(node.inputs[0])
+    return node.name, tuple(chain)
 
 
 # --------------------------------------------------------------------------- op semantics
