@@ -90,7 +90,9 @@ class Node:
             raise ValueError(f"The 'name' of a Node must be a non-empty str. Got {self.name!r}.")
         spec = op_spec(self.op, self.source or self.name)  # unknown ops fail here, with their place
         object.__setattr__(self, "inputs", tuple(self.inputs))
-        object.__setattr__(self, "attrs", MappingProxyType(dict(self.attrs)))
+        # NOTE: plain dicts (copies), so that a node is plain data: it pickles and
+        # deep-copies; the constants themselves are read-only arrays.
+        object.__setattr__(self, "attrs", dict(self.attrs))
         if spec.check_attrs is not None:
             try:
                 spec.check_attrs(self.attrs)
@@ -108,7 +110,7 @@ class Node:
                 )
             array.setflags(write=False)
             frozen[key] = array
-        object.__setattr__(self, "params", MappingProxyType(frozen))
+        object.__setattr__(self, "params", frozen)
 
     @property
     def kind(self) -> Kind:

@@ -62,6 +62,7 @@ __all__ = [
     "NUMPY",
     "LinearStep",
     "TableStep",
+    "TableFunction",
     "IntegerProgram",
     "lower",
     "bits_for",
@@ -184,6 +185,28 @@ class LinearStep:
 
 
 @dataclass(frozen=True, eq=False)
+class TableFunction:
+    """What a table computes, as data: dequantize the accumulator
+    (``scale * (acc - zero) + bias``, arrays shaped ``(1, *shape)``), evaluate the float
+    ``chain`` of elementwise/reshape nodes, quantize with ``output``. Called on a full
+    accumulator it is the layer without dropped bits (the reference for the rounding's
+    effect, :meth:`IntegerProgram.run_without_rounding`); a table holds its values at the
+    centre of each rounding cell.
+    """
+
+    scale: np.ndarray
+    zero: np.ndarray
+    bias: np.ndarray
+    chain: tuple[Node, ...]
+    output: UniformQuantizer
+
+    def __call__(self, acc: np.ndarray) -> np.ndarray:
+        real = self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
+        out = self.output.quantize(_chain(self.chain, real))
+        return out.reshape(out.shape[0], -1).reshape(np.shape(acc))
+
+
+@dataclass(frozen=True, eq=False)
 class TableStep:
     """Drop ``lsbs`` low bits of the accumulator, then look up one table per element.
 
@@ -212,7 +235,7 @@ class TableStep:
     out_shape: tuple[int, ...]
     out_min: np.ndarray
     out_max: np.ndarray
-    exact: Callable[[np.ndarray], np.ndarray]
+    exact: TableFunction | Callable[[np.ndarray], np.ndarray]
     inputs: tuple[int, ...] = ()
 
     @property
@@ -721,11 +744,7 @@ def _table(
     out_min = np.where(reachable, table, np.iinfo(np.int64).max).min(axis=1)
     out_max = np.where(reachable, table, np.iinfo(np.int64).min).max(axis=1)
 
-    def exact(acc: np.ndarray) -> np.ndarray:
-        # The same layer without dropping bits: the reference for the rounding's effect.
-        out = out_q.quantize(_chain(chain, source.dequantize(acc)))
-        return out.reshape(out.shape[0], -1).reshape(acc.shape)
-
+    exact = TableFunction(source.scale, source.zero, source.bias, chain, out_q)
     return TableStep(
         name,
         lsbs,

@@ -74,7 +74,6 @@ Quantizers:
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 import numbers
@@ -828,23 +827,6 @@ class _Snapshot:
     scales: tuple[Tensor, ...]  # weight scales per layer (1-D, no gradient)
 
 
-def _graph_data(graph: Graph) -> dict[str, Any]:
-    """A graph as plain (picklable) data."""
-    return {
-        "nodes": [
-            (n.name, n.op, n.inputs, dict(n.attrs), dict(n.params), n.source) for n in graph.nodes
-        ],
-        "input_name": graph.input_name,
-        "output_name": graph.output_name,
-        "input_shape": graph.input_shape,
-    }
-
-
-def _graph_from_data(data: dict[str, Any]) -> Graph:
-    nodes = tuple(Node(*fields) for fields in data["nodes"])
-    return Graph(nodes, data["input_name"], data["output_name"], data["input_shape"])
-
-
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float64)
 
@@ -914,27 +896,6 @@ class QATModule(nn.Module):
         if config.seed is not None:
             self._generator = torch.Generator().manual_seed(int(config.seed))
         self._cache: tuple[Any, _Snapshot] | None = None
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> QATModule:
-        # NOTE: the float graph is immutable (and its read-only mappings refuse to be
-        # copied): copies share it; the cached program is rebuilt on demand.
-        memo[id(self.graph)] = self.graph
-        state = dict(self.__dict__, _cache=None)
-        clone = type(self).__new__(type(self))
-        memo[id(self)] = clone
-        clone.__dict__.update(copy.deepcopy(state, memo))
-        return clone
-
-    def __getstate__(self) -> dict[str, Any]:
-        # NOTE: pickling (torch.save of the whole module) stores the graph as plain data.
-        state = dict(self.__dict__, _cache=None)
-        state["graph"] = _graph_data(self.graph)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        state["graph"] = _graph_from_data(state["graph"])
-        super().__setstate__(state)
 
     # ------------------------------------------------------------------ structure
     def _check_pooling_budget(self, node: Node, layer: QATLinear) -> None:
