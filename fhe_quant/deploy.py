@@ -58,12 +58,11 @@ from fhe_quant import __version__
 from fhe_quant.errors import DeploymentError, InputError
 from fhe_quant.ir import Node
 from fhe_quant.model import QuantizedModule, run_chain
+from fhe_quant.process import import_concrete
 from fhe_quant.quant.ptq import check_calibration_data
 from fhe_quant.quant.quantizer import UniformQuantizer
 
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", UserWarning)  # pkg_resources, imported by concrete
-    from concrete import fhe
+fhe = import_concrete()
 
 __all__ = [
     "FORMAT_VERSION",

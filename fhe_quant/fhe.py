@@ -4,13 +4,13 @@
 * ``"simulate"``: Concrete's simulator, sample by sample (models bootstrapping errors);
 * ``"execute"``: real encryption: encrypt, run, decrypt, sample by sample.
 
-Only this module and :mod:`fhe_quant.deploy` import ``concrete``.
+Only this module and :mod:`fhe_quant.deploy` use ``concrete``, imported through
+:func:`fhe_quant.process.import_concrete`.
 """
 
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,11 +20,9 @@ from tqdm.auto import tqdm
 from fhe_quant.errors import CompilationError, ParameterError
 from fhe_quant.ir import ConvGeometry
 from fhe_quant.lower import NUMPY, IntegerProgram
+from fhe_quant.process import import_concrete
 
-with warnings.catch_warnings():
-    # NOTE: concrete imports pkg_resources, which warns on import with recent setuptools.
-    warnings.simplefilter("ignore", UserWarning)
-    from concrete import fhe
+fhe = import_concrete()
 
 __all__ = ["FHE_MODES", "check_fhe_mode", "CircuitStatistics", "FHECircuit", "compile_program"]
 

@@ -26,7 +26,15 @@ from fhe_quant.errors import InputError, ParameterError
 if TYPE_CHECKING:
     from fhe_quant.model import QuantizedModule
 
-__all__ = ["Report", "build_report", "estimate_latency", "score", "SECONDS_PER_COMPLEXITY"]
+__all__ = [
+    "Report",
+    "build_report",
+    "estimate_latency",
+    "score",
+    "layer_sqnr",
+    "sqnr_db",
+    "SECONDS_PER_COMPLEXITY",
+]
 
 #: Seconds per unit of Concrete's ``complexity`` estimate of a circuit, measured on the
 #: digits MLP at 3 to 6 bits, exact and approximate rounding, 2 cores, concrete-python
@@ -64,6 +72,42 @@ def score(output: np.ndarray, y: np.ndarray, metric: str) -> float:
     raise ParameterError(f"The 'metric' parameter must be 'accuracy' or 'r2'. Got {metric!r}.")
 
 
+def sqnr_db(reference: np.ndarray, approximation: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum ref^2 / sum err^2)``
+    (``inf`` when exact).
+
+    Examples:
+        >>> round(sqnr_db(np.array([1.0, -1.0]), np.array([1.1, -0.9])), 1)
+        20.0
+    """
+    signal = float(np.sum(np.square(reference)))
+    noise = float(np.sum(np.square(np.asarray(reference) - np.asarray(approximation))))
+    if noise == 0.0:
+        return float("inf")
+    return 10.0 * float(np.log10(max(signal, 1e-300) / noise))
+
+
+def layer_sqnr(model: QuantizedModule, x: np.ndarray) -> dict[str, float]:
+    """Per layer (linear layer or add), the SQNR in dB of its dequantized output in the
+    integer program (as compiled, bits dropped included) against the float model's
+    value there, on the float inputs ``x``: the layer where the SQNR falls is where the
+    signal is lost.
+    """
+    from fhe_quant.lower import NUMPY, AddStep, LinearStep, _operands
+
+    floats = model.graph.run(np.asarray(x, dtype=np.float64))
+    q = model.quantize_input(x)
+    values = [q]
+    result: dict[str, float] = {}
+    for step in model.program.steps:
+        values.append(step(_operands(step, values), NUMPY))
+        if isinstance(step, (LinearStep, AddStep)) and step.name in floats:
+            reference = floats[step.name]
+            if reference.shape == values[-1].shape:
+                result[step.name] = sqnr_db(reference, step.dequantize(values[-1]))
+    return result
+
+
 @dataclass
 class Report:
     """A compiled model's accuracy and cost (see the module docstring)."""
@@ -90,14 +134,16 @@ class Report:
         lines.append(f"input bits: {self.input_bits}")
         header = (
             f"{'layer':<20}{'acc bits':>9}{'dropped':>9}{'table in':>9}{'table out':>10}"
-            f"{'lookups':>9}"
+            f"{'SQNR dB':>9}{'lookups':>9}"
         )
+        # NOTE: lookups stay the last column (tests and scripts read it there).
         lines += ["", header, "-" * len(header)]
         for layer in self.layers:
             lines.append(
                 f"{layer['layer'][:19]:<20}{layer.get('accumulator_bits', '-'):>9}"
                 f"{layer.get('truncated_bits', '-'):>9}{layer.get('table_input_bits', '-'):>9}"
-                f"{layer.get('table_output_bits', '-'):>10}{layer.get('lookups', 0):>9}"
+                f"{layer.get('table_output_bits', '-'):>10}"
+                f"{_sqnr_text(layer.get('sqnr_db')):>9}{layer.get('lookups', 0):>9}"
             )
         lines.append("(last layer: accumulator decrypted and dequantized by the client)")
         if self.pbs_count is not None:
@@ -114,6 +160,10 @@ class Report:
         printer.text(str(self))
 
 
+def _sqnr_text(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def build_report(
     model: QuantizedModule,
     x: Any = None,
@@ -124,6 +174,7 @@ def build_report(
 ) -> Report:
     """Build the :class:`Report` of ``model``; scores need ``x`` and ``y``."""
     stats = model.statistics
+    layers = [dict(layer) for layer in stats["layers"]]
     scores: dict[str, float] = {}
     if (x is None) != (y is None):
         raise InputError("report() needs both x and y to compute scores, or neither.")
@@ -141,11 +192,15 @@ def build_report(
         scores["quantized"] = score(model.forward(x, fhe="disable"), y, metric)
         if fhe != "disable" and model._circuit is not None:
             scores[fhe] = score(model.forward(x, fhe=fhe), y, metric)
+        sqnr = layer_sqnr(model, x)
+        for layer in layers:
+            if layer["layer"] in sqnr:
+                layer["sqnr_db"] = sqnr[layer["layer"]]
     per_precision = stats.get("pbs_per_precision", {})
     return Report(
         metric=metric,
         scores=scores,
-        layers=stats["layers"],
+        layers=layers,
         input_bits=stats["input_bits"],
         pbs_count=stats.get("pbs_count"),
         max_bit_width=stats.get("max_bit_width"),

@@ -60,7 +60,7 @@ from fhe_quant.frontends.sklearn import tree as _trees
 from fhe_quant.lower import bits_for, lower
 from fhe_quant.model import QuantizedModule, build_quantized_module, make_config
 from fhe_quant.passes import simplify
-from fhe_quant.quant.config import MAX_ROUNDING_BITS, QuantConfig
+from fhe_quant.quant.config import MAX_ACCUMULATOR_BITS, MAX_ROUNDING_BITS, QuantConfig
 from fhe_quant.quant.ptq import QuantizedGraph, QuantizedLinear, Segment
 from fhe_quant.quant.quantizer import MAX_BITS
 from fhe_quant.report import Report
@@ -219,7 +219,11 @@ class _FHEEstimator(BaseEstimator):
             self._validate_params()
         except InvalidParameterError as exc:
             raise EstimatorParameterError(str(exc)) from None
-        return make_config(self.n_bits, rounding_bits=self.rounding_bits)
+        return make_config(
+            self.n_bits,
+            rounding_bits=self.rounding_bits,
+            accumulator_bits=getattr(self, "accumulator_bits", None),
+        )
 
     def _validate(self, X: Any, y: Any = "no_validation", *, reset: bool) -> Any:
         # NOTE: scikit-learn's messages are kept (its estimator checks match them); the
@@ -529,12 +533,19 @@ Attributes:
 """
 
 
+_ACCUMULATOR_DOC = """    accumulator_bits: bound every layer's proven accumulator to this many bits
+        (2 to 16), the integer weights chosen under that budget on the training data
+        (:mod:`fhe_quant.quant.axe`); ``None``: no bound.
+"""
+
+
 def _make_estimator(
     sklearn_class: type,
     base: type,
     default_n_bits: int,
     defaults: dict[str, Any] | None = None,
     doc: str = _DOC,
+    accumulator: bool = False,
 ) -> type:
     """A public estimator class wrapping ``sklearn_class``.
 
@@ -548,7 +559,8 @@ def _make_estimator(
     arguments raise ``TypeError`` as usual) and only stores them.
 
     ``defaults`` replaces some of scikit-learn's defaults (tree models get FHE-friendly
-    sizes); ``doc`` is the class docstring template.
+    sizes); ``doc`` is the class docstring template; ``accumulator`` adds the
+    ``accumulator_bits`` parameter (perceptrons: accumulator-aware quantization).
     """
     sk_signature = inspect.signature(sklearn_class.__init__)
     if defaults:
@@ -563,6 +575,10 @@ def _make_estimator(
         inspect.Parameter("rounding_bits", inspect.Parameter.KEYWORD_ONLY, default=None),
         inspect.Parameter("p_error", inspect.Parameter.KEYWORD_ONLY, default=None),
     ]
+    if accumulator:
+        fhe_params.append(
+            inspect.Parameter("accumulator_bits", inspect.Parameter.KEYWORD_ONLY, default=None)
+        )
     has_verbose = "verbose" in sk_signature.parameters
     if not has_verbose:
         fhe_params.append(
@@ -582,6 +598,11 @@ def _make_estimator(
     init.__name__ = "__init__"
     init.__qualname__ = f"{name}.__init__"
     constraints = {**sklearn_class._parameter_constraints, **_FHE_PARAMETER_CONSTRAINTS}  # type: ignore[attr-defined]
+    if accumulator:
+        constraints["accumulator_bits"] = [
+            Interval(Integral, 2, MAX_ACCUMULATOR_BITS, closed="both"),
+            None,
+        ]
     if has_verbose:
         constraints["verbose"] = sklearn_class._parameter_constraints["verbose"]  # type: ignore[attr-defined]
     path = f"{sklearn_class.__module__.split('._')[0]}.{name}"
@@ -597,6 +618,8 @@ def _make_estimator(
         ),
         classes=("\n    classes_: the class labels." if issubclass(base, _FHEClassifier) else ""),
     )
+    if accumulator:
+        doc = doc.replace("    p_error:", _ACCUMULATOR_DOC + "    p_error:", 1)
     return type(
         name,
         (base,),
@@ -631,8 +654,12 @@ LogisticRegression = _make_estimator(
 )
 LinearSVC = _make_estimator(_svm.LinearSVC, _FHEClassifier, _LINEAR_N_BITS)
 SGDClassifier = _make_estimator(_linear_model.SGDClassifier, _FHEClassifier, _LINEAR_N_BITS)
-MLPClassifier = _make_estimator(_neural_network.MLPClassifier, _FHEClassifier, _MLP_N_BITS)
-MLPRegressor = _make_estimator(_neural_network.MLPRegressor, _FHERegressor, _MLP_N_BITS)
+MLPClassifier = _make_estimator(
+    _neural_network.MLPClassifier, _FHEClassifier, _MLP_N_BITS, accumulator=True
+)
+MLPRegressor = _make_estimator(
+    _neural_network.MLPRegressor, _FHERegressor, _MLP_N_BITS, accumulator=True
+)
 
 
 # --------------------------------------------------------------------------- tree models
@@ -826,6 +853,7 @@ def from_sklearn(
     rounding_bits: int | None = None,
     p_error: float | None = None,
     verbose: bool = False,
+    accumulator_bits: int | None = None,
 ) -> Any:
     """Import an already-trained scikit-learn model, without refitting it.
 
@@ -839,6 +867,8 @@ def from_sklearn(
         rounding_bits: input width of every table lookup (``None``: automatic).
         p_error: error probability of each table lookup in FHE.
         verbose: show progress bars.
+        accumulator_bits: for perceptrons, bound every proven accumulator to this many
+            bits (see :class:`MLPClassifier`); other models have no such option.
 
     Returns:
         The matching fhe_quant estimator, fitted (not compiled yet), with the same
@@ -876,6 +906,13 @@ def from_sklearn(
         if name in wrapper_class._sklearn_params
     }
     params.update(rounding_bits=rounding_bits, p_error=p_error)
+    if accumulator_bits is not None:
+        if "accumulator_bits" not in wrapper_class._parameter_constraints:
+            raise errors.ParameterError(
+                f"The 'accumulator_bits' parameter applies to perceptrons (MLPClassifier, "
+                f"MLPRegressor), not to {type(estimator).__name__}. Got {accumulator_bits!r}."
+            )
+        params["accumulator_bits"] = accumulator_bits
     if n_bits is not None:
         params["n_bits"] = n_bits
     if "verbose" not in params or verbose:

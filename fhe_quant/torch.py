@@ -43,6 +43,7 @@ def compile_torch_model(
     rounding: str = "exact",
     per_channel: bool = True,
     calibration: str = "minmax",
+    accumulator_bits: int | None = None,
     p_error: float | None = None,
     global_p_error: float | None = None,
     compile: bool = True,
@@ -65,6 +66,10 @@ def compile_torch_model(
             faster, but a value near a cell border may land one cell off in FHE).
         per_channel: per-output-channel weight scales (no extra cost in FHE).
         calibration: ``"minmax"``, ``"percentile"``, ``"ema"`` or ``"mse"``.
+        accumulator_bits: bound every linear layer's *proven* accumulator to this many
+            bits (2 to 16): the integer weights are chosen under that budget, each
+            rounding corrected on ``X_calib`` (see :mod:`fhe_quant.quant.axe`), so fewer
+            low bits are dropped before each table. ``None``: no bound.
         p_error: error probability of each table lookup (``None``: Concrete's default).
         global_p_error: error probability of the whole circuit.
         compile: compile with Concrete now (else only ``fhe="disable"`` works until
@@ -79,6 +84,8 @@ def compile_torch_model(
         TraceError: the module cannot be traced.
         InputError: calibration data with NaN/inf or of the wrong shape.
         ParameterError: ``n_bits`` or another parameter out of range.
+        AccumulatorBudgetError: ``accumulator_bits`` too small for a layer (named, with
+            the smallest width that works); a :class:`~fhe_quant.errors.RangeError`.
     """
     config = make_config(
         n_bits,
@@ -86,6 +93,7 @@ def compile_torch_model(
         rounding_exact=_rounding_exact(rounding),
         per_channel=per_channel,
         calibration=calibration,
+        accumulator_bits=accumulator_bits,
     )
     if hasattr(X_calib, "detach"):
         X_calib = X_calib.detach().cpu().numpy()

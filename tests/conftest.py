@@ -35,3 +35,15 @@ def digits_mlp(digits: tuple[np.ndarray, ...]) -> torch.nn.Module:
     )
     fit(model, x_train, y_train, epochs=40, verbose=False)
     return model.eval()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start Concrete's runtime the way fhe_quant does before any test can start it.
+
+    NOTE: concrete-python 2.11's runtime otherwise ends the process with status 0 after the
+    first encrypted run, whatever the tests did (``fhe_quant.process``); a test that uses
+    ``concrete`` directly must not reopen that.
+    """
+    from fhe_quant.process import import_concrete
+
+    import_concrete()

@@ -30,7 +30,7 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("passes", ("fhe_quant.passes",)),
     ("quant", ("fhe_quant.quant.*",)),
     ("lower", ("fhe_quant.lower", "fhe_quant.verify")),
-    ("fhe", ("fhe_quant.fhe",)),
+    ("fhe", ("fhe_quant.fhe", "fhe_quant.process")),
     ("model", ("fhe_quant.model", "fhe_quant.report", "fhe_quant.training", "fhe_quant.cost")),
     (
         "public API",
@@ -42,8 +42,19 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
             "fhe_quant.search",
         ),
     ),
-    ("deploy", ("fhe_quant.deploy",)),
-    ("serving", ("fhe_quant.http", "fhe_quant.serve", "fhe_quant.cli")),
+    ("deploy", ("fhe_quant.deploy", "fhe_quant.signing")),
+    (
+        "serving",
+        (
+            "fhe_quant.http",
+            "fhe_quant.serve",
+            "fhe_quant.cli",
+            "fhe_quant.batch",
+            "fhe_quant.keystore",
+            "fhe_quant.predictions",
+            "fhe_quant.service_client",
+        ),
+    ),
 )
 
 #: Stages outside the chain: what each may import. Frontends read models and emit graphs;
@@ -76,6 +87,14 @@ ALLOWED: Mapping[tuple[str, str], str] = {
         "KNNModule subclasses QuantizedModule; part 3 (one step protocol)"
     ),
     ("fhe_quant.frontends.sklearn.neighbors", "fhe_quant.quant.quantizer"): "as above (part 3)",
+    ("fhe_quant.quant.ptq", "fhe_quant.lower"): (
+        "accumulator-aware PTQ (a550b1d) asks lower for the rounding headroom at quantization "
+        "time; issue 13 part 1 (one QuantizedGraph, lower only lowers) removes it"
+    ),
+    ("fhe_quant.report", "fhe_quant.lower"): (
+        "report's SQNR (0f6312e) runs the program step by step with lower's private "
+        "_operands; part 3 (one step protocol) gives steps a public way to run"
+    ),
     ("fhe_quant.frontends.sklearn", "fhe_quant.frontends.sklearn.linear"): (
         "the package registers its converters lazily and the converters import the "
         "package's base types (Converter, SklearnGraph); part 3 splits the base types out"
@@ -247,7 +266,7 @@ def check(
     for edge in imports:
         a = stage_of(edge.importer, stages, side_modules)
         b = stage_of(edge.imported, stages, side_modules)
-        if edge.private:
+        if edge.private and (edge.importer, edge.imported) not in allowed_edges:
             problems.append(f"{edge}: reads the private name {edge.private[0]}")
         if a is None or b is None or (edge.importer, edge.imported) in allowed_edges:
             continue

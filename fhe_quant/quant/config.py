@@ -19,13 +19,16 @@ import numpy as np
 from fhe_quant.quant.calibrate import CALIBRATION_METHODS
 from fhe_quant.quant.quantizer import MAX_BITS
 
-__all__ = ["MAX_ROUNDING_BITS", "ROLES", "QuantConfig"]
+__all__ = ["MAX_ACCUMULATOR_BITS", "MAX_ROUNDING_BITS", "ROLES", "QuantConfig"]
 
 #: Tensor roles that get their own bit width, in the order of the ``n_bits_*`` fields.
 ROLES = ("inputs", "weights", "activations", "outputs")
 
 #: Widest table input allowed for ``rounding_bits``.
 MAX_ROUNDING_BITS = 16
+
+#: Widest accumulator budget allowed for ``accumulator_bits``.
+MAX_ACCUMULATOR_BITS = 16
 
 _OWNER = "QuantConfig"
 
@@ -79,6 +82,11 @@ class QuantConfig:
             low bits are rounded away down to it. ``None`` chooses it automatically.
         rounding_exact: round exactly (``True``) or allow the cheaper approximate
             rounding (``False``).
+        accumulator_bits: when set (2 to 16), every linear layer's integer weights are
+            chosen so that its *proven* accumulator fits this many bits (accumulator-aware
+            quantization, :mod:`fhe_quant.quant.axe`): fewer low bits to drop before each
+            table. The weight scales are then per output channel whatever ``per_channel``
+            says (each channel has its own budget). ``None``: weights rounded to nearest.
 
     Examples:
         >>> QuantConfig().n_bits_outputs
@@ -99,6 +107,7 @@ Got 9 instead.
     calibration: str = "minmax"
     rounding_bits: int | None = None
     rounding_exact: bool = True
+    accumulator_bits: int | None = None
 
     def __post_init__(self) -> None:
         for role in ROLES:
@@ -125,6 +134,14 @@ Got 9 instead.
         object.__setattr__(
             self, "rounding_exact", _check_bool(self.rounding_exact, "rounding_exact")
         )
+        if self.accumulator_bits is not None:
+            bits = self.accumulator_bits
+            if not _is_int(bits) or not 2 <= int(bits) <= MAX_ACCUMULATOR_BITS:
+                raise ValueError(
+                    f"The 'accumulator_bits' parameter of {_OWNER} must be None or an int in "
+                    f"[2, {MAX_ACCUMULATOR_BITS}]. Got {bits!r} instead."
+                )
+            object.__setattr__(self, "accumulator_bits", int(bits))
 
     def n_bits(self, role: str) -> int:
         """The bit width of a role in :data:`ROLES`.
@@ -149,7 +166,7 @@ Got 9 instead.
                 those roles, and the missing ones take the dict's ``"activations"`` value
                 if present, else the field defaults.
             **kwargs: the other fields (``per_channel``, ``calibration``,
-                ``rounding_bits``, ``rounding_exact``).
+                ``rounding_bits``, ``rounding_exact``, ``accumulator_bits``).
 
         Returns:
             The validated config.

@@ -34,7 +34,8 @@ from typing import Any, Literal
 import numpy as np
 
 from fhe_quant.errors import InputError, UnsupportedOpError
-from fhe_quant.ir import OPS, Graph, Node, chain_source
+from fhe_quant.ir import OPS, ConvGeometry, Graph, Node, chain_source
+from fhe_quant.quant import axe
 from fhe_quant.quant.calibrate import make_observer
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.quantizer import MIN_SCALE, UniformQuantizer
@@ -52,6 +53,7 @@ __all__ = [
     "QuantizedDag",
     "quantize_dag",
     "is_chain",
+    "accumulator_aware_weights",
 ]
 
 
@@ -205,6 +207,113 @@ def _silence_dead_features(quantizer: UniformQuantizer, *arrays: np.ndarray) -> 
     return dataclasses.replace(quantizer, scale=tuple(float(s) for s in scale))
 
 
+def _calibration_columns(
+    node: Node, values: np.ndarray, input_quantizer: UniformQuantizer
+) -> list[tuple[slice, np.ndarray, np.ndarray]]:
+    """The activations every group of output channels reads, as ``(rows, x, x_q)``:
+    ``x`` the float values in units of the input scale (``x / s_in``), ``x_q`` the codes
+    the integer program sees (``q - z``), both ``(samples [x positions], columns)``
+    matching the weight's ``(out, in / groups * kernel)`` flattening."""
+    ndim = values.ndim
+    x = values / input_quantizer.scale_array(ndim)
+    x_q = (input_quantizer.quantize(values) - input_quantizer.zero_point_array(ndim)).astype(
+        np.float64
+    )
+    weight = node.params["weight"]
+    out = weight.shape[0]
+    if node.op != "conv":
+        return [(slice(0, out), x.reshape(-1, x.shape[-1]), x_q.reshape(-1, x.shape[-1]))]
+    g = ConvGeometry.from_attrs(node.attrs)
+    kernel = tuple(weight.shape[2:])
+    shape = (g.stride, g.padding, g.dilation)
+    patches, patches_q = axe.im2col(x, kernel, *shape), axe.im2col(x_q, kernel, *shape)
+    per_group, out_group = weight.shape[1], out // g.groups
+    columns = []
+    for group in range(g.groups):
+        channels = slice(group * per_group, (group + 1) * per_group)
+        columns.append(
+            (
+                slice(group * out_group, (group + 1) * out_group),
+                patches[:, channels].reshape(len(patches), -1),
+                patches_q[:, channels].reshape(len(patches), -1),
+            )
+        )
+    return columns
+
+
+def _check_fixed_accumulator(
+    node: Node, weight_q: np.ndarray, input_quantizer: UniformQuantizer, config: QuantConfig
+) -> None:
+    """An average pooling's weights are fixed (all 1): its accumulator must fit as is."""
+    if config.accumulator_bits is None:
+        return
+    widest = int(axe.proven_range(weight_q, input_quantizer.qmax).max())
+    if widest > 2**config.accumulator_bits - 1:
+        raise axe.AccumulatorBudgetError(
+            _where(node),
+            config.accumulator_bits,
+            widest.bit_length(),
+            f"its fixed weights (a sum of {widest // input_quantizer.qmax} codes) reach {widest}",
+        )
+
+
+def _table_bits(config: QuantConfig) -> int:
+    """The input width of the tables between layers, as the lowering will choose it."""
+    # NOTE: imported here: fhe_quant.lower imports this module.
+    from fhe_quant.lower import auto_table_bits
+
+    return config.rounding_bits or auto_table_bits(config.n_bits_activations)
+
+
+def accumulator_aware_weights(
+    node: Node,
+    weight: np.ndarray,
+    values: np.ndarray,
+    input_quantizer: UniformQuantizer,
+    bits: int,
+    config: QuantConfig,
+    table_bits: int | None = None,
+) -> tuple[np.ndarray, UniformQuantizer]:
+    """Integer weights of a linear layer whose proven accumulator fits
+    ``config.accumulator_bits`` (see :mod:`fhe_quant.quant.axe`), their roundings chosen
+    on the calibration ``values`` entering the layer; ``table_bits`` is the width of the
+    table after it (``None`` for the last layer), for which the budget keeps rounding
+    room.
+
+    Raises:
+        AccumulatorBudgetError: the width leaves no room for a single non-zero weight.
+    """
+    assert config.accumulator_bits is not None
+    budget = axe.l1_budget(config.accumulator_bits, input_quantizer.qmax, table_bits)
+    if budget < 1:
+        raise axe.AccumulatorBudgetError(
+            _where(node),
+            config.accumulator_bits,
+            axe.smallest_accumulator_bits(input_quantizer.qmax),
+        )
+    qmax = 2 ** (bits - 1) - 1
+    flat = weight.reshape(len(weight), -1)
+    q = np.zeros(flat.shape, dtype=np.int64)
+    scale = np.ones(len(weight))
+    rng = np.random.default_rng(0)
+    for rows, x, x_q in _calibration_columns(node, values, input_quantizer):
+        if len(x) > axe.MAX_CALIBRATION_ROWS:
+            keep = np.sort(rng.choice(len(x), axe.MAX_CALIBRATION_ROWS, replace=False))
+            x, x_q = x[keep], x_q[keep]
+        # NOTE: the budget binds every output channel separately, so the scales are per
+        # channel even with per_channel=False (they cost nothing in FHE).
+        q[rows], scale[rows] = axe.quantize_rows(flat[rows], x, x_q, qmax, budget)
+    quantizer = UniformQuantizer(
+        bits=bits,
+        scale=tuple(float(s) for s in scale),
+        zero_point=(0,) * len(scale),
+        signed=True,
+        narrow_range=True,
+        axis=0,
+    )
+    return q.reshape(weight.shape), quantizer
+
+
 def quantize_graph(graph: Graph, x_calib: np.ndarray, config: QuantConfig) -> QuantizedGraph:
     """Calibrate and quantize a simplified graph.
 
@@ -220,6 +329,13 @@ def quantize_graph(graph: Graph, x_calib: np.ndarray, config: QuantConfig) -> Qu
     x_calib = check_calibration_data(x_calib, graph.input_shape)
     values = graph.run(x_calib)
     if not is_chain(graph):
+        if config.accumulator_bits is not None:
+            raise UnsupportedOpError(
+                "accumulator_bits on a branching model",
+                "model",
+                "Accumulator-aware quantization supports chain models (no residual add, "
+                "concatenation or max pooling) for now; use accumulator_bits=None.",
+            )
         dag = quantize_dag(graph, values, config)
         return QuantizedGraph(graph, dag.pre, (), config, dag)
     pre, parts = _split(graph)
@@ -237,9 +353,22 @@ def quantize_graph(graph: Graph, x_calib: np.ndarray, config: QuantConfig) -> Qu
         weight = _fold_input_scale(node, input_quantizer.scale)
         if OPS[node.op].unit_weights:
             w_quantizer = _unit_weight_quantizer(weight, node.source or node.name)
+            weight_q = w_quantizer.quantize(weight)
+            _check_fixed_accumulator(node, weight_q, input_quantizer, config)
+        elif config.accumulator_bits is not None:
+            weight_q, w_quantizer = accumulator_aware_weights(
+                node,
+                weight,
+                values[node.inputs[0]],
+                input_quantizer,
+                bits,
+                config,
+                None if last else _table_bits(config),
+            )
         else:
             w_quantizer = _weight_quantizer(weight, bits, config.per_channel)
-        linear = QuantizedLinear(node, w_quantizer.quantize(weight), w_quantizer, input_quantizer)
+            weight_q = w_quantizer.quantize(weight)
+        linear = QuantizedLinear(node, weight_q, w_quantizer, input_quantizer)
         output_quantizer = None
         if not last:
             chain_end = chain[-1].name if chain else node.name

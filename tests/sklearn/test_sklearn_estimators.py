@@ -275,6 +275,7 @@ def test_defaults_and_signatures_follow_sklearn() -> None:
             "rounding_bits",
             "p_error",
             "verbose",
+            "accumulator_bits",  # perceptrons only
         }
     assert fs.LinearRegression().verbose is False  # sklearn's has no verbose: ours is added
     assert fs.LogisticRegression().verbose == 0  # sklearn's own, shared
