@@ -6,6 +6,9 @@ and what was received, so that a user can fix the call without reading our code.
 
 from __future__ import annotations
 
+import sklearn.exceptions
+from sklearn.utils._param_validation import InvalidParameterError
+
 __all__ = [
     "FHEQuantError",
     "UnsupportedOpError",
@@ -17,6 +20,8 @@ __all__ = [
     "ParameterError",
     "DeploymentError",
     "CompilationError",
+    "EstimatorNotFittedError",
+    "EstimatorParameterError",
 ]
 
 
@@ -78,3 +83,13 @@ class CompilationError(FHEQuantError, RuntimeError):
     """
 
     quantized_module: object | None = None
+
+
+class EstimatorNotFittedError(sklearn.exceptions.NotFittedError, NotFittedError):
+    """An estimator used before ``fit``: both scikit-learn's ``NotFittedError`` (so that
+    scikit-learn's tools recognize it) and fhe_quant's."""
+
+
+class EstimatorParameterError(InvalidParameterError, ParameterError):
+    """A constructor parameter of an estimator out of its allowed values: both
+    scikit-learn's ``InvalidParameterError`` and fhe_quant's ``ParameterError``."""

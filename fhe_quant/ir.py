@@ -46,6 +46,9 @@ __all__ = [
     "Graph",
     "OpSpec",
     "OPS",
+    "ELEMENTWISE",
+    "ElementwiseOp",
+    "MonotoneRule",
     "op_spec",
     "linear_bounds",
     "ConvGeometry",
@@ -56,6 +59,7 @@ __all__ = [
     "describe_mismatch",
     "max_pool_numpy",
     "max_pool_geometry",
+    "chain_source",
 ]
 
 Kind = Literal["input", "linear", "elementwise", "reshape", "add", "concat", "max_pool"]
@@ -86,7 +90,9 @@ class Node:
             raise ValueError(f"The 'name' of a Node must be a non-empty str. Got {self.name!r}.")
         spec = op_spec(self.op, self.source or self.name)  # unknown ops fail here, with their place
         object.__setattr__(self, "inputs", tuple(self.inputs))
-        object.__setattr__(self, "attrs", MappingProxyType(dict(self.attrs)))
+        # NOTE: plain dicts (copies), so that a node is plain data: it pickles and
+        # deep-copies; the constants themselves are read-only arrays.
+        object.__setattr__(self, "attrs", dict(self.attrs))
         if spec.check_attrs is not None:
             try:
                 spec.check_attrs(self.attrs)
@@ -104,7 +110,7 @@ class Node:
                 )
             array.setflags(write=False)
             frozen[key] = array
-        object.__setattr__(self, "params", MappingProxyType(frozen))
+        object.__setattr__(self, "params", frozen)
 
     @property
     def kind(self) -> Kind:
@@ -179,6 +185,25 @@ class Graph:
         return Graph(
             tuple(nodes), self.input_name, output_name or self.output_name, self.input_shape
         )
+
+
+def chain_source(graph: Graph, name: str, stop: str) -> tuple[str, tuple[Node, ...]]:
+    """Walk back from ``name`` over elementwise/reshape nodes to the node that produces
+    their input (or ``stop``); returns its name and the nodes walked, in graph order.
+
+    Examples:
+        >>> g = Graph((Node("x", "input"), Node("r", "relu", ("x",)),
+        ...            Node("t", "tanh", ("r",))), "x", "t", (2,))
+        >>> source, chain = chain_source(g, "t", "x")
+        >>> source, [node.name for node in chain]
+        ('x', ['r', 't'])
+    """
+    chain: list[Node] = []
+    node = graph.node(name)
+    while node.name != stop and node.kind in ("elementwise", "reshape"):
+        chain.insert(0, node)
+        node = graph.node(node.inputs[0])
+    return node.name, tuple(chain)
 
 
 # --------------------------------------------------------------------------- op semantics
@@ -405,29 +430,226 @@ def _const(node: Node) -> np.ndarray:
     return node.params["constant"]
 
 
-ElementwiseFn = Callable[[Node, np.ndarray], np.ndarray]
+def _mish(x: np.ndarray) -> np.ndarray:
+    return x * np.tanh(_softplus(x, 1.0, np.inf))
 
-_ELEMENTWISE: dict[str, ElementwiseFn] = {
-    "identity": lambda n, x: x,
-    "relu": lambda n, x: np.maximum(x, 0.0),
-    "relu6": lambda n, x: np.clip(x, 0.0, 6.0),
-    "hardtanh": lambda n, x: np.clip(x, n.attrs["min_val"], n.attrs["max_val"]),
-    "leaky_relu": lambda n, x: np.where(x >= 0, x, n.attrs["negative_slope"] * x),
-    "prelu": lambda n, x: _prelu(x, n.params["weight"]),
-    "sigmoid": lambda n, x: _sigmoid(x),
-    "tanh": lambda n, x: np.tanh(x),
-    "gelu": lambda n, x: (
-        0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
-        if n.attrs.get("approximate") == "tanh"
-        else 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+
+def _per_channel_constant(node: Node, ndim: int) -> np.ndarray | None:
+    """The node's constant, if it is the same at every spatial position of an input with
+    ``ndim`` axes (batch included); ``None`` if it varies along a spatial axis."""
+    constant = node.params["constant"]
+    shape = (1,) * (ndim - constant.ndim) + constant.shape
+    if constant.ndim > ndim or any(d != 1 for d in shape[2:]):
+        return None
+    return constant
+
+
+ElementwiseFn = Callable[[Node, np.ndarray], np.ndarray]
+#: Whether a node is non-decreasing and the same at every spatial position, given the
+#: number of axes of its input (batch included).
+MonotoneRule = Callable[[Node, int], bool]
+
+_F = "torch.nn.functional."
+
+
+@dataclass(frozen=True)
+class ElementwiseOp:
+    """Every fact about one elementwise operation: its row of :data:`ELEMENTWISE`.
+
+    The torch frontend, quantization-aware training, the float passes and the estimators
+    read these rows; nothing else lists elementwise operations. The integer lowering is
+    the same for all of them: the float function is fused into the table that follows
+    the accumulator (see :mod:`fhe_quant.lower`).
+
+    Attributes:
+        fn: the float function ``fn(node, x)`` on float64 NumPy arrays.
+        monotone: non-decreasing and the same at every spatial position (so that it
+            commutes with a max pool): a bool, or a :data:`MonotoneRule` when it depends
+            on the node's attributes or constants.
+        attrs: the scalar attributes, ``(name, default)`` in the order of the torch
+            function's arguments after ``x``; a torch module's attributes of the same
+            names give them, and a functional call's arguments (or these defaults).
+        params: the constant tensors (``"weight"``, ``"constant"``), passed after ``x``
+            to the torch function; a torch module's attributes of the same names.
+        torch_modules: names of the ``torch.nn`` classes that compute the operation.
+        torch_functions: dotted names of the torch functions that compute it.
+        torch_methods: names of the tensor methods that compute it.
+        torch_function: the dotted name of the torch function that quantization-aware
+            training computes it with, as ``f(x, *params, **attrs)`` (``None``: the
+            identity); empty to let it be ``torch_functions[0]``.
+        estimator: offered as the hidden activation of the ``NeuralNet*`` estimators.
+
+    Examples:
+        >>> ELEMENTWISE["relu"].torch_modules, ELEMENTWISE["relu"].monotone
+        (('ReLU',), True)
+        >>> ELEMENTWISE["leaky_relu"].attrs
+        (('negative_slope', 0.01),)
+    """
+
+    fn: ElementwiseFn
+    monotone: bool | MonotoneRule = False
+    attrs: tuple[tuple[str, Any], ...] = ()
+    params: tuple[str, ...] = ()
+    torch_modules: tuple[str, ...] = ()
+    torch_functions: tuple[str, ...] = ()
+    torch_methods: tuple[str, ...] = ()
+    torch_function: str | None = ""
+    estimator: bool = False
+
+    def __post_init__(self) -> None:
+        if self.torch_function == "":
+            first = self.torch_functions[0] if self.torch_functions else None
+            object.__setattr__(self, "torch_function", first)
+
+    def is_monotone(self, node: Node, ndim: int) -> bool:
+        """Whether ``node`` (of this operation, on an input with ``ndim`` axes) is
+        non-decreasing and the same at every spatial position."""
+        if callable(self.monotone):
+            return self.monotone(node, ndim)
+        return bool(self.monotone)
+
+
+def _add_const_monotone(node: Node, ndim: int) -> bool:
+    return _per_channel_constant(node, ndim) is not None
+
+
+def _mul_const_monotone(node: Node, ndim: int) -> bool:
+    constant = _per_channel_constant(node, ndim)
+    return constant is not None and bool(np.all(constant > 0))
+
+
+#: The elementwise operations, one row each (see :class:`ElementwiseOp`), by op name.
+ELEMENTWISE: Mapping[str, ElementwiseOp] = {
+    "identity": ElementwiseOp(
+        lambda n, x: x,
+        monotone=True,
+        torch_modules=("Identity", "Dropout", "Dropout1d", "Dropout2d"),
+        torch_functions=(_F + "dropout",),
+        torch_methods=("contiguous", "clone", "detach"),
+        torch_function=None,
     ),
-    "silu": lambda n, x: x * _sigmoid(x),
-    "hardswish": lambda n, x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,
-    "hardsigmoid": lambda n, x: np.clip(x / 6.0 + 0.5, 0.0, 1.0),
-    "elu": lambda n, x: np.where(x > 0, x, n.attrs["alpha"] * np.expm1(np.minimum(x, 0.0))),
-    "softplus": lambda n, x: _softplus(x, n.attrs["beta"], n.attrs["threshold"]),
-    "add_const": lambda n, x: x + _const(n),
-    "mul_const": lambda n, x: x * _const(n),
+    "relu": ElementwiseOp(
+        lambda n, x: np.maximum(x, 0.0),
+        monotone=True,
+        torch_modules=("ReLU",),
+        torch_functions=(_F + "relu", "torch.relu"),
+        torch_methods=("relu",),
+        estimator=True,
+    ),
+    "relu6": ElementwiseOp(
+        lambda n, x: np.clip(x, 0.0, 6.0),
+        monotone=True,
+        torch_modules=("ReLU6",),
+        torch_functions=(_F + "relu6",),
+        estimator=True,
+    ),
+    "hardtanh": ElementwiseOp(
+        lambda n, x: np.clip(x, n.attrs["min_val"], n.attrs["max_val"]),
+        monotone=True,
+        attrs=(("min_val", -1.0), ("max_val", 1.0)),
+        torch_modules=("Hardtanh",),
+        torch_functions=(_F + "hardtanh",),
+    ),
+    "leaky_relu": ElementwiseOp(
+        lambda n, x: np.where(x >= 0, x, n.attrs["negative_slope"] * x),
+        monotone=lambda n, ndim: n.attrs["negative_slope"] >= 0,
+        attrs=(("negative_slope", 0.01),),
+        torch_modules=("LeakyReLU",),
+        torch_functions=(_F + "leaky_relu",),
+        estimator=True,
+    ),
+    "prelu": ElementwiseOp(
+        lambda n, x: _prelu(x, n.params["weight"]),
+        monotone=lambda n, ndim: bool(np.all(n.params["weight"] >= 0)),  # per channel
+        params=("weight",),
+        torch_modules=("PReLU",),
+        torch_function=_F + "prelu",
+    ),
+    "sigmoid": ElementwiseOp(
+        lambda n, x: _sigmoid(x),
+        monotone=True,
+        torch_modules=("Sigmoid",),
+        torch_functions=("torch.sigmoid", _F + "sigmoid"),
+        torch_methods=("sigmoid",),
+        estimator=True,
+    ),
+    "tanh": ElementwiseOp(
+        lambda n, x: np.tanh(x),
+        monotone=True,
+        torch_modules=("Tanh",),
+        torch_functions=("torch.tanh", _F + "tanh"),
+        torch_methods=("tanh",),
+        estimator=True,
+    ),
+    "gelu": ElementwiseOp(
+        lambda n, x: (
+            0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
+            if n.attrs.get("approximate") == "tanh"
+            else 0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))
+        ),
+        attrs=(("approximate", "none"),),
+        torch_modules=("GELU",),
+        torch_functions=(_F + "gelu",),
+        estimator=True,
+    ),
+    "silu": ElementwiseOp(
+        lambda n, x: x * _sigmoid(x),
+        torch_modules=("SiLU",),
+        torch_functions=(_F + "silu",),
+        estimator=True,
+    ),
+    "hardswish": ElementwiseOp(
+        lambda n, x: x * np.clip(x + 3.0, 0.0, 6.0) / 6.0,
+        torch_modules=("Hardswish",),
+        torch_functions=(_F + "hardswish",),
+        estimator=True,
+    ),
+    "hardsigmoid": ElementwiseOp(
+        lambda n, x: np.clip(x / 6.0 + 0.5, 0.0, 1.0),
+        monotone=True,
+        torch_modules=("Hardsigmoid",),
+        torch_functions=(_F + "hardsigmoid",),
+    ),
+    "elu": ElementwiseOp(
+        lambda n, x: np.where(x > 0, x, n.attrs["alpha"] * np.expm1(np.minimum(x, 0.0))),
+        monotone=lambda n, ndim: n.attrs["alpha"] >= 0,
+        attrs=(("alpha", 1.0),),
+        torch_modules=("ELU",),
+        torch_functions=(_F + "elu",),
+        estimator=True,
+    ),
+    "softplus": ElementwiseOp(
+        lambda n, x: _softplus(x, n.attrs["beta"], n.attrs["threshold"]),
+        monotone=True,
+        attrs=(("beta", 1.0), ("threshold", 20.0)),
+        torch_modules=("Softplus",),
+        torch_functions=(_F + "softplus",),
+    ),
+    "mish": ElementwiseOp(
+        lambda n, x: _mish(x),
+        torch_modules=("Mish",),
+        torch_functions=(_F + "mish",),
+        estimator=True,
+    ),
+    "softsign": ElementwiseOp(
+        lambda n, x: x / (1.0 + np.abs(x)),
+        monotone=True,
+        torch_modules=("Softsign",),
+        torch_functions=(_F + "softsign",),
+        estimator=True,
+    ),
+    "add_const": ElementwiseOp(
+        lambda n, x: x + _const(n),
+        monotone=_add_const_monotone,
+        params=("constant",),
+        torch_function="torch.add",
+    ),
+    "mul_const": ElementwiseOp(
+        lambda n, x: x * _const(n),
+        monotone=_mul_const_monotone,
+        params=("constant",),
+        torch_function="torch.mul",
+    ),
 }
 
 
@@ -546,7 +768,7 @@ def _eval_max_pool(node: Node, x: np.ndarray) -> np.ndarray:
 
 
 def _elementwise(name: str) -> OpSpec:
-    fn = _ELEMENTWISE[name]
+    fn = ELEMENTWISE[name].fn
     return OpSpec("elementwise", lambda node, x: np.asarray(fn(node, x), dtype=np.float64))
 
 
@@ -570,7 +792,7 @@ OPS: Mapping[str, OpSpec] = MappingProxyType(
         "add": OpSpec("add", _eval_add, check_attrs=_check_add),
         "concat": OpSpec("concat", _eval_concat, check_attrs=_check_concat),
         "max_pool": OpSpec("max_pool", _eval_max_pool, check_attrs=max_pool_geometry),
-        **{name: _elementwise(name) for name in _ELEMENTWISE},
+        **{name: _elementwise(name) for name in ELEMENTWISE},
     }
 )
 

@@ -48,25 +48,21 @@ from fhe_quant.ir import (
     OPS,
     ConvGeometry,
     Node,
+    chain_source,
     conv_numpy,
     linear_bounds,
     max_pool_geometry,
 )
-from fhe_quant.quant.ptq import (
-    QuantizedGraph,
-    Segment,
-    _chain_source,
-    _fold_input_scale,
-    _unit_weight_quantizer,
-    _weight_quantizer,
-)
+from fhe_quant.quant.ptq import QuantizedGraph, Segment
 from fhe_quant.quant.quantizer import UniformQuantizer
+from fhe_quant.quant.weights import fold_input_scale, unit_weight_quantizer, weight_quantizer
 
 __all__ = [
     "Backend",
     "NUMPY",
     "LinearStep",
     "TableStep",
+    "TableFunction",
     "IntegerProgram",
     "lower",
     "bits_for",
@@ -189,6 +185,28 @@ class LinearStep:
 
 
 @dataclass(frozen=True, eq=False)
+class TableFunction:
+    """What a table computes, as data: dequantize the accumulator
+    (``scale * (acc - zero) + bias``, arrays shaped ``(1, *shape)``), evaluate the float
+    ``chain`` of elementwise/reshape nodes, quantize with ``output``. Called on a full
+    accumulator it is the layer without dropped bits (the reference for the rounding's
+    effect, :meth:`IntegerProgram.run_without_rounding`); a table holds its values at the
+    centre of each rounding cell.
+    """
+
+    scale: np.ndarray
+    zero: np.ndarray
+    bias: np.ndarray
+    chain: tuple[Node, ...]
+    output: UniformQuantizer
+
+    def __call__(self, acc: np.ndarray) -> np.ndarray:
+        real = self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
+        out = self.output.quantize(_chain(self.chain, real))
+        return out.reshape(out.shape[0], -1).reshape(np.shape(acc))
+
+
+@dataclass(frozen=True, eq=False)
 class TableStep:
     """Drop ``lsbs`` low bits of the accumulator, then look up one table per element.
 
@@ -217,7 +235,7 @@ class TableStep:
     out_shape: tuple[int, ...]
     out_min: np.ndarray
     out_max: np.ndarray
-    exact: Callable[[np.ndarray], np.ndarray]
+    exact: TableFunction | Callable[[np.ndarray], np.ndarray]
     inputs: tuple[int, ...] = ()
 
     @property
@@ -726,11 +744,7 @@ def _table(
     out_min = np.where(reachable, table, np.iinfo(np.int64).max).min(axis=1)
     out_max = np.where(reachable, table, np.iinfo(np.int64).min).max(axis=1)
 
-    def exact(acc: np.ndarray) -> np.ndarray:
-        # The same layer without dropping bits: the reference for the rounding's effect.
-        out = out_q.quantize(_chain(chain, source.dequantize(acc)))
-        return out.reshape(out.shape[0], -1).reshape(acc.shape)
-
+    exact = TableFunction(source.scale, source.zero, source.bias, chain, out_q)
     return TableStep(
         name,
         lsbs,
@@ -927,7 +941,7 @@ class _DagLowering:
         ndim = source.scale.ndim
         axis = spec.channel_axis % ndim
         s_in = _channel_vector(source.scale, axis, node, "scale")
-        folded = _fold_input_scale(node, s_in)
+        folded = fold_input_scale(node, s_in)
         last = node.name in self.output_linears
         bits = self.config.n_bits_outputs if last else self.config.n_bits_weights
         where = node.source or node.name
@@ -937,11 +951,11 @@ class _DagLowering:
             if any(o.node == node.name and o.mode == "acc" for o in operands)
         ]
         if spec.unit_weights:
-            w_q = _unit_weight_quantizer(folded, where)
+            w_q = unit_weight_quantizer(folded, where)
         elif adds:
             w_q = self.scaled_weights(node, folded, bits, self.dag.add_quantizers[adds[0]])
         else:
-            w_q = _weight_quantizer(folded, bits, self.config.per_channel)
+            w_q = weight_quantizer(folded, bits, self.config.per_channel)
         w = w_q.quantize(folded)
         lo, hi = linear_bounds(node.op, w, source.lo, source.hi, node.attrs)
         if np.any(source.zero != np.rint(source.zero)):  # pragma: no cover - codes only
@@ -958,7 +972,7 @@ class _DagLowering:
         ``s``: ``s / m`` (``m = floor(s / s_w)``, at most ``(m + 1) / m`` coarser than the
         natural ``s_w``) when ``s >= s_w``, else ``k * s`` (``k = ceil(s_w / s)``); the
         add then multiplies the codes by ``m`` or the accumulator by ``k`` (free)."""
-        natural = np.asarray(_weight_quantizer(folded, bits, True).scale)
+        natural = np.asarray(weight_quantizer(folded, bits, True).scale)
         n_out = folded.shape[0]
         s = np.broadcast_to(np.asarray(common.scale, dtype=np.float64), (n_out,))
         m = np.floor(s / natural)
@@ -1022,7 +1036,7 @@ class _DagLowering:
         return _Value(self.emit(step), step.scale, step.zero, bias, np.zeros_like(lo), hi - lo)
 
     def table(self, node: Node) -> _Value:
-        source_name, chain = _chain_source(self.graph, node.name, self.dag.input_name)
+        source_name, chain = chain_source(self.graph, node.name, self.dag.input_name)
         if source_name == self.dag.input_name:
             source = self.codes(source_name)
         else:
@@ -1046,7 +1060,7 @@ class _DagLowering:
         return _codes_value(self.emit(step), out_q, step.out_min, step.out_max)
 
     def reshape(self, node: Node) -> _Value:
-        source_name, _ = _chain_source(self.graph, node.name, self.dag.input_name)
+        source_name, _ = chain_source(self.graph, node.name, self.dag.input_name)
         source = self.codes(source_name)
         shape = self.shapes[node.name]
         step = ReshapeStep(node.name, (source.index,), shape)

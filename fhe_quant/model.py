@@ -22,7 +22,14 @@ from fhe_quant.passes import simplify
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.ptq import QuantizedGraph, check_calibration_data, quantize_graph
 
-__all__ = ["QuantizedModule", "build_quantized_module", "make_config", "run_chain", "MAX_INPUTSET"]
+__all__ = [
+    "QuantizedModule",
+    "build_quantized_module",
+    "make_config",
+    "rounding_exact",
+    "run_chain",
+    "MAX_INPUTSET",
+]
 
 #: Calibration samples handed to Concrete for tracing (bit widths come from proofs).
 MAX_INPUTSET = 32
@@ -34,6 +41,20 @@ def make_config(n_bits: Any, **kwargs: Any) -> QuantConfig:
         return QuantConfig.from_n_bits(n_bits, **kwargs)
     except ValueError as exc:
         raise ParameterError(str(exc)) from None
+
+
+def rounding_exact(rounding: Any) -> bool:
+    """Whether a ``rounding=`` argument asks for exact rounding (``"exact"``) or not.
+
+    Examples:
+        >>> rounding_exact("approximate")
+        False
+    """
+    if rounding not in ("exact", "approximate"):
+        raise ParameterError(
+            f"The 'rounding' parameter must be 'exact' or 'approximate'. Got {rounding!r}."
+        )
+    return rounding == "exact"
 
 
 def run_chain(nodes: tuple[Node, ...], value: np.ndarray) -> np.ndarray:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from fhe_quant.frontends.onnx import MAX_OPSET, MIN_OPSET, load_onnx, onnx_to_graph
-from fhe_quant.model import QuantizedModule, build_quantized_module, make_config
+from fhe_quant.model import QuantizedModule, build_quantized_module, make_config, rounding_exact
 from fhe_quant.quant.ptq import check_calibration_data
 
 __all__ = ["compile_onnx_model", "load_onnx", "MIN_OPSET", "MAX_OPSET"]
@@ -71,12 +71,10 @@ def compile_onnx_model(
         TraceError: the translated graph does not reproduce the ONNX model.
         ParameterError: ``n_bits`` or another parameter out of range.
     """
-    from fhe_quant.torch import _rounding_exact
-
     config = make_config(
         n_bits,
         rounding_bits=rounding_bits,
-        rounding_exact=_rounding_exact(rounding),
+        rounding_exact=rounding_exact(rounding),
         per_channel=per_channel,
         calibration=calibration,
     )

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import numpy as np
 
 from fhe_quant.errors import UnsupportedOpError
-from fhe_quant.ir import OPS, Graph, Node
+from fhe_quant.ir import ELEMENTWISE, OPS, Graph, Node
 
 __all__ = [
     "remove_identities",
@@ -116,29 +116,17 @@ def fold_affine_into_linear(graph: Graph) -> Graph:
     return graph.replace(nodes, output)
 
 
-_MONOTONE = {"identity", "relu", "relu6", "hardtanh", "sigmoid", "tanh", "softplus"}
-_MONOTONE |= {"hardsigmoid"}
+#: The elementwise operations that are always non-decreasing (from the op table; the
+#: others may be, depending on their attributes: see :meth:`ElementwiseOp.is_monotone`).
+_MONOTONE = frozenset(name for name, row in ELEMENTWISE.items() if row.monotone is True)
 
 
 def _is_monotone(node: Node, ndim: int) -> bool:
     """Whether ``node`` is a non-decreasing elementwise function, the same at every
     spatial position of its ``ndim``-axis input (batch included), so that it commutes
     with a maximum over positions."""
-    if node.op in _MONOTONE:
-        return True
-    if node.op == "leaky_relu":
-        return node.attrs["negative_slope"] >= 0
-    if node.op == "elu":
-        return node.attrs["alpha"] >= 0
-    if node.op == "prelu":  # one slope, or one per channel (axis 1)
-        return bool(np.all(node.params["weight"] >= 0))
-    if node.op not in ("add_const", "mul_const"):
-        return False
-    constant = node.params["constant"]
-    shape = (1,) * (ndim - constant.ndim) + constant.shape
-    if constant.ndim > ndim or any(d != 1 for d in shape[2:]):
-        return False  # varies along a spatial axis
-    return node.op == "add_const" or bool(np.all(constant > 0))
+    row = ELEMENTWISE.get(node.op)
+    return row is not None and row.is_monotone(node, ndim)
 
 
 def commute_max_pool(graph: Graph) -> Graph:

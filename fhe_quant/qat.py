@@ -51,9 +51,11 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from torch import nn
 
 from fhe_quant import errors
-from fhe_quant.errors import NotFittedError, ParameterError, TraceError
+from fhe_quant.errors import ParameterError, TraceError
 from fhe_quant.fhe import check_fhe_mode
+from fhe_quant.frontends.sklearn import OUTPUT_FUNCTIONS
 from fhe_quant.frontends.torch import trace_module
+from fhe_quant.ir import ELEMENTWISE
 from fhe_quant.lower import lower
 from fhe_quant.model import QuantizedModule, make_config
 from fhe_quant.passes import simplify
@@ -274,25 +276,13 @@ fhe_quant.torch.compile_torch_model (post-training quantization).
 # --------------------------------------------------------------------------- estimators
 
 
-class QATParameterError(InvalidParameterError, ParameterError):
-    """An estimator parameter out of its allowed values (scikit-learn's
-    ``InvalidParameterError`` and fhe_quant's ``ParameterError``)."""
+#: Deprecated aliases: the estimators' errors are fhe_quant.errors' (one type per mistake).
+QATParameterError = errors.EstimatorParameterError
+QATNotFittedError = errors.EstimatorNotFittedError
 
-
-class QATNotFittedError(sklearn.exceptions.NotFittedError, NotFittedError):
-    """An estimator used before ``fit`` (scikit-learn's and fhe_quant's error)."""
-
-
+#: The hidden activations the estimators offer: the op table's rows marked ``estimator``.
 _ACTIVATIONS: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "relu6": nn.ReLU6,
-    "leaky_relu": nn.LeakyReLU,
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-    "hardswish": nn.Hardswish,
-    "elu": nn.ELU,
+    op: getattr(nn, row.torch_modules[0]) for op, row in ELEMENTWISE.items() if row.estimator
 }
 
 
@@ -468,8 +458,7 @@ _ESTIMATOR_DOC = """
             with keys ``inputs``, ``weights``, ``activations``, ``outputs``.
         n_hidden: width of the hidden layers.
         n_layers: number of ``Linear`` layers (``n_layers - 1`` hidden layers).
-        activation: hidden activation: ``"relu"``, ``"relu6"``, ``"leaky_relu"``,
-            ``"sigmoid"``, ``"tanh"``, ``"gelu"``, ``"silu"``, ``"hardswish"``, ``"elu"``.
+        activation: hidden activation: {activations}.
         epochs: training epochs (Adam, cosine learning-rate decay, from scratch).
         lr: initial learning rate.
         batch_size: minibatch size.
@@ -486,7 +475,7 @@ _ESTIMATOR_DOC = """
         quantized_module_: the compiled-to-be model (circuit after :meth:`compile`).
         history_: the training history (loss per epoch).
         n_features_in_: number of features seen during ``fit``.
-"""
+""".replace("{activations}", ", ".join(f"``{name!r}``" for name in _ACTIVATIONS))
 
 
 class NeuralNetClassifier(ClassifierMixin, _QATEstimator):
@@ -552,9 +541,7 @@ class NeuralNetClassifier(ClassifierMixin, _QATEstimator):
     def predict_proba(self, X: Any, *, fhe: str = "disable") -> np.ndarray:
         """Class probabilities ``(n_samples, n_classes)`` (softmax of the decrypted
         logits, computed by the client)."""
-        raw = self._raw(X, fhe)
-        shifted = np.exp(raw - raw.max(axis=1, keepdims=True))
-        return shifted / shifted.sum(axis=1, keepdims=True)
+        return OUTPUT_FUNCTIONS["softmax"](self._raw(X, fhe))
 
 
 class NeuralNetRegressor(RegressorMixin, _QATEstimator):

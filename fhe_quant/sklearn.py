@@ -37,6 +37,7 @@ import numpy as np
 import sklearn.exceptions
 from sklearn import ensemble as _ensemble
 from sklearn import linear_model as _linear_model
+from sklearn import neighbors as _neighbors_sklearn
 from sklearn import neural_network as _neural_network
 from sklearn import svm as _svm
 from sklearn import tree as _tree
@@ -65,8 +66,9 @@ from fhe_quant.frontends.sklearn import (
     sklearn_to_graph,
 )
 from fhe_quant.frontends.sklearn import boosting as _boosting
+from fhe_quant.frontends.sklearn import neighbors as _neighbors
 from fhe_quant.frontends.sklearn import tree as _trees
-from fhe_quant.lower import lower
+from fhe_quant.lower import bits_for, lower
 from fhe_quant.model import QuantizedModule, build_quantized_module, make_config
 from fhe_quant.passes import simplify
 from fhe_quant.quant.config import MAX_ACCUMULATOR_BITS, MAX_ROUNDING_BITS, QuantConfig
@@ -124,14 +126,9 @@ def __getattr__(name: str) -> Any:
 # --------------------------------------------------------------------------- errors
 
 
-class EstimatorNotFittedError(sklearn.exceptions.NotFittedError, errors.NotFittedError):
-    """An estimator used before ``fit``: both scikit-learn's ``NotFittedError`` (so that
-    scikit-learn's tools recognize it) and fhe_quant's."""
-
-
-class EstimatorParameterError(InvalidParameterError, errors.ParameterError):
-    """A constructor parameter out of its allowed values: both scikit-learn's
-    ``InvalidParameterError`` and fhe_quant's ``ParameterError``."""
+# NOTE: defined in fhe_quant.errors (one home for every error type); the names stay here.
+EstimatorNotFittedError = errors.EstimatorNotFittedError
+EstimatorParameterError = errors.EstimatorParameterError
 
 
 def _check_fitted(estimator: Any, attribute: str | None = "quantized_module_") -> None:
@@ -1214,10 +1211,131 @@ def from_sklearn(
 
 
 # --------------------------------------------------------------------------- neighbours
-# NOTE: built here, at the end, so that the neighbours module never imports this one at
-# import time (see fhe_quant/frontends/sklearn/neighbors.py).
-from fhe_quant.frontends.sklearn import neighbors as _neighbors  # noqa: E402
+# NOTE: the k-NN program and module live in fhe_quant/frontends/sklearn/neighbors.py; the
+# estimator is built here so that the frontend never imports this module.
 
-KNeighborsClassifier = _neighbors.build_estimator()
+
+class _KNNMixin:
+    """What the neighbours estimator changes in ``fhe_quant.sklearn``'s classifier."""
+
+    sklearn_model_: Any
+    quantized_module_: _neighbors.KNNModule
+
+    @classmethod
+    def _import_graph(cls, estimator: Any) -> None:
+        _neighbors.check_knn_options(estimator)  # no graph: the points are read when fitted
+        return None
+
+    def _config(self) -> Any:
+        config = super()._config()  # type: ignore[misc]
+        if not isinstance(self.n_bits, int | np.integer) or isinstance(self.n_bits, bool):  # type: ignore[attr-defined]
+            raise errors.ParameterError(
+                "The 'n_bits' parameter of KNeighborsClassifier must be an int (the input "
+                f"bits; there are no weights or activations). Got {self.n_bits!r} instead."  # type: ignore[attr-defined]
+            )
+        return config
+
+    def _level_bits(self, n_classes: int) -> int:
+        rounding = self.rounding_bits  # type: ignore[attr-defined]
+        if rounding is None:
+            return _neighbors.DEFAULT_LEVEL_BITS
+        level = rounding - bits_for(n_classes - 1) - 1
+        if level < 1:
+            raise errors.ParameterError(
+                "The 'rounding_bits' parameter of KNeighborsClassifier (the input width of "
+                f"the compare tables) must be at least {bits_for(n_classes - 1) + 2} for "
+                f"{n_classes} classes. Got {rounding} instead."
+            )
+        return level
+
+    def _set_fitted(self, model: Any, X: np.ndarray, config: Any, imported: Any = None) -> None:
+        _neighbors.check_knn_options(model)
+        module = _neighbors.knn_to_module(
+            model,
+            X,
+            int(self.n_bits),
+            self._level_bits(len(model.classes_)),  # type: ignore[attr-defined]
+        )
+        self.classes_ = model.classes_
+        self.sklearn_model_ = model
+        self.quantized_module_ = module
+        self._output = "identity"
+        self._ravel = False
+
+    def fit(self, X: Any, y: Any, **fit_params: Any) -> Any:
+        """Fit scikit-learn's classifier (it stores the training points), then quantize
+        the points with ``X`` as calibration data.
+
+        Raises:
+            EstimatorParameterError: a constructor parameter out of range.
+            errors.UnsupportedOpError: weights other than 'uniform', a non-euclidean
+                metric, metric_params, or multi-output targets.
+            errors.InputError: ``X`` or ``y`` with NaN/inf, strings, the wrong shape, one
+                class only, or fewer samples than ``n_neighbors``.
+        """
+        self._config()  # type: ignore[attr-defined]
+        _neighbors.check_knn_options(self._make_sklearn_model())  # type: ignore[attr-defined]
+        return super().fit(X, y, **fit_params)  # type: ignore[misc]
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()  # type: ignore[misc]
+        tags.target_tags.multi_output = False  # one label per sample (see check_knn_options)
+        return tags
+
+    def __getstate__(self) -> dict[str, Any]:
+        # NOTE: the graph-based estimators' __getstate__ is skipped: it serializes
+        # quantized graphs, and a _neighbors.KNNModule has none. Its program is plain data.
+        state = dict(BaseEstimator.__getstate__(self))  # type: ignore[arg-type]
+        module = state.pop("quantized_module_", None)
+        if module is not None:
+            state["_knn_state"] = (module.program, module.low, module.span)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        knn = state.pop("_knn_state", None)
+        super().__setstate__(state)  # type: ignore[misc]
+        if knn is not None:
+            program, low, span = knn
+            self.quantized_module_ = _neighbors.KNNModule(self.sklearn_model_, program, low, span)
+
+
+_KNN_DOC = """KNeighborsClassifier for encrypted inference: scikit-learn's
+:class:`sklearn.neighbors.KNeighborsClassifier`, with the training points stored in clear
+on the server and the client's sample encrypted (see
+:mod:`fhe_quant.frontends.sklearn.neighbors` for the program and its exact cost).
+
+Constructor parameters: those of scikit-learn's class (same names, same defaults), plus:
+
+Args:
+    n_bits: input bits (an int): every feature is clipped to its calibrated range and
+        quantized with one step for all features. Default {n_bits}.
+    rounding_bits: input width of the compare-exchange tables, ``e + L + 1`` with ``e``
+        distance level bits and ``L`` label bits (``None``: ``e = {level}``, so 6 bits
+        for 3 or 4 classes, 5 for 2).
+    p_error: error probability of each table lookup in FHE.
+    verbose: show progress bars.
+
+Supported: ``weights='uniform'``, ``metric='minkowski'`` with ``p=2`` (or
+``'euclidean'``); other options raise :class:`fhe_quant.errors.UnsupportedOpError`.
+Cost: about ``N * n_neighbors`` table lookups per sample for ``N`` stored points; keep
+``N`` to a few hundred.
+
+Attributes:
+    sklearn_model_: the fitted scikit-learn model (float).
+    quantized_module_: the :class:`fhe_quant.frontends.sklearn.neighbors._neighbors.KNNModule`.
+    classes_: the class labels.
+    n_features_in_: number of features seen during ``fit``.
+"""
+
+
+KNeighborsClassifier = _make_estimator(
+    _neighbors_sklearn.KNeighborsClassifier,
+    type("_FHEKNeighborsClassifier", (_KNNMixin, _FHEClassifier), {}),
+    _neighbors.DEFAULT_N_BITS,
+)
+KNeighborsClassifier.__doc__ = _KNN_DOC.format(
+    n_bits=_neighbors.DEFAULT_N_BITS, level=_neighbors.DEFAULT_LEVEL_BITS
+)
 __all__.append("KNeighborsClassifier")
 _WRAPPERS[KNeighborsClassifier._sklearn_class] = KNeighborsClassifier

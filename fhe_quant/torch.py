@@ -19,19 +19,11 @@ import numpy as np
 
 from fhe_quant.errors import ParameterError
 from fhe_quant.frontends.torch import trace_module
-from fhe_quant.model import QuantizedModule, build_quantized_module, make_config
+from fhe_quant.model import QuantizedModule, build_quantized_module, make_config, rounding_exact
 from fhe_quant.qat import compile_qat_model, prepare_qat
 from fhe_quant.quant.ptq import check_calibration_data
 
 __all__ = ["compile_torch_model", "prepare_qat", "compile_qat_model", "QuantizedModule"]
-
-
-def _rounding_exact(rounding: Any) -> bool:
-    if rounding not in ("exact", "approximate"):
-        raise ParameterError(
-            f"The 'rounding' parameter must be 'exact' or 'approximate'. Got {rounding!r}."
-        )
-    return rounding == "exact"
 
 
 def compile_torch_model(
@@ -106,7 +98,7 @@ def compile_torch_model(
             X_calib,
             validation,
             max_accuracy_drop=max_accuracy_drop,
-            rounding_exact=_rounding_exact(rounding),
+            rounding_exact=rounding_exact(rounding),
             calibration=calibration,
             seed=seed,
             verbose=verbose,
@@ -119,7 +111,7 @@ def compile_torch_model(
     config = make_config(
         n_bits,
         rounding_bits=rounding_bits,
-        rounding_exact=_rounding_exact(rounding),
+        rounding_exact=rounding_exact(rounding),
         per_channel=per_channel,
         calibration=calibration,
         accumulator_bits=accumulator_bits,

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import operator
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,7 +42,14 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fhe_quant.errors import TraceError, UnsupportedOpError
-from fhe_quant.ir import ConvGeometry, Graph, Node, describe_mismatch, max_pool_geometry
+from fhe_quant.ir import (
+    ELEMENTWISE,
+    ConvGeometry,
+    Graph,
+    Node,
+    describe_mismatch,
+    max_pool_geometry,
+)
 
 __all__ = ["trace_module"]
 
@@ -231,8 +239,29 @@ def _adaptive_max_pool(
     return _max_pool_node(kernel, kernel, (0,) * nd)
 
 
-def _simple(op: str, attrs: Callable[[Any], dict[str, Any]] | None = None) -> ModuleRule:
-    return lambda m, shape: (op, attrs(m) if attrs else {}, {})
+def _simple(op: str) -> ModuleRule:
+    return lambda m, shape: (op, {}, {})
+
+
+def _attr_value(value: Any, default: Any) -> Any:
+    return float(value) if isinstance(default, float) else value
+
+
+def _elementwise_rule(op: str) -> ModuleRule:
+    """The rule of an elementwise layer: its attributes and constants are the module's
+    attributes named by the op's row (:data:`fhe_quant.ir.ELEMENTWISE`)."""
+    row = ELEMENTWISE[op]
+
+    def rule(m: nn.Module, shape: tuple[int, ...]) -> Translation:
+        attrs = {name: _attr_value(getattr(m, name), default) for name, default in row.attrs}
+        return op, attrs, {name: _np(getattr(m, name)) for name in row.params}
+
+    return rule
+
+
+def _torch_object(dotted: str) -> Any:
+    """``"torch.nn.functional.relu"`` -> the function."""
+    return functools.reduce(getattr, dotted.split(".")[1:], torch)
 
 
 _MODULES: dict[type, ModuleRule] = {
@@ -249,29 +278,14 @@ _MODULES: dict[type, ModuleRule] = {
     nn.MaxPool2d: _max_pool,
     nn.AdaptiveMaxPool1d: _adaptive_max_pool,
     nn.AdaptiveMaxPool2d: _adaptive_max_pool,
-    nn.Identity: _simple("identity"),
-    nn.Dropout: _simple("identity"),
-    nn.Dropout1d: _simple("identity"),
-    nn.Dropout2d: _simple("identity"),
     nn.Flatten: _simple("reshape"),
     nn.Unflatten: _simple("reshape"),
-    nn.ReLU: _simple("relu"),
-    nn.ReLU6: _simple("relu6"),
-    nn.LeakyReLU: _simple("leaky_relu", lambda m: {"negative_slope": float(m.negative_slope)}),
-    nn.PReLU: lambda m, shape: ("prelu", {}, {"weight": _np(m.weight)}),
-    nn.Sigmoid: _simple("sigmoid"),
-    nn.Tanh: _simple("tanh"),
-    nn.GELU: _simple("gelu", lambda m: {"approximate": m.approximate}),
-    nn.SiLU: _simple("silu"),
-    nn.Hardtanh: _simple(
-        "hardtanh", lambda m: {"min_val": float(m.min_val), "max_val": float(m.max_val)}
-    ),
-    nn.Hardswish: _simple("hardswish"),
-    nn.Hardsigmoid: _simple("hardsigmoid"),
-    nn.ELU: _simple("elu", lambda m: {"alpha": float(m.alpha)}),
-    nn.Softplus: _simple(
-        "softplus", lambda m: {"beta": float(m.beta), "threshold": float(m.threshold)}
-    ),
+    # Elementwise layers: one entry per torch class of each row of the op table.
+    **{
+        getattr(nn, name): _elementwise_rule(op)
+        for op, row in ELEMENTWISE.items()
+        for name in row.torch_modules
+    },
 }
 # NOTE: nn.ReLU6 subclasses nn.Hardtanh; lookups use the exact type, so order is irrelevant.
 
@@ -290,33 +304,18 @@ _CONV_FUNCTIONS = {F.conv1d: 1, F.conv2d: 2}
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
-# Functions and tensor methods that are activations, with the kwargs we read and defaults.
+# Functions and tensor methods that are elementwise operations (the op table's rows), with
+# the arguments read after ``x`` and their defaults.
 _ACTIVATION_FUNCTIONS: dict[Any, tuple[str, dict[str, Any]]] = {
-    F.relu: ("relu", {}),
-    torch.relu: ("relu", {}),
-    F.relu6: ("relu6", {}),
-    F.leaky_relu: ("leaky_relu", {"negative_slope": 0.01}),
-    torch.sigmoid: ("sigmoid", {}),
-    F.sigmoid: ("sigmoid", {}),
-    torch.tanh: ("tanh", {}),
-    F.tanh: ("tanh", {}),
-    F.gelu: ("gelu", {"approximate": "none"}),
-    F.silu: ("silu", {}),
-    F.hardtanh: ("hardtanh", {"min_val": -1.0, "max_val": 1.0}),
-    F.hardswish: ("hardswish", {}),
-    F.hardsigmoid: ("hardsigmoid", {}),
-    F.elu: ("elu", {"alpha": 1.0}),
-    F.softplus: ("softplus", {"beta": 1.0, "threshold": 20.0}),
+    _torch_object(name): (op, dict(row.attrs))
+    for op, row in ELEMENTWISE.items()
+    for name in row.torch_functions
 }
 _ACTIVATION_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "relu": ("relu", {}),
-    "sigmoid": ("sigmoid", {}),
-    "tanh": ("tanh", {}),
+    name: (op, dict(row.attrs)) for op, row in ELEMENTWISE.items() for name in row.torch_methods
 }
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
-_IDENTITY_FUNCTIONS = {F.dropout}
-_IDENTITY_METHODS = {"contiguous", "clone", "detach"}
 _ARITHMETIC = {
     operator.add: "add",
     torch.add: "add",
@@ -559,10 +558,6 @@ class _Translator:
                     str(target), where, "Reshapes must keep the batch dimension first."
                 )
             self.add(fx_node, "reshape", (source,), {"shape": shape[1:]})  # type: ignore[arg-type]
-        elif (not is_method and target in _IDENTITY_FUNCTIONS) or (
-            is_method and target in _IDENTITY_METHODS
-        ):
-            self.add(fx_node, "identity", (args[0],))  # type: ignore[arg-type]
         elif (not is_method and target in _ARITHMETIC) or (
             is_method and target in _ARITHMETIC_METHODS
         ):

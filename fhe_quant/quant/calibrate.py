@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,7 @@ from fhe_quant.quant.quantizer import UniformQuantizer
 
 __all__ = [
     "CALIBRATION_METHODS",
+    "OBSERVERS",
     "MSEObserver",
     "MinMaxObserver",
     "MovingAverageAbsMaxObserver",
@@ -34,9 +36,6 @@ __all__ = [
     "PercentileObserver",
     "make_observer",
 ]
-
-#: Names accepted by :func:`make_observer` (and ``QuantConfig.calibration``).
-CALIBRATION_METHODS = ("minmax", "percentile", "ema", "mse")
 
 #: Default cap on the samples kept per channel by the sampling observers.
 DEFAULT_MAX_SAMPLES = 1_000_000
@@ -447,6 +446,18 @@ class MSEObserver(_SamplingObserver):
         )
 
 
+#: The observer class of each calibration method name: the one list of observers.
+OBSERVERS: Mapping[str, type[Observer]] = {
+    "minmax": MinMaxObserver,
+    "percentile": PercentileObserver,
+    "ema": MovingAverageAbsMaxObserver,
+    "mse": MSEObserver,
+}
+
+#: Names accepted by :func:`make_observer` (and ``QuantConfig.calibration``).
+CALIBRATION_METHODS = tuple(OBSERVERS)
+
+
 def make_observer(method: str, axis: int | None = None, **options: Any) -> Observer:
     """A fresh observer for a calibration method name.
 
@@ -468,15 +479,9 @@ def make_observer(method: str, axis: int | None = None, **options: Any) -> Obser
         >>> type(make_observer("ema", axis=0)).__name__
         'MovingAverageAbsMaxObserver'
     """
-    classes: dict[str, type[Observer]] = {
-        "minmax": MinMaxObserver,
-        "percentile": PercentileObserver,
-        "ema": MovingAverageAbsMaxObserver,
-        "mse": MSEObserver,
-    }
-    if not isinstance(method, str) or method not in classes:
+    if not isinstance(method, str) or method not in OBSERVERS:
         raise ValueError(
             f"The 'method' parameter of make_observer must be one of "
             f"{', '.join(repr(m) for m in CALIBRATION_METHODS)}. Got {method!r} instead."
         )
-    return classes[method](axis=axis, **options)
+    return OBSERVERS[method](axis=axis, **options)

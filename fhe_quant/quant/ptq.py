@@ -34,11 +34,14 @@ from typing import Any, Literal
 import numpy as np
 
 from fhe_quant.errors import InputError, UnsupportedOpError
-from fhe_quant.ir import OPS, ConvGeometry, Graph, Node, weight_input_channels
+from fhe_quant.ir import OPS, ConvGeometry, Graph, Node, chain_source
 from fhe_quant.quant import axe
 from fhe_quant.quant.calibrate import make_observer
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.quantizer import MIN_SCALE, UniformQuantizer
+from fhe_quant.quant.weights import fold_input_scale as _fold_input_scale
+from fhe_quant.quant.weights import unit_weight_quantizer as _unit_weight_quantizer
+from fhe_quant.quant.weights import weight_quantizer as _weight_quantizer
 
 __all__ = [
     "QuantizedLinear",
@@ -165,43 +168,6 @@ def _split(graph: Graph) -> tuple[tuple[Node, ...], list[tuple[Node, tuple[Node,
     return tuple(pre), [(linear, tuple(chain)) for linear, chain in segments]
 
 
-def _weight_quantizer(weight: np.ndarray, bits: int, per_channel: bool) -> UniformQuantizer:
-    flat = weight.reshape(weight.shape[0], -1)
-    if per_channel:
-        return UniformQuantizer.from_range(
-            flat.min(axis=1),
-            flat.max(axis=1),
-            bits,
-            signed=True,
-            symmetric=True,
-            narrow_range=True,
-            axis=0,
-        )
-    return UniformQuantizer.from_range(
-        float(flat.min()), float(flat.max()), bits, signed=True, symmetric=True, narrow_range=True
-    )
-
-
-def _unit_weight_quantizer(weight: np.ndarray, where: str) -> UniformQuantizer:
-    """Exact quantizer of weights that are one positive constant per output channel
-    (pooling): the codes are all 1 and the scale is the constant."""
-    flat = weight.reshape(weight.shape[0], -1)
-    constant = flat[:, 0]
-    if np.any(flat != constant[:, None]) or np.any(constant <= 0):
-        raise ValueError(
-            f"The weights of {where} must be one positive constant per output channel "
-            "(average pooling), to quantize exactly to 1."
-        )
-    return UniformQuantizer(
-        bits=2,
-        scale=tuple(constant),
-        zero_point=(0,) * len(constant),
-        signed=True,
-        narrow_range=True,
-        axis=0,
-    )
-
-
 def _activation_quantizer(
     values: np.ndarray, consumer: Node, bits: int, method: str, per_channel: bool
 ) -> UniformQuantizer:
@@ -239,18 +205,6 @@ def _silence_dead_features(quantizer: UniformQuantizer, *arrays: np.ndarray) -> 
         return quantizer
     scale = np.where(dead, MIN_SCALE, np.asarray(quantizer.scale, dtype=np.float64))
     return dataclasses.replace(quantizer, scale=tuple(float(s) for s in scale))
-
-
-def _fold_input_scale(node: Node, input_scale: Any) -> np.ndarray:
-    """``weight * s_in`` along the weight's input axis (axis 1 of a (out, in, ...) weight;
-    with groups, output channel ``o`` reads the input channels of its group); ``s_in`` is
-    one scale, or one per input channel."""
-    weight = node.params["weight"]
-    scale = np.asarray(input_scale, dtype=np.float64)
-    if scale.size == 1:
-        return weight * scale.item()
-    per_column = scale[weight_input_channels(node)]
-    return weight * per_column.reshape(per_column.shape + (1,) * (weight.ndim - 2))
 
 
 def _calibration_columns(
@@ -497,17 +451,6 @@ def _where(node: Node) -> str:
     return node.source or node.name
 
 
-def _chain_source(graph: Graph, name: str, stop: str) -> tuple[str, tuple[Node, ...]]:
-    """Walk back from ``name`` over elementwise/reshape nodes to the node that produces
-    their input (or ``stop``, the program input); returns it and the nodes walked."""
-    chain: list[Node] = []
-    node = graph.node(name)
-    while node.name != stop and node.kind in ("elementwise", "reshape"):
-        chain.insert(0, node)
-        node = graph.node(node.inputs[0])
-    return node.name, tuple(chain)
-
-
 class _DagPlanner:
     """Decides, from the output backwards, which values the program materializes."""
 
@@ -572,14 +515,14 @@ class _DagPlanner:
             if self.pure_add(name):
                 return
         if node.kind == "reshape":
-            source, chain = _chain_source(self.graph, name, self.input_name)
+            source, chain = chain_source(self.graph, name, self.input_name)
             if all(n.kind == "reshape" for n in chain) and self.is_codes(source):
                 self.codes(source, 1)
                 return
         if name not in self.tables:
             self.tables.append(name)
         self.axes.setdefault(name, set()).add(axis)
-        source, _ = _chain_source(self.graph, name, self.input_name)
+        source, _ = chain_source(self.graph, name, self.input_name)
         if source == name:  # a linear layer or an add re-quantized by an empty chain
             self.raw(name)
         elif source == self.input_name:

@@ -74,7 +74,7 @@ Quantizers:
 
 from __future__ import annotations
 
-import copy
+import functools
 import math
 import numbers
 from collections.abc import Callable, Mapping
@@ -87,7 +87,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fhe_quant.errors import InputError, NotFittedError, ParameterError, UnsupportedOpError
-from fhe_quant.ir import OPS, ConvGeometry, Graph, Node, weight_input_channels
+from fhe_quant.ir import ELEMENTWISE, OPS, ConvGeometry, Graph, Node, weight_input_channels
 from fhe_quant.lower import NUMPY, IntegerProgram, TableStep, lower
 from fhe_quant.quant.calibrate import MSEObserver
 from fhe_quant.quant.config import MAX_ROUNDING_BITS, QuantConfig
@@ -277,39 +277,26 @@ def _tensor(value: np.ndarray, dtype: torch.dtype) -> Tensor:
     return torch.tensor(np.array(value), dtype=dtype)
 
 
-def _const(node: Node, x: Tensor) -> Tensor:
-    return _tensor(node.params["constant"], x.dtype)
+def _torch_rule(op: str) -> TorchFn:
+    """QAT's torch version of an elementwise op, from its row of the op table:
+    ``f(x, *params, **attrs)`` with the row's torch function (the identity if none)."""
+    row = ELEMENTWISE[op]
+    if row.torch_function is None:
+        return lambda n, x, p: x
+    fn = functools.reduce(getattr, row.torch_function.split(".")[1:], torch)
 
+    def apply(node: Node, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
+        attrs = {name: node.attrs.get(name, default) for name, default in row.attrs}
+        return fn(x, *(params[name] for name in row.params), **attrs)
 
-def _prelu(node: Node, x: Tensor, params: Mapping[str, Tensor]) -> Tensor:
-    weight = params["weight"]
-    slope = weight.reshape((1, -1) + (1,) * (x.ndim - 2)) if weight.numel() > 1 else weight
-    return torch.where(x >= 0, x, slope * x)
+    return apply
 
 
 #: Torch version of every elementwise operation of :data:`fhe_quant.ir.OPS`, for the
-#: gradients of the QAT forward (its values are replaced by the integer program's).
-#: ``params`` holds the node's trainable tensors (a PReLU's slopes).
-TORCH_ELEMENTWISE: Mapping[str, TorchFn] = {
-    "identity": lambda n, x, p: x,
-    "relu": lambda n, x, p: F.relu(x),
-    "relu6": lambda n, x, p: torch.clamp(x, 0.0, 6.0),
-    "hardtanh": lambda n, x, p: torch.clamp(x, n.attrs["min_val"], n.attrs["max_val"]),
-    "leaky_relu": lambda n, x, p: torch.where(x >= 0, x, n.attrs["negative_slope"] * x),
-    "prelu": _prelu,
-    "sigmoid": lambda n, x, p: torch.sigmoid(x),
-    "tanh": lambda n, x, p: torch.tanh(x),
-    "gelu": lambda n, x, p: F.gelu(
-        x, approximate="tanh" if n.attrs.get("approximate") == "tanh" else "none"
-    ),
-    "silu": lambda n, x, p: F.silu(x),
-    "hardswish": lambda n, x, p: F.hardswish(x),
-    "hardsigmoid": lambda n, x, p: F.hardsigmoid(x),
-    "elu": lambda n, x, p: F.elu(x, alpha=n.attrs["alpha"]),
-    "softplus": lambda n, x, p: F.softplus(x, beta=n.attrs["beta"], threshold=n.attrs["threshold"]),
-    "add_const": lambda n, x, p: x + _const(n, x),
-    "mul_const": lambda n, x, p: x * _const(n, x),
-}
+#: gradients of the QAT forward (its values are replaced by the integer program's),
+#: derived from :data:`fhe_quant.ir.ELEMENTWISE`. ``params`` holds the node's constant
+#: or trainable tensors (a PReLU's slopes).
+TORCH_ELEMENTWISE: Mapping[str, TorchFn] = {op: _torch_rule(op) for op in ELEMENTWISE}
 
 
 def torch_elementwise(node: Node, x: Tensor, params: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -840,23 +827,6 @@ class _Snapshot:
     scales: tuple[Tensor, ...]  # weight scales per layer (1-D, no gradient)
 
 
-def _graph_data(graph: Graph) -> dict[str, Any]:
-    """A graph as plain (picklable) data."""
-    return {
-        "nodes": [
-            (n.name, n.op, n.inputs, dict(n.attrs), dict(n.params), n.source) for n in graph.nodes
-        ],
-        "input_name": graph.input_name,
-        "output_name": graph.output_name,
-        "input_shape": graph.input_shape,
-    }
-
-
-def _graph_from_data(data: dict[str, Any]) -> Graph:
-    nodes = tuple(Node(*fields) for fields in data["nodes"])
-    return Graph(nodes, data["input_name"], data["output_name"], data["input_shape"])
-
-
 def _np(t: Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().astype(np.float64)
 
@@ -926,27 +896,6 @@ class QATModule(nn.Module):
         if config.seed is not None:
             self._generator = torch.Generator().manual_seed(int(config.seed))
         self._cache: tuple[Any, _Snapshot] | None = None
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> QATModule:
-        # NOTE: the float graph is immutable (and its read-only mappings refuse to be
-        # copied): copies share it; the cached program is rebuilt on demand.
-        memo[id(self.graph)] = self.graph
-        state = dict(self.__dict__, _cache=None)
-        clone = type(self).__new__(type(self))
-        memo[id(self)] = clone
-        clone.__dict__.update(copy.deepcopy(state, memo))
-        return clone
-
-    def __getstate__(self) -> dict[str, Any]:
-        # NOTE: pickling (torch.save of the whole module) stores the graph as plain data.
-        state = dict(self.__dict__, _cache=None)
-        state["graph"] = _graph_data(self.graph)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        state["graph"] = _graph_from_data(state["graph"])
-        super().__setstate__(state)
 
     # ------------------------------------------------------------------ structure
     def _check_pooling_budget(self, node: Node, layer: QATLinear) -> None:

@@ -31,6 +31,8 @@ NODES = [
     Node("n", "hardsigmoid", ("x",)),
     Node("n", "elu", ("x",), {"alpha": 0.7}),
     Node("n", "softplus", ("x",), {"beta": 2.0, "threshold": 5.0}),
+    Node("n", "mish", ("x",)),
+    Node("n", "softsign", ("x",)),
     Node("n", "add_const", ("x",), {}, {"constant": np.array([1.0, -2.0, 0.5])}),
     Node("n", "mul_const", ("x",), {}, {"constant": np.array(-3.0)}),
     Node("n", "reshape", ("x",), {"shape": (3, 1)}),
@@ -83,6 +85,8 @@ ACTIVATIONS = [
     nn.ELU,
     nn.Softplus,
     nn.Hardtanh,
+    nn.Mish,
+    nn.Softsign,
 ]
 
 

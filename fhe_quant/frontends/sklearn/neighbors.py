@@ -67,8 +67,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from sklearn.base import BaseEstimator
-from sklearn.neighbors import KNeighborsClassifier as _SkKNeighborsClassifier
 
 from fhe_quant import errors
 from fhe_quant.fhe import FHECircuit
@@ -83,7 +81,6 @@ __all__ = [
     "KNNStage",
     "knn_to_module",
     "check_knn_options",
-    "build_estimator",
     "DEFAULT_N_BITS",
     "DEFAULT_LEVEL_BITS",
 ]
@@ -595,128 +592,3 @@ def knn_to_module(
 
 
 # --------------------------------------------------------------------------- estimator
-
-
-class _KNNMixin:
-    """What the neighbours estimator changes in ``fhe_quant.sklearn``'s classifier."""
-
-    sklearn_model_: Any
-    quantized_module_: KNNModule
-
-    @classmethod
-    def _import_graph(cls, estimator: Any) -> None:
-        check_knn_options(estimator)  # no graph: the points are read when fitted
-        return None
-
-    def _config(self) -> Any:
-        config = super()._config()  # type: ignore[misc]
-        if not isinstance(self.n_bits, int | np.integer) or isinstance(self.n_bits, bool):  # type: ignore[attr-defined]
-            raise errors.ParameterError(
-                "The 'n_bits' parameter of KNeighborsClassifier must be an int (the input "
-                f"bits; there are no weights or activations). Got {self.n_bits!r} instead."  # type: ignore[attr-defined]
-            )
-        return config
-
-    def _level_bits(self, n_classes: int) -> int:
-        rounding = self.rounding_bits  # type: ignore[attr-defined]
-        if rounding is None:
-            return DEFAULT_LEVEL_BITS
-        level = rounding - bits_for(n_classes - 1) - 1
-        if level < 1:
-            raise errors.ParameterError(
-                "The 'rounding_bits' parameter of KNeighborsClassifier (the input width of "
-                f"the compare tables) must be at least {bits_for(n_classes - 1) + 2} for "
-                f"{n_classes} classes. Got {rounding} instead."
-            )
-        return level
-
-    def _set_fitted(self, model: Any, X: np.ndarray, config: Any, imported: Any = None) -> None:
-        check_knn_options(model)
-        module = knn_to_module(
-            model,
-            X,
-            int(self.n_bits),
-            self._level_bits(len(model.classes_)),  # type: ignore[attr-defined]
-        )
-        self.classes_ = model.classes_
-        self.sklearn_model_ = model
-        self.quantized_module_ = module
-        self._output = "identity"
-        self._ravel = False
-
-    def fit(self, X: Any, y: Any, **fit_params: Any) -> Any:
-        """Fit scikit-learn's classifier (it stores the training points), then quantize
-        the points with ``X`` as calibration data.
-
-        Raises:
-            EstimatorParameterError: a constructor parameter out of range.
-            errors.UnsupportedOpError: weights other than 'uniform', a non-euclidean
-                metric, metric_params, or multi-output targets.
-            errors.InputError: ``X`` or ``y`` with NaN/inf, strings, the wrong shape, one
-                class only, or fewer samples than ``n_neighbors``.
-        """
-        self._config()  # type: ignore[attr-defined]
-        check_knn_options(self._make_sklearn_model())  # type: ignore[attr-defined]
-        return super().fit(X, y, **fit_params)  # type: ignore[misc]
-
-    def __sklearn_tags__(self) -> Any:
-        tags = super().__sklearn_tags__()  # type: ignore[misc]
-        tags.target_tags.multi_output = False  # one label per sample (see check_knn_options)
-        return tags
-
-    def __getstate__(self) -> dict[str, Any]:
-        # NOTE: the graph-based estimators' __getstate__ is skipped: it serializes
-        # quantized graphs, and a KNNModule has none. Its program is plain data.
-        state = dict(BaseEstimator.__getstate__(self))  # type: ignore[arg-type]
-        module = state.pop("quantized_module_", None)
-        if module is not None:
-            state["_knn_state"] = (module.program, module.low, module.span)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        knn = state.pop("_knn_state", None)
-        super().__setstate__(state)  # type: ignore[misc]
-        if knn is not None:
-            program, low, span = knn
-            self.quantized_module_ = KNNModule(self.sklearn_model_, program, low, span)
-
-
-_DOC = """KNeighborsClassifier for encrypted inference: scikit-learn's
-:class:`sklearn.neighbors.KNeighborsClassifier`, with the training points stored in clear
-on the server and the client's sample encrypted (see
-:mod:`fhe_quant.frontends.sklearn.neighbors` for the program and its exact cost).
-
-Constructor parameters: those of scikit-learn's class (same names, same defaults), plus:
-
-Args:
-    n_bits: input bits (an int): every feature is clipped to its calibrated range and
-        quantized with one step for all features. Default {n_bits}.
-    rounding_bits: input width of the compare-exchange tables, ``e + L + 1`` with ``e``
-        distance level bits and ``L`` label bits (``None``: ``e = {level}``, so 6 bits
-        for 3 or 4 classes, 5 for 2).
-    p_error: error probability of each table lookup in FHE.
-    verbose: show progress bars.
-
-Supported: ``weights='uniform'``, ``metric='minkowski'`` with ``p=2`` (or
-``'euclidean'``); other options raise :class:`fhe_quant.errors.UnsupportedOpError`.
-Cost: about ``N * n_neighbors`` table lookups per sample for ``N`` stored points; keep
-``N`` to a few hundred.
-
-Attributes:
-    sklearn_model_: the fitted scikit-learn model (float).
-    quantized_module_: the :class:`fhe_quant.frontends.sklearn.neighbors.KNNModule`.
-    classes_: the class labels.
-    n_features_in_: number of features seen during ``fit``.
-"""
-
-
-def build_estimator() -> type:
-    """The public ``KNeighborsClassifier`` class (``fhe_quant.sklearn`` creates it at the
-    end of its module, so that this module never imports it at import time)."""
-    from fhe_quant import sklearn as fs
-
-    base = type("_FHEKNeighborsClassifier", (_KNNMixin, fs._FHEClassifier), {})
-    cls = fs._make_estimator(_SkKNeighborsClassifier, base, DEFAULT_N_BITS)
-    cls.__doc__ = _DOC.format(n_bits=DEFAULT_N_BITS, level=DEFAULT_LEVEL_BITS)
-    return cls
