@@ -17,6 +17,9 @@ __all__ = [
     "ParameterError",
     "DeploymentError",
     "CompilationError",
+    "FHEQuantWarning",
+    "UnauthenticatedArtifactWarning",
+    "CalibrationWarning",
 ]
 
 
@@ -78,3 +81,21 @@ class CompilationError(FHEQuantError, RuntimeError):
     """
 
     quantized_module: object | None = None
+
+
+class FHEQuantWarning(UserWarning):
+    """Base class of every warning fhe_quant issues on purpose."""
+
+
+class UnauthenticatedArtifactWarning(FHEQuantWarning):
+    """A deployment artifact was loaded without checking who made it.
+
+    Its manifest checks that the files are intact, not where they come from: anyone who
+    can write the directory can rewrite the files and their checksums. Pass
+    ``verify_key=`` (the public key of the model owner, see ``fhe-quant keygen-signing``)
+    to refuse any artifact its owner did not sign.
+    """
+
+
+class CalibrationWarning(FHEQuantWarning):
+    """The calibration data are too few to set reliable quantization ranges."""
