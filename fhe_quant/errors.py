@@ -17,6 +17,7 @@ __all__ = [
     "ParameterError",
     "DeploymentError",
     "CompilationError",
+    "ModelError",
     "FHEQuantWarning",
     "UnauthenticatedArtifactWarning",
     "CalibrationWarning",
@@ -81,6 +82,11 @@ class CompilationError(FHEQuantError, RuntimeError):
     """
 
     quantized_module: object | None = None
+
+
+class ModelError(FHEQuantError, TypeError, ValueError):
+    """The model given is not one fhe_quant can read: a callable that is not a
+    ``torch.nn.Module``, or a fitted model whose parameters hold NaN or inf values."""
 
 
 class FHEQuantWarning(UserWarning):
