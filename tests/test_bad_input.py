@@ -66,7 +66,7 @@ class _TwoInputs(nn.Module):
 
 def test_a_function_or_a_two_input_module_is_refused_quietly(capfd) -> None:
     x, _ = _regression()
-    with pytest.raises(ModelError, match="must be a torch.nn.Module; got function"):
+    with pytest.raises(ModelError, match=r"must be a torch\.nn\.Module; got function"):
         compile_torch_model(lambda t: t * 2, x, n_bits=4, compile=False)
     with pytest.raises(UnsupportedOpError, match=r"2 inputs \['a', 'b'\].*one tensor input"):
         compile_torch_model(_TwoInputs(), x, n_bits=4, compile=False)
