@@ -830,6 +830,10 @@ def _check_class_counts(y: Any) -> None:
     Raises:
         errors.InputError: naming the class and its count.
     """
+    from sklearn.utils.multiclass import type_of_target
+
+    if type_of_target(y) not in ("binary", "multiclass"):
+        return  # scikit-learn's fit refuses continuous or multi-output targets, by name
     classes, counts = np.unique(np.asarray(y), return_counts=True)
     if len(classes) < 2:
         raise errors.InputError(
