@@ -6,7 +6,8 @@
   are given), bits per layer and PBS count.
 * ``fhe-quant compile``: the same for a PyTorch model or a trained scikit-learn
   estimator, then write the deployment directory (``OUT/client``, ``OUT/server``).
-* ``fhe-quant info``: describe a saved client directory.
+* ``fhe-quant info``: describe a saved client directory (and check its signature).
+* ``fhe-quant keygen-signing``: make an Ed25519 key pair to sign artifacts with.
 * ``fhe-quant serve``: serve a server directory (FastAPI, key store, Dask workers).
 * ``fhe-quant predict``: encrypt ``.npy``/``.csv`` inputs, run them on a service in
   batches, decrypt; resumable when writing ``--out``.
@@ -20,6 +21,7 @@ import argparse
 import importlib
 import json
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -189,9 +191,10 @@ def _compile(args: argparse.Namespace) -> int:
             raise ParameterError("--state goes with --torch only.")
         model = _compile_sklearn(args, x)
         module_model = model.quantized_module_
-    FHEModelDev(out, model).save()
+    FHEModelDev(out, model).save(signing_key=args.signing_key)
     stats = module_model.statistics
-    print(f"wrote {out / 'client'} and {out / 'server'}")
+    signed = f", signed with {args.signing_key}" if args.signing_key else " (unsigned)"
+    print(f"wrote {out / 'client'} and {out / 'server'}{signed}")
     print(
         f"{type(model).__name__}: input shape {list(module_model.input_shape)}, "
         f"{stats['pbs_count']} PBS per sample, max bit width {stats['max_bit_width']}"
@@ -202,14 +205,14 @@ def _compile(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     from fhe_quant.deploy import artifact_info
 
-    info = artifact_info(args.artifact)
+    info = artifact_info(args.artifact, verify_key=args.verify_key)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
     stats = info["statistics"]
     print(
         f"artifact format {info['manifest']['format_version']}, "
-        f"fhe_quant {info['manifest']['fhe_quant_version']}"
+        f"fhe_quant {info['manifest']['fhe_quant_version']}, signature {info['signature']}"
     )
     print(
         f"input: shape {info['input_shape']}, {info['input_bits']} bits "
@@ -223,6 +226,14 @@ def _info(args: argparse.Namespace) -> int:
     if info["classes"] is not None:
         print(f"classes: {info['classes']}")
     print(info["program"])
+    return 0
+
+
+def _keygen_signing(args: argparse.Namespace) -> int:
+    from fhe_quant.signing import write_signing_key_pair
+
+    private, public = write_signing_key_pair(args.out)
+    print(f"wrote {private} (private signing key, keep it secret) and {public} (verify key)")
     return 0
 
 
@@ -468,24 +479,58 @@ def build_parser() -> argparse.ArgumentParser:
     com.add_argument("--p-error", type=float, default=None, help="error probability per PBS")
     com.add_argument("--out", required=True, help="directory to write client/ and server/ to")
     com.add_argument("--quiet", action="store_true", help="no progress bars")
+    com.add_argument(
+        "--signing-key", help="sign the artifact with this Ed25519 key (fhe-quant keygen-signing)"
+    )
     com.set_defaults(func=_compile)
     info = sub.add_parser("info", help="describe a saved client artifact (FHEModelDev)")
     info.add_argument("artifact", help="the artifact's client directory")
     info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("--verify-key", help="refuse the artifact unless signed by this key")
     info.set_defaults(func=_info)
+    sig = sub.add_parser(
+        "keygen-signing", help="make an Ed25519 key pair: OUT (private, 0600) and OUT.pub"
+    )
+    sig.add_argument("out", help="path of the private key; the public key goes to OUT.pub")
+    sig.set_defaults(func=_keygen_signing)
     _add_serve_parser(sub)
     _add_predict_parser(sub)
     return parser
+
+
+def _user_error(message: str) -> int:
+    """Print a user error as one line (no traceback); the exit status of user errors."""
+    print(f"fhe-quant: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+def _show_warning(message: Any, category: type, *args: Any, **kwargs: Any) -> None:
+    """fhe_quant's own warnings as one line on stderr; others as Python shows them."""
+    from fhe_quant.errors import FHEQuantWarning
+
+    if issubclass(category, FHEQuantWarning):
+        print(f"fhe-quant: warning: {' '.join(str(message).split())}", file=sys.stderr)
+    else:
+        _SHOW_WARNING(message, category, *args, **kwargs)
+
+
+_SHOW_WARNING = warnings.showwarning
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``fhe-quant`` console script."""
     args = build_parser().parse_args(argv)
     try:
-        return int(args.func(args))
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return int(args.func(args))
     except FHEQuantError as exc:
-        print(f"fhe-quant: error: {exc}", file=sys.stderr)
-        return 2
+        return _user_error(str(exc))
+    except BrokenPipeError:
+        raise
+    except OSError as exc:  # a user path that cannot be read or written
+        where = f" {exc.filename!r}" if exc.filename else ""
+        return _user_error(f"{exc.strerror or exc}{where}")
 
 
 if __name__ == "__main__":  # pragma: no cover

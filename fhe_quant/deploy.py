@@ -41,12 +41,18 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
+import io
 import json
 import os
+import shutil
+import stat
 import tempfile
 import threading
 import warnings
+import weakref
+import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +61,7 @@ from typing import Any
 import numpy as np
 
 from fhe_quant import __version__
-from fhe_quant.errors import DeploymentError, InputError
+from fhe_quant.errors import DeploymentError, InputError, UnsupportedOpError
 from fhe_quant.fhe import native_output as fhe_native_output
 from fhe_quant.ir import Node
 from fhe_quant.model import QuantizedModule, run_chain
@@ -64,6 +70,7 @@ from fhe_quant.quant.ptq import check_calibration_data
 from fhe_quant.quant.quantizer import UniformQuantizer
 
 fhe = import_concrete()
+from concrete.fhe.compilation import configuration as _configuration_module  # noqa: E402
 
 __all__ = [
     "FORMAT_VERSION",
@@ -78,8 +85,10 @@ __all__ = [
 ]
 
 #: Version of the artifact layout; loading refuses any other. Version 2 added the
-#: estimators' post-processing (``post_processing`` in ``model.json``).
-FORMAT_VERSION = 2
+#: estimators' post-processing (``post_processing`` in ``model.json``); version 3 holds
+#: the server's circuit as data (``circuit.mlir`` + ``circuit.json``, no shared library,
+#: no jsonpickle), lists every file exactly and may be signed (``manifest.sig``).
+FORMAT_VERSION = 3
 _MANIFEST = "manifest.json"
 #: The first 4 bytes of every message fhe_quant sends: evaluation-key messages
 #: (``MESSAGE_MAGIC + nonce + keys``) and ciphertext envelopes (``MESSAGE_MAGIC + key id +
@@ -120,47 +129,204 @@ def _open(message: bytes, key_id: bytes, what: str) -> bytes:
     return message[4 + _DIGEST :]
 
 
+def _sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return _sha256_bytes(path.read_bytes())
 
 
-def _write_manifest(directory: Path, role: str, files: list[str]) -> None:
+#: The files of each role's directory, besides the manifest and its signature: a manifest
+#: must list exactly these, and the directory must hold nothing else.
+_ROLE_FILES = {
+    "client": frozenset({"client.zip", "model.json", "model.npz", "report.json"}),
+    "server": frozenset({"circuit.mlir", "circuit.json"}),
+}
+_SIGNATURE = "manifest.sig"
+_MAX_MANIFEST_BYTES = 2**20
+_HEX = frozenset("0123456789abcdef")
+
+
+def _write_manifest(
+    directory: Path, role: str, files: list[str], signing_key: Any | None = None
+) -> None:
     manifest = {
         "format_version": FORMAT_VERSION,
         "fhe_quant_version": __version__,
         "role": role,
-        "sha256": {name: _sha256(directory / name) for name in files},
+        "sha256": {name: _sha256(directory / name) for name in sorted(files)},
     }
-    (directory / _MANIFEST).write_text(json.dumps(manifest, indent=2))
+    data = json.dumps(manifest, indent=2).encode()
+    if signing_key is not None:
+        from fhe_quant import signing
+
+        (directory / _SIGNATURE).write_bytes(signing.sign(signing_key, data))
+    (directory / _MANIFEST).write_bytes(data)
 
 
-def _check_manifest(directory: Path, role: str) -> dict[str, Any]:
-    path = directory / _MANIFEST
-    if not path.is_file():
-        raise DeploymentError(f"{directory} is not an fhe_quant {role} artifact: no {_MANIFEST}.")
+@dataclass(frozen=True)
+class _Artifact:
+    """A checked artifact directory: its manifest and the bytes of each file, read once
+    and checked against the manifest (so what is parsed is what was checked).
+
+    Attributes:
+        directory: the directory.
+        manifest: the parsed manifest.
+        files: file name -> its bytes, for exactly the role's files.
+        signed: the manifest's signature was verified.
+    """
+
+    directory: Path
+    manifest: dict[str, Any]
+    files: dict[str, bytes]
+    signed: bool
+
+    def where(self, name: str) -> Path:
+        return self.directory / name
+
+    def text(self, name: str) -> str:
+        try:
+            return self.files[name].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DeploymentError(f"{self.where(name)} is not UTF-8 text ({exc}).") from None
+
+    def json(self, name: str) -> Any:
+        try:
+            return json.loads(self.text(name))
+        except json.JSONDecodeError as exc:
+            raise DeploymentError(f"{self.where(name)} is not valid JSON: {exc}") from None
+
+
+def _read_regular(path: Path, limit: int | None = None) -> bytes:
+    """The bytes of ``path``, a regular file (a symbolic link is refused)."""
     try:
-        manifest = json.loads(path.read_text())
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise DeploymentError(f"{path} is not a regular file (a symbolic link).") from None
+        raise DeploymentError(f"Cannot read {path}: {exc.strerror}.") from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise DeploymentError(f"{path} is not a regular file.")
+        data = file.read(limit + 1 if limit is not None else -1)
+    if limit is not None and len(data) > limit:
+        raise DeploymentError(f"{path} is larger than {limit} bytes: not a manifest.")
+    return data
+
+
+def _parse_manifest(path: Path, data: bytes, role: str) -> dict[str, Any]:
+    """The manifest's fields, typed; refuses another format version or role first."""
+    try:
+        manifest = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise DeploymentError(f"{path} is not UTF-8 text ({exc}).") from None
     except json.JSONDecodeError as exc:
         raise DeploymentError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise DeploymentError(f"{path} must hold a JSON object; got {type(manifest).__name__}.")
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise DeploymentError(
             f"{path}: artifact format version {version!r}, but this fhe_quant "
-            f"({__version__}) reads version {FORMAT_VERSION}. Re-export the model."
+            f"({__version__}) reads version {FORMAT_VERSION} only. Re-export the model with "
+            "FHEModelDev(...).save() (or fhe-quant compile)."
         )
     if manifest.get("role") != role:
         raise DeploymentError(
-            f"{directory} holds a {manifest.get('role')!r} artifact, expected {role!r}."
+            f"{path.parent} holds a {manifest.get('role')!r} artifact, expected {role!r}."
         )
-    for name, digest in manifest.get("sha256", {}).items():
-        file = directory / name
-        if not file.is_file():
-            raise DeploymentError(f"{directory}: file {name!r} listed in the manifest is missing.")
-        if _sha256(file) != digest:
-            raise DeploymentError(
-                f"{file} does not match its checksum in {_MANIFEST}: the artifact was modified."
-            )
+    if not isinstance(manifest.get("fhe_quant_version"), str):
+        raise DeploymentError(f"{path}: 'fhe_quant_version' must be a string.")
+    digests = manifest.get("sha256")
+    if not isinstance(digests, dict) or not all(
+        isinstance(d, str) and len(d) == 64 and set(d) <= _HEX for d in digests.values()
+    ):
+        raise DeploymentError(
+            f"{path}: 'sha256' must map each file name to a 64-digit hex SHA-256."
+        )
+    expected = _ROLE_FILES[role]
+    if set(digests) != expected:
+        missing, extra = sorted(expected - set(digests)), sorted(set(digests) - expected)
+        raise DeploymentError(
+            f"{path} must list exactly the files of a {role} artifact {sorted(expected)}; "
+            f"missing {missing}, not allowed {[repr(n)[:80] for n in extra]}."
+        )
     return manifest
+
+
+def _check_signature(
+    directory: Path, data: bytes, present: set[str], verify_key: Any | None, warn: bool
+) -> bool:
+    """Verify the manifest's signature with ``verify_key``; without a key, warn that the
+    artifact is unauthenticated. Returns whether a signature was verified."""
+    from fhe_quant.errors import UnauthenticatedArtifactWarning
+
+    if verify_key is None:
+        if not warn:
+            return False
+        state = "is signed but no verify_key was given" if _SIGNATURE in present else "is unsigned"
+        warnings.warn(
+            f"{directory} {state}: its checksums prove the files are intact, not who made "
+            "them. Pass verify_key= (the model owner's public key) to refuse artifacts "
+            "the owner did not sign.",
+            UnauthenticatedArtifactWarning,
+            stacklevel=4,
+        )
+        return False
+    from fhe_quant import signing
+
+    key = signing.load_verify_key(verify_key)
+    if _SIGNATURE not in present:
+        raise DeploymentError(
+            f"{directory} is unsigned (no {_SIGNATURE}) but a verify_key was given: refused."
+        )
+    signature = _read_regular(directory / _SIGNATURE, signing.SIGNATURE_SIZE)
+    if len(signature) != signing.SIGNATURE_SIZE:
+        raise DeploymentError(f"{directory / _SIGNATURE} is not an Ed25519 signature.")
+    signing.verify(key, data, signature, str(directory / _MANIFEST))
+    return True
+
+
+def _check_manifest(
+    directory: Path, role: str, verify_key: Any | None = None, warn: bool = True
+) -> _Artifact:
+    """Read and check an artifact directory: format version, role, that the manifest
+    lists exactly the role's files and the directory holds nothing else, the signature
+    (with ``verify_key``) and every checksum.
+
+    Raises:
+        DeploymentError: naming the file and what is wrong.
+    """
+    path = directory / _MANIFEST
+    try:
+        present = set(os.listdir(directory))
+    except OSError as exc:
+        raise DeploymentError(f"Cannot read the directory {directory}: {exc.strerror}.") from None
+    if _MANIFEST not in present:
+        raise DeploymentError(f"{directory} is not an fhe_quant {role} artifact: no {_MANIFEST}.")
+    data = _read_regular(path, _MAX_MANIFEST_BYTES)
+    manifest = _parse_manifest(path, data, role)
+    # NOTE: only names from the fixed role list are ever opened, so a manifest cannot make
+    # us read (or reveal the existence of) a file outside the directory.
+    extra = present - _ROLE_FILES[role] - {_MANIFEST, _SIGNATURE}
+    missing = _ROLE_FILES[role] - present
+    if extra or missing:
+        raise DeploymentError(
+            f"{directory}: files do not match the manifest: missing {sorted(missing)}, "
+            f"not part of a {role} artifact {sorted(extra)[:5]}."
+        )
+    signed = _check_signature(directory, data, present, verify_key, warn)
+    files = {}
+    for name, digest in sorted(manifest["sha256"].items()):
+        content = _read_regular(directory / name)
+        if _sha256_bytes(content) != digest:
+            raise DeploymentError(
+                f"{directory / name} does not match its checksum in {_MANIFEST}: the artifact "
+                "was modified."
+            )
+        files[name] = content
+    return _Artifact(directory, manifest, files, signed)
 
 
 # ------------------------------------------------------------------ parameters as data
@@ -184,10 +350,34 @@ def _node_to_json(node: Node, arrays: dict[str, np.ndarray], prefix: str) -> dic
 
 
 def _node_from_json(data: dict[str, Any], arrays: Any) -> Node:
+    if not isinstance(data, dict) or not isinstance(data["params"], dict):
+        raise TypeError(f"a node must be a JSON object with 'params'; got {data!r:.80}")
     params = {key: arrays[name] for key, name in data["params"].items()}
+    if not isinstance(data["attrs"], dict):
+        raise TypeError(f"the 'attrs' of node {data['name']!r:.40} must be a JSON object")
     return Node(
-        data["name"], data["op"], tuple(data["inputs"]), data["attrs"], params, data["source"]
+        data["name"], data["op"], tuple(_list(data["inputs"], "inputs")), data["attrs"], params,
+        data["source"],
     )
+
+
+def _list(value: Any, key: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise TypeError(f"{key!r} must be a list; got {type(value).__name__}")
+    return value
+
+
+def _int_tuple(value: Any, key: str) -> tuple[int, ...]:
+    items = _list(value, key)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in items):
+        raise ValueError(f"{key!r} must be a list of positive integers; got {items!r:.80}")
+    return tuple(items)
+
+
+def _float_array(value: np.ndarray, key: str) -> np.ndarray:
+    if value.dtype.kind not in "biuf" or not np.all(np.isfinite(value)):
+        raise ValueError(f"array {key!r} must hold finite numbers")
+    return value
 
 
 class _ClientProcessing:
@@ -251,20 +441,56 @@ class _ClientProcessing:
 
     @classmethod
     def load(cls, directory: Path) -> _ClientProcessing:
-        data = json.loads((directory / "model.json").read_text())
-        with np.load(directory / "model.npz", allow_pickle=False) as arrays:
-            loaded = {name: arrays[name] for name in arrays.files}
-        return cls(
-            tuple(data["input_shape"]),
-            tuple(_node_from_json(n, loaded) for n in data["pre"]),
+        """Read ``model.json`` and ``model.npz`` from ``directory`` (no manifest check)."""
+        files = {n: (directory / n).read_bytes() for n in ("model.json", "model.npz")}
+        return cls.from_artifact(_Artifact(directory, {}, files, False))
+
+    @classmethod
+    def from_artifact(cls, artifact: _Artifact) -> _ClientProcessing:
+        """Parse the checked bytes of ``model.json`` and ``model.npz``.
+
+        Raises:
+            DeploymentError: naming the file, for any malformed content.
+        """
+        data = artifact.json("model.json")
+        try:
+            with np.load(io.BytesIO(artifact.files["model.npz"]), allow_pickle=False) as arrays:
+                loaded = {name: arrays[name] for name in arrays.files}
+        except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+            raise DeploymentError(
+                f"{artifact.where('model.npz')} is not a NumPy .npz of arrays: {exc}"
+            ) from None
+        try:
+            return cls._from_data(data, loaded)
+        except KeyError as exc:
+            raise DeploymentError(
+                f"{artifact.where('model.json')} (with model.npz) is malformed: missing key "
+                f"{exc}."
+            ) from None
+        except (TypeError, ValueError, AttributeError, IndexError, UnsupportedOpError) as exc:
+            raise DeploymentError(
+                f"{artifact.where('model.json')} (with model.npz) is malformed: {exc}"
+            ) from None
+
+    @classmethod
+    def _from_data(cls, data: Any, loaded: dict[str, np.ndarray]) -> _ClientProcessing:
+        if not isinstance(data, dict):
+            raise TypeError(f"expected a JSON object, got {type(data).__name__}")
+        processing = cls(
+            _int_tuple(data["input_shape"], "input_shape"),
+            tuple(_node_from_json(n, loaded) for n in _list(data["pre"], "pre")),
             UniformQuantizer.from_dict(data["input_quantizer"]),
-            tuple(data["encrypted_shape"]),
-            loaded["output.scale"],
-            loaded["output.zero"],
-            loaded["output.bias"],
-            tuple(_node_from_json(n, loaded) for n in data["post"]),
+            _int_tuple(data["encrypted_shape"], "encrypted_shape"),
+            _float_array(loaded["output.scale"], "output.scale"),
+            _float_array(loaded["output.zero"], "output.zero"),
+            _float_array(loaded["output.bias"], "output.bias"),
+            tuple(_node_from_json(n, loaded) for n in _list(data["post"], "post")),
             PostProcessing.from_dict(data["post_processing"]),
         )
+        for node in (*processing.pre, *processing.post):
+            if node.kind not in ("elementwise", "reshape"):
+                raise ValueError(f"node {node.name!r} ({node.op}) cannot run on the client")
+        return processing
 
     def quantize(self, x: Any) -> np.ndarray:
         array = np.asarray(x)
@@ -588,26 +814,271 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def artifact_info(path: str | Path) -> dict[str, Any]:
+def artifact_info(path: str | Path, verify_key: Any | None = None) -> dict[str, Any]:
     """What a saved client artifact holds: manifest, input format, statistics, program.
 
-    Checks the manifest (version, checksums) first, like :class:`FHEModelClient`.
+    Checks the manifest (version, files, checksums, and the signature when
+    ``verify_key`` is given) first, like :class:`FHEModelClient`; ``"signature"`` says
+    ``"verified"``, ``"not checked"`` (signed, no key given) or ``"unsigned"``.
+
+    Raises:
+        DeploymentError: naming the file and what is wrong.
     """
     directory = Path(path)
-    manifest = _check_manifest(directory, "client")
-    model = json.loads((directory / "model.json").read_text())
-    report = json.loads((directory / "report.json").read_text())
+    artifact = _check_manifest(directory, "client", verify_key, warn=False)
+    _ClientProcessing.from_artifact(artifact)  # refuses a malformed model.json
+    model = artifact.json("model.json")
+    report = artifact.json("report.json")
+    if not isinstance(report, dict) or not isinstance(report.get("statistics"), dict):
+        raise DeploymentError(f"{artifact.where('report.json')} must hold 'statistics'.")
+    post = model["post_processing"]
+    if artifact.signed:
+        signature = "verified"
+    else:
+        signature = "not checked" if (directory / _SIGNATURE).exists() else "unsigned"
     return {
-        "manifest": manifest,
+        "manifest": artifact.manifest,
+        "signature": signature,
         "input_shape": model["input_shape"],
         "input_bits": model["input_quantizer"]["bits"],
         "client_pre_processing": [n["op"] for n in model["pre"]],
         "client_post_processing": [n["op"] for n in model["post"]],
-        "task": model["post_processing"]["task"],
-        "classes": (model["post_processing"]["classes"] or {}).get("values"),
-        "output_function": model["post_processing"]["output"],
+        "task": post["task"],
+        "classes": (post.get("classes") or {}).get("values"),
+        "output_function": post.get("output"),
         **report,
     }
+
+
+# ------------------------------------------------------------------ the server's circuit as data
+
+#: The compilation options a server artifact carries (``circuit.json``), by type; the
+#: server rebuilds its ``fhe.Configuration`` from these and nothing else.
+_BOOL_OPTIONS = (
+    "loop_parallelize",
+    "dataflow_parallelize",
+    "auto_parallelize",
+    "compress_evaluation_keys",
+    "compress_input_ciphertexts",
+    "composable",
+    "enable_tlu_fusing",
+)
+_ENUM_OPTIONS = {
+    "parameter_selection_strategy": _configuration_module.ParameterSelectionStrategy,
+    "multi_parameter_strategy": _configuration_module.MultiParameterStrategy,
+    "security_level": _configuration_module.SecurityLevel,
+}
+#: MLIR operations a server circuit may hold: FHE arithmetic on tensors. Anything else (a
+#: call, a declaration of an outside function, LLVM or runtime operations) is refused.
+_MLIR_DIALECTS = ("FHE.", "FHELinalg.", "tensor.", "arith.", "linalg.", "scf.")
+_MLIR_OPS = frozenset({"builtin.module", "func.func", "func.return"})
+_FUNC_ATTRIBUTES = frozenset({"function_type", "sym_name", "arg_attrs", "res_attrs"})
+
+
+def _circuit_options(server: Any) -> dict[str, Any]:
+    """The compilation options of a compiled Concrete server, as JSON-safe data.
+
+    Raises:
+        DeploymentError: options this artifact format cannot carry (a GPU backend,
+            keyset/range restrictions, composition rules).
+    """
+    config = server._configuration
+    if config is None or server._mlir is None:
+        raise DeploymentError("This circuit has no MLIR to save (it was loaded, not compiled).")
+    if config.use_gpu or config.keyset_restriction or config.range_restriction:
+        raise DeploymentError(
+            "Saving a circuit compiled for the GPU or with keyset/range restrictions is not "
+            "supported; compile it with the default configuration."
+        )
+    if server._composition_rules:
+        raise DeploymentError("Saving a circuit with composition rules is not supported.")
+    options: dict[str, Any] = {k: bool(getattr(config, k)) for k in _BOOL_OPTIONS}
+    for key in ("p_error", "global_p_error"):
+        value = getattr(config, key)
+        options[key] = None if value is None else float(value)
+    for key in _ENUM_OPTIONS:
+        options[key] = getattr(config, key).value
+    return options
+
+
+def _configuration(options: Any, where: Path) -> Any:
+    """Rebuild an ``fhe.Configuration`` from :func:`_circuit_options` data, checking
+    every key and type.
+
+    Raises:
+        DeploymentError: naming ``where``.
+    """
+    expected = {*_BOOL_OPTIONS, "p_error", "global_p_error", *_ENUM_OPTIONS}
+    if not isinstance(options, dict) or set(options) != expected:
+        keys = sorted(options) if isinstance(options, dict) else type(options).__name__
+        raise DeploymentError(
+            f"{where}: 'options' must have exactly {sorted(expected)}; got {keys}."
+        )
+    kwargs: dict[str, Any] = {}
+    for key in _BOOL_OPTIONS:
+        if not isinstance(options[key], bool):
+            raise DeploymentError(f"{where}: option {key!r} must be true or false.")
+        kwargs[key] = options[key]
+    for key in ("p_error", "global_p_error"):
+        value = options[key]
+        if value is not None and (not isinstance(value, float) or not 0 < value <= 1):
+            raise DeploymentError(f"{where}: option {key!r} must be null or a float in (0, 1].")
+        kwargs[key] = value
+    for key, enum in _ENUM_OPTIONS.items():
+        try:
+            kwargs[key] = enum(options[key])
+        except (ValueError, TypeError):
+            allowed = [m.value for m in enum]
+            raise DeploymentError(f"{where}: option {key!r} must be one of {allowed}.") from None
+    return fhe.Configuration(show_progress=False, verbose=False, **kwargs)
+
+
+def _program_digest(server: Any) -> str:
+    """SHA-256 of the circuit's keys and encodings (what a client's keys must match)."""
+    specs = json.loads(server.client_specs.serialize())
+    canonical = {"keyset": specs["keyset"], "circuits": specs["circuits"]}
+    return _sha256_bytes(json.dumps(canonical, sort_keys=True).encode())
+
+
+def _check_mlir(text: str, where: Path) -> None:
+    """Refuse MLIR that is not plain FHE arithmetic (see :data:`_MLIR_DIALECTS`).
+
+    Raises:
+        DeploymentError: it does not parse, or holds another operation.
+    """
+    import concrete.lang
+    from mlir.ir import Context, Module
+
+    with Context() as context:
+        concrete.lang.register_dialects(context)
+        try:
+            module = Module.parse(text)
+        except Exception:  # the bindings raise ValueError or MLIRError
+            raise DeploymentError(f"{where} is not valid MLIR for Concrete.") from None
+        stack = [module.operation]
+        while stack:
+            op = stack.pop()
+            name = op.name
+            if name not in _MLIR_OPS and not name.startswith(_MLIR_DIALECTS):
+                raise DeploymentError(f"{where}: operation {name!r} is not allowed in a circuit.")
+            attributes = {a.name for a in op.attributes}
+            if name == "func.func" and (
+                not attributes <= _FUNC_ATTRIBUTES or not op.regions[0].blocks
+            ):
+                raise DeploymentError(
+                    f"{where}: a function must be a plain definition; got attributes "
+                    f"{sorted(attributes)} (declarations and visibility are not allowed)."
+                )
+            for region in op.regions:
+                for block in region.blocks:
+                    stack.extend(o.operation for o in block.operations)
+
+
+def _save_circuit(server: Any, directory: Path) -> list[str]:
+    """Write a compiled server as data: its MLIR and our JSON of its options."""
+    (directory / "circuit.mlir").write_text(server._mlir, encoding="utf-8")
+    circuit = {
+        "concrete_python": fhe.__version__,
+        "options": _circuit_options(server),
+        "program_sha256": _program_digest(server),
+    }
+    (directory / "circuit.json").write_text(json.dumps(circuit, indent=2))
+    return ["circuit.mlir", "circuit.json"]
+
+
+def _default_cache_dir() -> Path:
+    env = os.environ.get("FHE_QUANT_CACHE_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "fhe_quant" / "circuits"
+
+
+def _private_dir(path: Path) -> Path:
+    """``path``, created ``0700`` if missing; refused unless it is ours and private."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = os.lstat(path)
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or info.st_uid != os.getuid()
+        or info.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
+    ):
+        raise DeploymentError(
+            f"The circuit cache {path} must be a directory owned by this user and writable "
+            "by no one else (compiled circuits are loaded from it)."
+        )
+    return path
+
+
+def _circuit_key(mlir: str, options: dict[str, Any]) -> str:
+    """The cache key of a compiled circuit: what goes into the compilation."""
+    canonical = json.dumps({"concrete": fhe.__version__, "options": options}, sort_keys=True)
+    return _sha256_bytes(b"fhe_quant circuit 1\0" + canonical.encode() + b"\0" + mlir.encode())
+
+
+def _compile_circuit(mlir: str, configuration: Any, where: Path) -> tuple[Any, Path]:
+    """Compile checked MLIR; returns the server and Concrete's output directory."""
+    try:
+        server = fhe.Server.create(mlir, configuration)
+    except Exception as exc:  # Concrete raises RuntimeError and others
+        raise DeploymentError(f"{where}: Concrete cannot compile this circuit: {exc}") from None
+    return server, Path(server._library.get_output_dir_path())
+
+
+def _cached_library(mlir: str, configuration: Any, key: str, cache: Path, where: Path) -> Any:
+    """Concrete's library for the circuit from ``cache/key``, compiled there if missing."""
+    from concrete.compiler import Library
+
+    entry = cache / key
+    if not entry.is_dir():
+        _, out = _compile_circuit(mlir, configuration, where)
+        staging = cache / f".{key}.{os.getpid()}.{threading.get_ident()}"
+        try:
+            shutil.copytree(out, staging)
+            os.chmod(staging, 0o700)
+            try:
+                os.rename(staging, entry)
+            except OSError:  # another process cached it first
+                pass
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
+    _private_dir(entry)
+    return Library(str(entry))
+
+
+def _load_circuit(
+    artifact: _Artifact, cache_dir: str | Path | None, cache: bool
+) -> tuple[Any, Path | None]:
+    """The server's circuit, rebuilt from the artifact's MLIR and options (never from a
+    shipped library); returns it and the temporary directory it owns (no cache)."""
+    where = artifact.where("circuit.json")
+    circuit = artifact.json("circuit.json")
+    keys = {"concrete_python", "options", "program_sha256"}
+    if not isinstance(circuit, dict) or set(circuit) != keys:
+        raise DeploymentError(f"{where} must be a JSON object with exactly {sorted(keys)}.")
+    if not all(isinstance(circuit[k], str) for k in ("concrete_python", "program_sha256")):
+        raise DeploymentError(f"{where}: 'concrete_python' and 'program_sha256' must be strings.")
+    configuration = _configuration(circuit["options"], where)
+    mlir = artifact.text("circuit.mlir")
+    _check_mlir(mlir, artifact.where("circuit.mlir"))
+    owned = None
+    if cache:
+        directory = _private_dir(Path(cache_dir) if cache_dir is not None else _default_cache_dir())
+        key = _circuit_key(mlir, circuit["options"])
+        library = _cached_library(mlir, configuration, key, directory, where)
+        server = fhe.Server(library, False, None)
+    else:
+        server, owned = _compile_circuit(mlir, configuration, where)
+    if _program_digest(server) != circuit["program_sha256"]:
+        if owned is not None:
+            shutil.rmtree(owned, ignore_errors=True)
+        raise DeploymentError(
+            f"{where}: the circuit compiled here (concrete-python {fhe.__version__}) has other "
+            f"keys or encodings than the one saved (concrete-python {circuit['concrete_python']}"
+            "): clients' keys would not match. Re-export the model with this version."
+        )
+    return server, owned
 
 
 # ------------------------------------------------------------------ the three roles
@@ -668,24 +1139,36 @@ class FHEModelDev:
             _check_client(self.model, self.module, _ClientProcessing.load(Path(scratch)))
         return processing
 
-    def save(self) -> None:
+    def save(self, signing_key: Any | None = None) -> None:
         """Write the artifacts; refuses to overwrite existing ones.
+
+        Args:
+            signing_key: the model owner's Ed25519 private key (a key object, PEM bytes
+                or a PEM file path, see :mod:`fhe_quant.signing`): each directory's
+                manifest is then signed (``manifest.sig``), and loaders given the
+                matching ``verify_key`` refuse any other. ``None``: unsigned.
 
         Raises:
             NotCompiledError: the model has no circuit yet.
-            DeploymentError: an artifact exists there already, or the saved client would
-                not quantize or decode exactly as the model does (checked in clear on
-                random inputs before anything is written).
+            DeploymentError: an artifact exists there already, the signing key cannot be
+                read, or the saved client would not quantize or decode exactly as the
+                model does (checked in clear on random inputs before anything is written).
         """
         circuit = self.module.circuit  # raises NotCompiledError if not compiled
+        key = None
+        if signing_key is not None:
+            from fhe_quant import signing
+
+            key = signing.load_signing_key(signing_key)
         processing = self._client_processing()
+        circuit_options = _circuit_options(circuit.server)  # refuses what it cannot carry
+        del circuit_options
         client_dir, server_dir = self.path / "client", self.path / "server"
         for directory in (client_dir, server_dir):
             if (directory / _MANIFEST).exists():
                 raise DeploymentError(f"{directory} already holds an artifact; remove it first.")
             directory.mkdir(parents=True, exist_ok=True)
-        circuit.server.save(server_dir / "server.zip")
-        _write_manifest(server_dir, "server", ["server.zip"])
+        _write_manifest(server_dir, "server", _save_circuit(circuit.server, server_dir), key)
         circuit.client.save(client_dir / "client.zip")
         files = ["client.zip", *processing.save(client_dir)]
         summary = {
@@ -694,7 +1177,50 @@ class FHEModelDev:
         }
         (client_dir / "report.json").write_text(json.dumps(summary, indent=2))
         files.append("report.json")
-        _write_manifest(client_dir, "client", files)
+        _write_manifest(client_dir, "client", files, key)
+
+
+def _key_directory(key_dir: str | Path | None) -> Path | None:
+    """``key_dir``, created ``0700`` (an existing one of ours is made ``0700``)."""
+    if key_dir is None:
+        return None
+    path = Path(key_dir)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if os.stat(path).st_uid == os.getuid():
+            os.chmod(path, 0o700)
+    except OSError as exc:
+        raise DeploymentError(f"Cannot use the key directory {path}: {exc.strerror}.") from None
+    return path
+
+
+def _protect_keys(key_dir: Path | None) -> None:
+    """Make every file Concrete wrote under ``key_dir`` ``0600`` (directories ``0700``)."""
+    if key_dir is None:
+        return
+    for root, dirs, files in os.walk(key_dir):
+        for name in dirs:
+            os.chmod(Path(root) / name, 0o700)
+        for name in files:
+            os.chmod(Path(root) / name, 0o600)
+
+
+def _client_specs(artifact: _Artifact) -> Any:
+    """Concrete's client specs from the checked bytes of ``client.zip`` (never unpacked
+    to disk)."""
+    where = artifact.where("client.zip")
+    try:
+        with zipfile.ZipFile(io.BytesIO(artifact.files["client.zip"])) as archive:
+            names = archive.namelist()
+            data = archive.read("client.specs.json") if names == ["client.specs.json"] else None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as exc:
+        raise DeploymentError(f"{where} is not a readable zip archive: {exc}") from None
+    if data is None:
+        raise DeploymentError(f"{where} must hold client.specs.json only; got {names[:5]}.")
+    try:
+        return fhe.ClientSpecs.deserialize(data)
+    except Exception as exc:  # Concrete's C++ parser raises RuntimeError and others
+        raise DeploymentError(f"{where}: client.specs.json cannot be read: {exc}") from None
 
 
 class FHEModelClient:
@@ -702,18 +1228,34 @@ class FHEModelClient:
 
     Args:
         path: the ``client`` directory written by :class:`FHEModelDev`.
-        key_dir: where secret and evaluation keys are kept (created if missing); keys
-            found there are reused. ``None`` keeps them in memory only.
+        key_dir: where secret and evaluation keys are kept (created ``0700`` if missing,
+            key files ``0600``); keys found there are reused. ``None`` keeps them in
+            memory only.
+        verify_key: the model owner's Ed25519 public key (key object, PEM or raw bytes,
+            or a PEM file path): the artifact is refused unless its manifest is signed
+            by it. ``None``: not checked, with an
+            :class:`~fhe_quant.errors.UnauthenticatedArtifactWarning`.
+
+    Raises:
+        DeploymentError: the artifact is not a valid client artifact (naming the file and
+            what is wrong), or is unsigned or wrongly signed when ``verify_key`` is given.
     """
 
-    def __init__(self, path: str | Path, key_dir: str | Path | None = None) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        key_dir: str | Path | None = None,
+        *,
+        verify_key: Any | None = None,
+    ) -> None:
         self.path = Path(path)
-        _check_manifest(self.path, "client")
-        self.processing = _ClientProcessing.load(self.path)
-        self.key_dir = Path(key_dir) if key_dir is not None else None
-        if self.key_dir is not None:
-            self.key_dir.mkdir(parents=True, exist_ok=True)
-        self.client = fhe.Client.load(self.path / "client.zip", keyset_cache_directory=self.key_dir)
+        artifact = _check_manifest(self.path, "client", verify_key)
+        self.signed = artifact.signed
+        self.processing = _ClientProcessing.from_artifact(artifact)
+        self.key_dir = _key_directory(key_dir)
+        self.client = fhe.Client(
+            _client_specs(artifact), keyset_cache_directory=self.key_dir
+        )
         self._nonce = self._client_nonce()
         self._key_message: bytes | None = None
         self._key_id: bytes | None = None
@@ -723,7 +1265,9 @@ class FHEModelClient:
             return os.urandom(_NONCE)
         path = self.key_dir / "client_nonce"
         if not path.is_file():
-            path.write_bytes(os.urandom(_NONCE))
+            from fhe_quant.signing import write_private_file
+
+            write_private_file(path, os.urandom(_NONCE))
         nonce = path.read_bytes()
         if len(nonce) != _NONCE:
             raise DeploymentError(f"{path} is corrupted ({len(nonce)} bytes, expected {_NONCE}).")
@@ -744,6 +1288,7 @@ class FHEModelClient:
         ``verbose`` lets Concrete's native key-cache messages through."""
         with fhe_native_output(verbose):
             self.client.keygen(force=force)
+        _protect_keys(self.key_dir)
         if force:
             self._key_message = self._key_id = None
 
@@ -751,6 +1296,7 @@ class FHEModelClient:
         """The public evaluation keys (with this client's nonce), to send to the server."""
         if self._key_message is None:
             keys = self.client.evaluation_keys.serialize()
+            _protect_keys(self.key_dir)
             self._key_message = MESSAGE_MAGIC + self._nonce + keys
         return self._key_message
 
@@ -832,19 +1378,64 @@ class FHEModelServer:
             calls (the most recently used). Hashing and deserializing a network's keys
             (hundreds of MB) costs about a second, paid once per client instead of once
             per request; each cached entry holds that much memory. Thread-safe.
+        verify_key: the model owner's Ed25519 public key (see :class:`FHEModelClient`):
+            the artifact is refused unless signed by it. ``None``: not checked, with an
+            :class:`~fhe_quant.errors.UnauthenticatedArtifactWarning`.
+        cache_dir: where compiled circuits are kept, by the SHA-256 of their MLIR and
+            options (default: ``$FHE_QUANT_CACHE_DIR``, else
+            ``~/.cache/fhe_quant/circuits``); it must be private to this user.
+        cache: ``False`` compiles into a temporary directory removed by :meth:`close`.
+
+    The artifact holds the circuit as data (Concrete's MLIR, checked to be FHE arithmetic
+    only, and its compilation options as JSON): the server compiles it on the first load
+    and reuses the compiled library from ``cache_dir`` afterwards; no library, pickle or
+    jsonpickle from the artifact is ever loaded. Use it as a context manager, or call
+    :meth:`close`, to release it (temporary directories are also removed at exit).
+
+    Raises:
+        DeploymentError: the artifact is not a valid server artifact (naming the file and
+            what is wrong), is unsigned or wrongly signed when ``verify_key`` is given, or
+            does not compile to the circuit that was saved.
     """
 
-    def __init__(self, path: str | Path, key_cache_size: int = 2) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        key_cache_size: int = 2,
+        *,
+        verify_key: Any | None = None,
+        cache_dir: str | Path | None = None,
+        cache: bool = True,
+    ) -> None:
         if key_cache_size < 0:
             raise ValueError(f"key_cache_size must be >= 0; got {key_cache_size}.")
         self.path = Path(path)
-        _check_manifest(self.path, "server")
-        self.server = fhe.Server.load(self.path / "server.zip")
+        artifact = _check_manifest(self.path, "server", verify_key)
+        self.signed = artifact.signed
+        self.server, owned = _load_circuit(artifact, cache_dir, cache)
+        self._cleanup = weakref.finalize(
+            self, shutil.rmtree, str(owned) if owned else "", ignore_errors=True
+        )
+        if owned is None:
+            self._cleanup.detach()
         self.key_cache_size = key_cache_size
         # NOTE: keyed by the identity of the key message, which the entry keeps alive (so
         # the identity cannot be reused by another object while it is cached).
         self._key_cache: OrderedDict[int, list[Any]] = OrderedDict()
         self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """Release the circuit and remove the temporary directory it was compiled in (if
+        any); the server cannot run afterwards. Idempotent."""
+        self.server = None
+        self._key_cache.clear()
+        self._cleanup()
+
+    def __enter__(self) -> FHEModelServer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def _cached(self, message: bytes) -> list[Any]:
         """The cache entry ``[message, key id, deserialized keys or None]`` of a key
@@ -864,6 +1455,8 @@ class FHEModelServer:
 
     def run(self, serialized_input: bytes, serialized_evaluation_keys: bytes) -> bytes:
         """Run on one serialized encrypted sample; returns the serialized result."""
+        if self.server is None:
+            raise DeploymentError(f"The server of {self.path} was closed.")
         if not is_fhe_quant_message(serialized_evaluation_keys):
             raise DeploymentError("The evaluation keys are not an fhe_quant key message.")
         entry = self._cached(serialized_evaluation_keys)

@@ -22,6 +22,10 @@ __all__ = [
     "CompilationError",
     "EstimatorNotFittedError",
     "EstimatorParameterError",
+    "ModelError",
+    "FHEQuantWarning",
+    "UnauthenticatedArtifactWarning",
+    "CalibrationWarning",
 ]
 
 
@@ -93,3 +97,24 @@ class EstimatorNotFittedError(sklearn.exceptions.NotFittedError, NotFittedError)
 class EstimatorParameterError(InvalidParameterError, ParameterError):
     """A constructor parameter of an estimator out of its allowed values: both
     scikit-learn's ``InvalidParameterError`` and fhe_quant's ``ParameterError``."""
+class ModelError(FHEQuantError, TypeError, ValueError):
+    """The model given is not one fhe_quant can read: a callable that is not a
+    ``torch.nn.Module``, or a fitted model whose parameters hold NaN or inf values."""
+
+
+class FHEQuantWarning(UserWarning):
+    """Base class of every warning fhe_quant issues on purpose."""
+
+
+class UnauthenticatedArtifactWarning(FHEQuantWarning):
+    """A deployment artifact was loaded without checking who made it.
+
+    Its manifest checks that the files are intact, not where they come from: anyone who
+    can write the directory can rewrite the files and their checksums. Pass
+    ``verify_key=`` (the public key of the model owner, see ``fhe-quant keygen-signing``)
+    to refuse any artifact its owner did not sign.
+    """
+
+
+class CalibrationWarning(FHEQuantWarning):
+    """The calibration data are too few to set reliable quantization ranges."""

@@ -303,10 +303,13 @@ class _FHEEstimator(BaseEstimator):
         saved = {k: v for k, v in vars(self).items() if k in _INPUT_ATTRIBUTES}
         try:
             X, y = self._validate(X, y, reset=True)
+            if isinstance(self, ClassifierMixin):
+                _check_class_counts(y)
             model = self._make_sklearn_model()
             if sample_weight is not None:
                 fit_params["sample_weight"] = sample_weight
             model.fit(X, y, **fit_params)
+            _check_finite_parameters(model)
             if sample_weight is not None:
                 # NOTE: samples of weight zero are not part of the data: they must not
                 # widen the calibrated ranges either.
@@ -1124,6 +1127,54 @@ _WRAPPERS: dict[type, type] = {
 }
 
 
+def _check_class_counts(y: Any) -> None:
+    """Refuse a classifier's target with one class, or a class of fewer than 2 samples.
+
+    Raises:
+        errors.InputError: naming the class and its count.
+    """
+    from sklearn.utils.multiclass import type_of_target
+
+    if type_of_target(y) not in ("binary", "multiclass"):
+        return  # scikit-learn's fit refuses continuous or multi-output targets, by name
+    classes, counts = np.unique(np.asarray(y), return_counts=True)
+    if len(classes) < 2:
+        raise errors.InputError(
+            f"y holds a single class ({classes.tolist()[:1]!r}, {int(counts.sum())} samples): "
+            "a classifier needs at least 2 classes."
+        )
+    if counts.min() < 2:
+        rare = classes[counts.argmin()]
+        raise errors.InputError(
+            f"Class {rare!r} of y has {int(counts.min())} sample: every class needs at least 2 "
+            "to be learned and calibrated."
+        )
+
+
+def _check_finite_parameters(estimator: Any) -> None:
+    """Refuse a fitted model with NaN/inf in a learned parameter (``coef_``, ``coefs_``...).
+
+    Raises:
+        errors.ModelError: naming the attribute and where the first bad value is.
+    """
+    for name, value in vars(estimator).items():
+        if not name.endswith("_") or name.startswith("_"):
+            continue
+        arrays = value if isinstance(value, list) else [value]
+        for i, array in enumerate(arrays):
+            if not isinstance(array, np.ndarray) or array.dtype.kind not in "fc":
+                continue
+            bad = ~np.isfinite(array)
+            if bad.any():
+                index = tuple(int(j) for j in np.argwhere(bad)[0])
+                where = f"{name}[{i}]" if isinstance(value, list) else name
+                raise errors.ModelError(
+                    f"The fitted {type(estimator).__name__}.{where} holds {int(bad.sum())} "
+                    f"NaN or inf values (first at index {index}): the model diverged or was "
+                    "edited; re-fit it (scale the inputs, lower the learning rate)."
+                )
+
+
 def from_sklearn(
     estimator: Any,
     X: Any,
@@ -1178,6 +1229,7 @@ def from_sklearn(
     if wrapper_class is None:
         converter_for(estimator)  # raises: the class is unsupported (named, with the others)
     _check_fitted(estimator, None)
+    _check_finite_parameters(estimator)
     estimator = copy.deepcopy(estimator)
     imported = wrapper_class._import_graph(estimator)
     params = {

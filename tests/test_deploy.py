@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -65,18 +64,18 @@ def test_server_directory_holds_no_secret_material(saved) -> None:
         root / "client", key_dir=root.parent / "keys_a"
     ).generate_private_and_evaluation_keys()
     files = sorted(p.name for p in (root / "server").iterdir())
-    assert files == ["manifest.json", "server.zip"]
+    assert files == ["circuit.json", "circuit.mlir", "manifest.json"]
     client_files = sorted(p.name for p in (root / "client").iterdir())
     assert client_files == ["client.zip", "manifest.json", "model.json", "model.npz", "report.json"]
     # keys live only where the client puts them
     assert not any("key" in p.name.lower() for p in root.rglob("*"))
     assert any((root.parent / "keys_a").iterdir())
-    # the server's zip is Concrete's compiled circuit and its public specs: no key of any
-    # kind, no quantization parameter
-    with zipfile.ZipFile(root / "server" / "server.zip") as archive:
-        members = set(archive.namelist())
-    assert {"sharedlib.so", "client.specs.json"} <= members
-    assert not any(word in m.lower() for m in members for word in ("key", "secret", "model"))
+    # the server holds the circuit as data (MLIR + its compilation options): no key of
+    # any kind, no quantization parameter, no compiled library
+    options = json.loads((root / "server" / "circuit.json").read_text())
+    assert set(options) == {"concrete_python", "options", "program_sha256"}
+    assert not any(word in json.dumps(options) for word in ("secret", "py/", "scale"))
+    assert "FHELinalg" in (root / "server" / "circuit.mlir").read_text()
 
 
 def test_artifacts_are_not_pickles(saved) -> None:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import io
 import operator
 import warnings
 from collections.abc import Callable, Iterator
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from fhe_quant.errors import TraceError, UnsupportedOpError
+from fhe_quant.errors import ModelError, TraceError, UnsupportedOpError
 from fhe_quant.ir import (
     ELEMENTWISE,
     ConvGeometry,
@@ -718,7 +719,15 @@ def trace_module(module: nn.Module, sample: np.ndarray) -> Graph:
         UnsupportedOpError: a layer or function is not supported (named, with its place).
     """
     if not isinstance(module, nn.Module):
-        raise TypeError(f"Expected a torch.nn.Module, got {type(module).__name__}.")
+        hint = (
+            " Wrap a function in a torch.nn.Module whose forward calls it."
+            if callable(module)
+            else ""
+        )
+        raise ModelError(
+            f"The model must be a torch.nn.Module; got {type(module).__name__} "
+            f"({module!r:.60}).{hint}"
+        )
     model = copy.deepcopy(module).eval().double()
     try:
         gm = torch.fx.symbolic_trace(model)
@@ -727,9 +736,19 @@ def trace_module(module: nn.Module, sample: np.ndarray) -> Graph:
             f"torch.fx could not trace {type(module).__name__}: {exc}. Models with "
             "data-dependent control flow must be rewritten without it."
         ) from exc
+    inputs = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(inputs) != 1:
+        raise UnsupportedOpError(
+            f"a module with {len(inputs)} inputs {inputs}",
+            f"{type(module).__name__}.forward",
+            "fhe_quant compiles modules with one tensor input: concatenate the inputs "
+            "into one tensor (and split it inside forward).",
+        )
     x = torch.as_tensor(np.asarray(sample[:2], dtype=np.float64))
     try:
-        with _quiet_torch():
+        # NOTE: ShapeProp prints torch's traceback to stderr before re-raising; the
+        # error below says what failed, so that print is swallowed.
+        with _quiet_torch(), contextlib.redirect_stderr(io.StringIO()):
             ShapeProp(gm).propagate(x)
     except Exception as exc:
         root: BaseException = exc

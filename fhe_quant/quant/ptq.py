@@ -27,13 +27,14 @@ the client after decryption, so the encrypted program starts and ends with a mat
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
-from fhe_quant.errors import InputError, UnsupportedOpError
+from fhe_quant.errors import CalibrationWarning, InputError, UnsupportedOpError
 from fhe_quant.ir import OPS, ConvGeometry, Graph, Node, chain_source
 from fhe_quant.quant import axe
 from fhe_quant.quant.calibrate import make_observer
@@ -49,6 +50,8 @@ __all__ = [
     "QuantizedGraph",
     "quantize_graph",
     "check_calibration_data",
+    "check_calibration_count",
+    "MIN_CALIBRATION_SAMPLES",
     "AddOperand",
     "QuantizedDag",
     "quantize_dag",
@@ -143,6 +146,40 @@ def check_calibration_data(
             "impute or drop them before quantizing."
         )
     return array
+
+
+#: Below this many calibration samples, quantization ranges are unreliable: a warning.
+MIN_CALIBRATION_SAMPLES = 100
+
+
+def check_calibration_count(x: np.ndarray) -> np.ndarray:
+    """Refuse fewer than 2 calibration samples; warn below :data:`MIN_CALIBRATION_SAMPLES`.
+
+    Raises:
+        InputError: fewer than 2 samples (no range can be measured from one).
+
+    Examples:
+        >>> check_calibration_count(np.zeros((1, 3)))
+        Traceback (most recent call last):
+        ...
+        fhe_quant.errors.InputError: The calibration data holds 1 sample; at least 2 ...
+    """
+    n = len(x)
+    if n < 2:
+        raise InputError(
+            f"The calibration data holds {n} sample; at least 2 are needed (and "
+            f"{MIN_CALIBRATION_SAMPLES} or more for reliable ranges): pass the training data "
+            "or a representative sample of it."
+        )
+    if n < MIN_CALIBRATION_SAMPLES:
+        warnings.warn(
+            f"The calibration data holds only {n} samples: the quantization ranges may miss "
+            f"values seen later (clipped, less accurate). Pass {MIN_CALIBRATION_SAMPLES} or "
+            "more representative samples.",
+            CalibrationWarning,
+            stacklevel=3,
+        )
+    return x
 
 
 def _split(graph: Graph) -> tuple[tuple[Node, ...], list[tuple[Node, tuple[Node, ...]]]]:
@@ -326,7 +363,7 @@ def quantize_graph(graph: Graph, x_calib: np.ndarray, config: QuantConfig) -> Qu
         The quantized graph: for a chain, quantizers for every linear layer's input and
         weights (``segments``); for a branching graph, the plan of :func:`quantize_dag`.
     """
-    x_calib = check_calibration_data(x_calib, graph.input_shape)
+    x_calib = check_calibration_count(check_calibration_data(x_calib, graph.input_shape))
     values = graph.run(x_calib)
     if not is_chain(graph):
         if config.accumulator_bits is not None:
