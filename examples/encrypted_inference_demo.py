@@ -2,7 +2,8 @@
 
 Two models are trained, quantized, compiled and saved as deployment artifacts; then a
 client (keys, encryption, decryption) and a server (the circuit and the client's
-evaluation keys, nothing else) run as separate objects that only exchange bytes:
+evaluation keys, nothing else) run as separate objects that only exchange bytes. The
+artifacts are signed by the model owner's key, and client and server check it on load:
 
 1. scikit-learn's LogisticRegression on breast cancer (8 bits; a linear model needs no
    table lookup, so it runs in milliseconds);
@@ -32,6 +33,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
 from fhe_quant.deploy import FHEModelClient, FHEModelDev, FHEModelServer
+from fhe_quant.signing import write_signing_key_pair
 from fhe_quant.sklearn import LogisticRegression
 from fhe_quant.torch import compile_qat_model, prepare_qat
 from fhe_quant.training import fit
@@ -48,12 +50,22 @@ def size(path: Path) -> str:
     return f"{total / 2**20:.2f} MiB"
 
 
+def owner_keys(root: Path) -> tuple[Path, Path]:
+    """The model owner's signing key pair (made once): artifacts are signed with the
+    private key, and client and server refuse any artifact the public key did not sign."""
+    private = root / "owner"
+    if not private.exists():
+        return write_signing_key_pair(private)
+    return private, root / "owner.pub"
+
+
 def run_deployed(
     artifact: Path, x: np.ndarray, decode: Any, expected: np.ndarray, labels: np.ndarray
 ) -> None:
     """Client and server as separate objects; prints per-step latency."""
-    client = FHEModelClient(artifact / "client", key_dir=artifact / "keys")
-    server = FHEModelServer(artifact / "server")
+    _, public = owner_keys(artifact.parent)
+    client = FHEModelClient(artifact / "client", key_dir=artifact / "keys", verify_key=public)
+    server = FHEModelServer(artifact / "server", verify_key=public)
 
     start = time.perf_counter()
     client.generate_private_and_evaluation_keys()
@@ -99,7 +111,7 @@ def logistic_regression(root: Path, samples: int) -> None:
         f"quantized {accuracy(model.predict(x_test), y_test)}, "
         f"simulated FHE {accuracy(model.predict(x_test, fhe='simulate'), y_test)}"
     )
-    FHEModelDev(root / "logreg", model).save()
+    FHEModelDev(root / "logreg", model).save(signing_key=owner_keys(root)[0])
     run_deployed(
         root / "logreg",
         x_test[:samples],
@@ -133,7 +145,7 @@ def torch_mlp(root: Path, samples: int) -> None:
     clear = qm.forward(x_test).argmax(1)
     simulated = qm.forward(x_test, fhe="simulate").argmax(1)
     print(f"  accuracy: clear {accuracy(clear, y_test)}, simulated {accuracy(simulated, y_test)}")
-    FHEModelDev(root / "mlp", qm).save()
+    FHEModelDev(root / "mlp", qm).save(signing_key=owner_keys(root)[0])
     run_deployed(
         root / "mlp",
         x_test[:samples],

@@ -500,7 +500,16 @@ class _ClientProcessing:
         return self.input_quantizer.quantize(run_chain(self.pre, array)).astype(np.int64)
 
     def dequantize(self, acc: np.ndarray) -> np.ndarray:
-        value = self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
+        acc = np.asarray(acc, dtype=np.float64)
+        try:
+            np.broadcast_shapes(acc.shape, self.scale.shape, self.zero.shape, self.bias.shape)
+        except ValueError:
+            # NOTE: only an artifact whose model.npz was taken from another model gets here.
+            raise DeploymentError(
+                f"The artifact's model.npz (output scale {self.scale.shape}) does not match "
+                f"its circuit's output {acc.shape[1:]}: the client artifact is corrupt."
+            ) from None
+        value = self.scale * (acc - self.zero) + self.bias
         return run_chain(self.post, value)
 
     def raw(self, acc: np.ndarray) -> np.ndarray:
