@@ -1023,6 +1023,7 @@ class _DagLowering:
             hi = hi + np.where(m > 0, m * value.hi, m * value.lo)
             zero = zero + m * value.zero
             bias = bias + operand.sign * value.bias
+        lo = self._channel_shift(node, lo)
         step = AddStep(
             node.name,
             tuple(v.index for v in values),
@@ -1034,6 +1035,17 @@ class _DagLowering:
             bias,
         )
         return _Value(self.emit(step), step.scale, step.zero, bias, np.zeros_like(lo), hi - lo)
+
+    def _channel_shift(self, node: Node, lo: np.ndarray) -> np.ndarray:
+        """The shift that makes an add's sum non-negative: its proven minimum, or, when a
+        max pool reads the sum, the smallest minimum of each channel (a max pool compares
+        codes with one zero point per channel; the proven minimum can vary over positions
+        where the operands' tables reach different ranges). Where the minimum is already
+        constant per channel both are the same."""
+        if not any(user.kind == "max_pool" for user in self.graph.users(node.name)):
+            return lo
+        axes = tuple(a for a in range(lo.ndim) if a != 1)
+        return np.broadcast_to(lo.min(axis=axes, keepdims=True), lo.shape)
 
     def table(self, node: Node) -> _Value:
         source_name, chain = chain_source(self.graph, node.name, self.dag.input_name)
