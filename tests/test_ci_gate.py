@@ -27,7 +27,8 @@ def _gate():
         ("= 1 failed, 1 passed in 6.49s =", True),
         ("==== 3 passed, 1 error in 2.00s ====", True),
         ("==== 2 errors in 2.00s ====", True),
-        ("==== 1 xpassed, 1 passed in 2.00s ====", True),
+        # a non-strict XPASS is not a failure (pytest exits 0 for it too)
+        ("==== 1 xpassed, 1 passed in 2.00s ====", False),
         ("==== 4 skipped in 0.10s ====", True),
         ("==== no tests ran in 0.01s ====", True),
         ("Successfully installed fhe-quant-0.1.0", True),

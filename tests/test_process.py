@@ -33,7 +33,7 @@ ENCRYPTED_RUN = textwrap.dedent(
     import numpy as np
     from fhe_quant.sklearn import LinearRegression
 
-    _x = np.random.default_rng(0).normal(size=(30, 3))
+    _x = np.random.default_rng(0).normal(size=(120, 3))
     _model = LinearRegression(n_bits=4).fit(_x, _x @ [1.0, -2.0, 0.5])
     _model.compile(_x)
     ENCRYPTED_RUN_OK = bool(
@@ -167,7 +167,7 @@ def test_server_survives_clients_that_hang_up(tmp_path: Path):
     from fhe_quant.http import Client
     from fhe_quant.sklearn import LinearRegression
 
-    x = np.random.default_rng(1).normal(size=(30, 3))
+    x = np.random.default_rng(1).normal(size=(120, 3))
     model = LinearRegression(n_bits=4).fit(x, x @ [1.0, 2.0, -1.0])
     model.compile(x)
     FHEModelDev(tmp_path / "artifact", model).save()
