@@ -44,6 +44,7 @@ def compile_onnx_model(
     rounding: str = "exact",
     per_channel: bool = True,
     calibration: str = "minmax",
+    accumulator_bits: int | None = None,
     p_error: float | None = None,
     global_p_error: float | None = None,
     compile: bool = True,
@@ -56,8 +57,8 @@ def compile_onnx_model(
             (opset 13 to 21); it is read as data, nothing in it runs.
         X_calib: representative inputs ``(N, *input_shape)``; they set the
             quantization ranges (inputs outside them are clipped).
-        n_bits, rounding_bits, rounding, per_channel, calibration, p_error,
-            global_p_error, compile, verbose: as in
+        n_bits, rounding_bits, rounding, per_channel, calibration, accumulator_bits,
+            p_error, global_p_error, compile, verbose: as in
             :func:`fhe_quant.torch.compile_torch_model`.
 
     Returns:
@@ -77,6 +78,7 @@ def compile_onnx_model(
         rounding_exact=rounding_exact(rounding),
         per_channel=per_channel,
         calibration=calibration,
+        accumulator_bits=accumulator_bits,
     )
     x = check_calibration_data(np.asarray(X_calib), None)
     graph = onnx_to_graph(model, x)

@@ -133,6 +133,16 @@ def test_same_integers_as_compile_torch_model(name: str) -> None:
         assert "BatchNormalization" in ops
 
 
+def test_accumulator_budget_gives_the_same_integers_as_torch() -> None:
+    module, shape = _models()["mlp"]
+    x = np.random.default_rng(1).normal(size=(64, *shape))
+    data = _export(module, shape)
+    ours = compile_onnx_model(data, x, n_bits=5, accumulator_bits=9, compile=False)
+    theirs = compile_torch_model(module, x, n_bits=5, accumulator_bits=9, compile=False)
+    np.testing.assert_array_equal(ours.forward_integers(x), theirs.forward_integers(x))
+    assert ours.program.lookups_by_width() == theirs.program.lookups_by_width()
+
+
 def test_folded_batch_norm_export_is_close(tmp_path: Any) -> None:
     module, shape = _models()["cnn_bn"]
     with torch.no_grad():

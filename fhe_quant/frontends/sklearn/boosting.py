@@ -56,6 +56,7 @@ from fhe_quant.frontends.sklearn.tree import (
     TreeEnsemble,
     TreeModule,
     TreeQuantConfig,
+    ensemble_from_leaves,
     quantize_ensemble,
 )
 from fhe_quant.ir import describe_mismatch
@@ -359,19 +360,14 @@ def _assemble(
             thresholds.append(node.threshold)
             stack.append((node.right, {**conditions, c: -1}))
             stack.append((node.left, {**conditions, c: +1}))
-    path = np.zeros((len(rows), len(features)), dtype=np.int64)
-    for i, row in enumerate(rows):
-        for c, sign in row.items():
-            path[i, c] = sign
-    return TreeEnsemble(
+    return ensemble_from_leaves(
         n_features,
-        np.asarray(features, dtype=np.int64),
-        np.asarray(thresholds, dtype=np.float64),
-        path,
-        np.asarray(values, dtype=np.float64).reshape(len(rows), len(init)),
-        np.asarray(init, dtype=np.float64),
-        np.asarray(leaf_tree, dtype=np.int64),
-        np.asarray(leaf_node, dtype=np.int64),
+        features,
+        thresholds,
+        rows,
+        values,
+        init,
+        (leaf_tree, leaf_node),
         output,
         len(init) == 1,
         float32_inputs,

@@ -90,6 +90,7 @@ __all__ = [
     "TreeEnsemble",
     "TreeQuantized",
     "ensemble_from_sklearn",
+    "ensemble_from_leaves",
     "check_ensemble",
     "quantize_ensemble",
     "TreeModule",
@@ -317,21 +318,51 @@ def _assemble(
             leaf_values.append(value_of(tree.tree_, leaf["node"]) * weight)
             leaf_tree.append(i)
             leaf_node.append(leaf["node"])
-    path = np.zeros((len(leaf_rows), len(features)), dtype=np.int64)
-    for i, row in enumerate(leaf_rows):
+    return ensemble_from_leaves(
+        n_features,
+        features,
+        thresholds,
+        leaf_rows,
+        leaf_values,
+        init,
+        (leaf_tree, leaf_node),
+        output,
+        ravel,
+    )
+
+
+def ensemble_from_leaves(
+    n_features: int,
+    features: list[int],
+    thresholds: list[float],
+    rows: list[dict[int, int]],
+    values: list[np.ndarray],
+    init: Any,
+    leaves: tuple[list[int], list[int]],
+    output: str,
+    ravel: bool,
+    float32_inputs: bool = True,
+) -> TreeEnsemble:
+    """The tensor form of an ensemble read leaf by leaf: ``rows[i]`` maps each compare
+    on leaf ``i``'s path to ``+1`` (taken when true) or ``-1``; ``values[i]`` is its
+    contribution to the raw outputs; ``leaves`` its (tree, node) origin."""
+    path = np.zeros((len(rows), len(features)), dtype=np.int64)
+    for i, row in enumerate(rows):
         for c, sign in row.items():
             path[i, c] = sign
+    leaf_tree, leaf_node = leaves
     return TreeEnsemble(
         n_features,
         np.asarray(features, dtype=np.int64),
         np.asarray(thresholds, dtype=np.float64),
         path,
-        np.asarray(leaf_values, dtype=np.float64).reshape(len(leaf_rows), len(init)),
+        np.asarray(values, dtype=np.float64).reshape(len(rows), len(init)),
         np.asarray(init, dtype=np.float64),
         np.asarray(leaf_tree, dtype=np.int64),
         np.asarray(leaf_node, dtype=np.int64),
         output,
         ravel,
+        float32_inputs,
     )
 
 
