@@ -26,6 +26,7 @@ __all__ = [
     "QuantizedModule",
     "build_quantized_module",
     "make_config",
+    "post_training_module",
     "rounding_exact",
     "run_chain",
     "MAX_INPUTSET",
@@ -41,6 +42,44 @@ def make_config(n_bits: Any, **kwargs: Any) -> QuantConfig:
         return QuantConfig.from_n_bits(n_bits, **kwargs)
     except ValueError as exc:
         raise ParameterError(str(exc)) from None
+
+
+def post_training_module(
+    to_graph: Any,
+    X_calib: Any,
+    n_bits: Any,
+    *,
+    rounding_bits: int | None,
+    rounding: str,
+    per_channel: bool,
+    calibration: str,
+    accumulator_bits: int | None,
+    p_error: float | None,
+    global_p_error: float | None,
+    compile: bool,
+    verbose: bool,
+) -> QuantizedModule:
+    """The post-training path of every graph frontend (torch, ONNX): the options are
+    checked first, then ``to_graph(x)`` reads the model on the checked calibration data,
+    then :func:`build_quantized_module`."""
+    config = make_config(
+        n_bits,
+        rounding_bits=rounding_bits,
+        rounding_exact=rounding_exact(rounding),
+        per_channel=per_channel,
+        calibration=calibration,
+        accumulator_bits=accumulator_bits,
+    )
+    x = check_calibration_data(np.asarray(X_calib), None)
+    return build_quantized_module(
+        to_graph(x),
+        x,
+        config,
+        compile=compile,
+        p_error=p_error,
+        global_p_error=global_p_error,
+        verbose=verbose,
+    )
 
 
 def rounding_exact(rounding: Any) -> bool:

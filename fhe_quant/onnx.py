@@ -26,11 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from fhe_quant.frontends.onnx import MAX_OPSET, MIN_OPSET, load_onnx, onnx_to_graph
-from fhe_quant.model import QuantizedModule, build_quantized_module, make_config, rounding_exact
-from fhe_quant.quant.ptq import check_calibration_data
+from fhe_quant.model import QuantizedModule, post_training_module
 
 __all__ = ["compile_onnx_model", "load_onnx", "MIN_OPSET", "MAX_OPSET"]
 
@@ -72,22 +69,17 @@ def compile_onnx_model(
         TraceError: the translated graph does not reproduce the ONNX model.
         ParameterError: ``n_bits`` or another parameter out of range.
     """
-    config = make_config(
+    return post_training_module(
+        lambda x: onnx_to_graph(model, x),
+        X_calib,
         n_bits,
         rounding_bits=rounding_bits,
-        rounding_exact=rounding_exact(rounding),
+        rounding=rounding,
         per_channel=per_channel,
         calibration=calibration,
         accumulator_bits=accumulator_bits,
-    )
-    x = check_calibration_data(np.asarray(X_calib), None)
-    graph = onnx_to_graph(model, x)
-    return build_quantized_module(
-        graph,
-        x,
-        config,
-        compile=compile,
         p_error=p_error,
         global_p_error=global_p_error,
+        compile=compile,
         verbose=verbose,
     )

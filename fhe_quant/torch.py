@@ -19,7 +19,12 @@ import numpy as np
 
 from fhe_quant.errors import ParameterError
 from fhe_quant.frontends.torch import trace_module
-from fhe_quant.model import QuantizedModule, build_quantized_module, make_config, rounding_exact
+from fhe_quant.model import (
+    QuantizedModule,
+    build_quantized_module,
+    post_training_module,
+    rounding_exact,
+)
 from fhe_quant.qat import compile_qat_model, prepare_qat
 from fhe_quant.quant.ptq import check_calibration_data
 
@@ -108,25 +113,20 @@ def compile_torch_model(
         raise ParameterError(
             f"The 'validation' parameter is only used with n_bits='auto'; got n_bits={n_bits!r}."
         )
-    config = make_config(
+    if hasattr(X_calib, "detach"):
+        X_calib = X_calib.detach().cpu().numpy()
+    return post_training_module(
+        lambda x: trace_module(module, x),
+        X_calib,
         n_bits,
         rounding_bits=rounding_bits,
-        rounding_exact=rounding_exact(rounding),
+        rounding=rounding,
         per_channel=per_channel,
         calibration=calibration,
         accumulator_bits=accumulator_bits,
-    )
-    if hasattr(X_calib, "detach"):
-        X_calib = X_calib.detach().cpu().numpy()
-    x = check_calibration_data(np.asarray(X_calib), None)
-    graph = trace_module(module, x)
-    return build_quantized_module(
-        graph,
-        x,
-        config,
-        compile=compile,
         p_error=p_error,
         global_p_error=global_p_error,
+        compile=compile,
         verbose=verbose,
     )
 
