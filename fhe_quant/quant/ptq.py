@@ -60,6 +60,8 @@ __all__ = [
     "AddScaling",
     "channel_vector",
     "chain_plan",
+    "LayerInput",
+    "budgeted_weights",
 ]
 
 
@@ -258,18 +260,37 @@ def _silence_dead_features(quantizer: UniformQuantizer, *arrays: np.ndarray) -> 
     return dataclasses.replace(quantizer, scale=tuple(float(s) for s in scale))
 
 
+@dataclass(frozen=True, eq=False)
+class LayerInput:
+    """What a linear layer reads on the calibration data, for accumulator-aware weights.
+
+    Attributes:
+        x: the float values in units of the input scale (``x / s_in``).
+        x_q: the codes the integer program sees, less their zero point (``q - z``).
+        code_range: the width of the proven interval of the codes (``qmax`` for the
+            codes of one quantizer; ``n * qmax`` for a sum of ``n`` of them).
+    """
+
+    x: np.ndarray
+    x_q: np.ndarray
+    code_range: int
+
+    @staticmethod
+    def of(values: np.ndarray, quantizer: UniformQuantizer) -> LayerInput:
+        """The codes of one quantizer."""
+        ndim = values.ndim
+        x_q = quantizer.quantize(values) - quantizer.zero_point_array(ndim)
+        x = values / quantizer.scale_array(ndim)
+        return LayerInput(x, x_q.astype(np.float64), quantizer.qmax)
+
+
 def _calibration_columns(
-    node: Node, values: np.ndarray, input_quantizer: UniformQuantizer
+    node: Node, layer: LayerInput
 ) -> list[tuple[slice, np.ndarray, np.ndarray]]:
-    """The activations every group of output channels reads, as ``(rows, x, x_q)``:
-    ``x`` the float values in units of the input scale (``x / s_in``), ``x_q`` the codes
-    the integer program sees (``q - z``), both ``(samples [x positions], columns)``
-    matching the weight's ``(out, in / groups * kernel)`` flattening."""
-    ndim = values.ndim
-    x = values / input_quantizer.scale_array(ndim)
-    x_q = (input_quantizer.quantize(values) - input_quantizer.zero_point_array(ndim)).astype(
-        np.float64
-    )
+    """The activations every group of output channels reads, as ``(rows, x, x_q)``
+    (see :class:`LayerInput`), both ``(samples [x positions], columns)`` matching the
+    weight's ``(out, in / groups * kernel)`` flattening."""
+    x, x_q = layer.x, layer.x_q
     weight = node.params["weight"]
     out = weight.shape[0]
     if node.op != "conv":
@@ -293,18 +314,18 @@ def _calibration_columns(
 
 
 def _check_fixed_accumulator(
-    node: Node, weight_q: np.ndarray, input_quantizer: UniformQuantizer, config: QuantConfig
+    node: Node, weight_q: np.ndarray, code_range: int, config: QuantConfig
 ) -> None:
     """An average pooling's weights are fixed (all 1): its accumulator must fit as is."""
     if config.accumulator_bits is None:
         return
-    widest = int(axe.proven_range(weight_q, input_quantizer.qmax).max())
+    widest = int(axe.proven_range(weight_q, code_range).max())
     if widest > 2**config.accumulator_bits - 1:
         raise axe.AccumulatorBudgetError(
             _where(node),
             config.accumulator_bits,
             widest.bit_length(),
-            f"its fixed weights (a sum of {widest // input_quantizer.qmax} codes) reach {widest}",
+            f"its fixed weights (a sum of {widest // code_range} codes) reach {widest}",
         )
 
 
@@ -326,20 +347,33 @@ def accumulator_aware_weights(
     Raises:
         AccumulatorBudgetError: the width leaves no room for a single non-zero weight.
     """
+    layer = LayerInput.of(values, input_quantizer)
+    return budgeted_weights(node, weight, layer, bits, config, table_bits)
+
+
+def budgeted_weights(
+    node: Node,
+    weight: np.ndarray,
+    layer: LayerInput,
+    bits: int,
+    config: QuantConfig,
+    table_bits: int | None = None,
+) -> tuple[np.ndarray, UniformQuantizer]:
+    """:func:`accumulator_aware_weights` of a layer reading ``layer``."""
     assert config.accumulator_bits is not None
-    budget = axe.l1_budget(config.accumulator_bits, input_quantizer.qmax, table_bits)
+    budget = axe.l1_budget(config.accumulator_bits, layer.code_range, table_bits)
     if budget < 1:
         raise axe.AccumulatorBudgetError(
             _where(node),
             config.accumulator_bits,
-            axe.smallest_accumulator_bits(input_quantizer.qmax),
+            axe.smallest_accumulator_bits(layer.code_range),
         )
     qmax = 2 ** (bits - 1) - 1
     flat = weight.reshape(len(weight), -1)
     q = np.zeros(flat.shape, dtype=np.int64)
     scale = np.ones(len(weight))
     rng = np.random.default_rng(0)
-    for rows, x, x_q in _calibration_columns(node, values, input_quantizer):
+    for rows, x, x_q in _calibration_columns(node, layer):
         if len(x) > axe.MAX_CALIBRATION_ROWS:
             keep = np.sort(rng.choice(len(x), axe.MAX_CALIBRATION_ROWS, replace=False))
             x, x_q = x[keep], x_q[keep]
@@ -791,12 +825,12 @@ class _Codes:
             return scale.reshape(shape), None if zero is None else zero.reshape(shape)
         if node.kind == "max_pool":
             scale, zero = self.arrays(node.inputs[0])
-            assert zero is not None
             channel = (1, -1) + (1,) * (len(shape) - 2)
-            return tuple(  # type: ignore[return-value]
-                np.broadcast_to(channel_vector(a, 1, node, what).reshape(channel), shape)
-                for a, what in ((scale, "scale"), (zero, "zero point"))
-            )
+            scale = np.broadcast_to(channel_vector(scale, 1, node, "scale").reshape(channel), shape)
+            if zero is not None:
+                zero = channel_vector(zero, 1, node, "zero point").reshape(channel)
+                zero = np.broadcast_to(zero, shape)
+            return scale, zero
         if node.kind == "concat":
             parts = [self.arrays(operand) for operand in node.inputs]
             axis = int(node.attrs["axis"])
@@ -805,6 +839,24 @@ class _Codes:
             return np.concatenate([scale for scale, _ in parts], axis=axis), zero
         common = self.dag.add_quantizers[name]  # a sum of codes
         return np.broadcast_to(common.scale_array(len(shape)), shape), None
+
+    def layer_input(self, node: Node, values: Mapping[str, np.ndarray]) -> LayerInput | None:
+        """What ``node`` reads on the calibration data: the codes of its input quantizer,
+        or a sum of codes (a residual add of codes only, all on the add's quantizer);
+        ``None`` for other sums (a max pool of a sum)."""
+        source = node.inputs[0]
+        quantizer = self.input_quantizer(node)
+        if quantizer is not None:
+            return LayerInput.of(values[source], quantizer)
+        if source not in self.dag.adds:
+            return None
+        common = self.dag.add_quantizers[source]
+        operands = self.dag.adds[source]
+        ndim = values[source].ndim
+        z = common.zero_point_array(ndim)
+        x_q = sum(o.sign * (common.quantize(values[o.node]) - z) for o in operands)
+        x = values[source] / common.scale_array(ndim)
+        return LayerInput(x, np.asarray(x_q, dtype=np.float64), len(operands) * common.qmax)
 
     def input_quantizer(self, node: Node) -> UniformQuantizer | None:
         """The quantizer of the codes a linear layer reads: the producer's, or one scale
@@ -858,9 +910,8 @@ def quantize_linears(
             weight_q = w_quantizer.quantize(folded)
         else:
             table = None if node.name in last else _table_after(graph, dag, node, config)
-            weight_q, w_quantizer = _linear_weights(
-                node, folded, values, input_quantizer, bits, config, table
-            )
+            layer = None if config.accumulator_bits is None else codes.layer_input(node, values)
+            weight_q, w_quantizer = _linear_weights(node, folded, layer, bits, config, table)
         linears[node.name] = QuantizedLinear(node, weight_q, w_quantizer, input_quantizer, scaling)
     return linears
 
@@ -878,32 +929,29 @@ def _table_after(graph: Graph, dag: QuantizedDag, node: Node, config: QuantConfi
 def _linear_weights(
     node: Node,
     folded: np.ndarray,
-    values: Mapping[str, np.ndarray],
-    input_quantizer: UniformQuantizer | None,
+    layer: LayerInput | None,
     bits: int,
     config: QuantConfig,
     table: int | None,
 ) -> tuple[np.ndarray, UniformQuantizer]:
     """Integer weights and their quantizer: exact for pooling, accumulator-aware with
-    ``config.accumulator_bits``, else from the weights' own range."""
-    if config.accumulator_bits is not None and input_quantizer is None:
+    ``config.accumulator_bits`` (``layer``: what the layer reads), else from the weights'
+    own range."""
+    if config.accumulator_bits is not None and layer is None:
         raise UnsupportedOpError(
-            "accumulator_bits on a layer that reads a residual sum",
+            "accumulator_bits on a layer that reads a max pool of a residual sum",
             _where(node),
-            "Accumulator-aware quantization needs the codes a layer reads to come from one "
-            "quantizer; apply an activation after the add, or use accumulator_bits=None.",
+            "Accumulator-aware quantization needs the codes a layer reads; apply an "
+            "activation after the add, or use accumulator_bits=None.",
         )
     if OPS[node.op].unit_weights:
         w_quantizer = unit_weight_quantizer(folded, _where(node))
         weight_q = w_quantizer.quantize(folded)
-        if input_quantizer is not None:
-            _check_fixed_accumulator(node, weight_q, input_quantizer, config)
+        if layer is not None:
+            _check_fixed_accumulator(node, weight_q, layer.code_range, config)
         return weight_q, w_quantizer
-    if config.accumulator_bits is not None:
-        assert input_quantizer is not None
-        return accumulator_aware_weights(
-            node, folded, values[node.inputs[0]], input_quantizer, bits, config, table
-        )
+    if layer is not None:
+        return budgeted_weights(node, folded, layer, bits, config, table)
     w_quantizer = weight_quantizer(folded, bits, config.per_channel)
     return w_quantizer.quantize(folded), w_quantizer
 
