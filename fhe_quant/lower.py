@@ -79,6 +79,7 @@ __all__ = [
     "lower",
     "bits_for",
     "MAX_TABLE_BITS",
+    "MAX_AUTO_TABLE_BITS",
     "auto_table_bits",
     "AddStep",
     "MaxPoolStep",
@@ -88,7 +89,6 @@ __all__ = [
 
 # NOTE: MAX_TABLE_BITS, MAX_AUTO_TABLE_BITS, bits_for and auto_table_bits live in
 # fhe_quant.quant.widths (PTQ needs them too) and keep their names here.
-_ = MAX_AUTO_TABLE_BITS
 
 
 class Backend(Protocol):

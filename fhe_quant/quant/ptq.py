@@ -455,9 +455,8 @@ class AddOperand:
 
     ``mode="codes"``: the operand enters as codes on the add's common quantizer (produced
     by a table, the input or a max pool on that quantizer: 0 lookups at the add);
-    ``mode="acc"``: the operand is a linear layer's raw accumulator, whose weight scale
-    the lowering sets to an integer ratio of the common scale (0 lookups, see
-    :func:`fhe_quant.lower.lower`).
+    ``mode="acc"``: the operand is a linear layer's raw accumulator, whose weight scales
+    are integer ratios of the common scale (0 lookups, see :class:`AddScaling`).
     """
 
     node: str
@@ -467,8 +466,9 @@ class AddOperand:
 
 @dataclass(frozen=True, eq=False)
 class QuantizedDag:
-    """The quantization plan of a branching graph (residual adds, concatenations, max
-    pooling): which tensors tables produce, and on which quantizers.
+    """The quantization plan of a graph, chain or branching (residual adds,
+    concatenations, max pooling): which tensors tables produce, on which quantizers, and
+    the integer weights of every linear layer. It is all the lowering reads.
 
     Attributes:
         input_name: the node whose value the client quantizes (the graph input, or the
