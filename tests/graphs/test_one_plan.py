@@ -7,11 +7,13 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
+from fhe_quant.errors import RangeError
 from fhe_quant.frontends.torch import trace_module
-from fhe_quant.lower import LinearStep, lower
+from fhe_quant.lower import MAX_TABLE_BITS, LinearStep, lower
 from fhe_quant.passes import simplify
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.ptq import QuantizedGraph, chain_segments, quantize_dag, quantize_graph
@@ -78,3 +80,15 @@ def test_the_lowering_takes_the_weights_of_the_plan() -> None:
     last = lower(edited).steps[-1]
     assert isinstance(last, LinearStep) and last.name == "c"
     np.testing.assert_array_equal(last.weight, changed)
+
+
+def test_one_range_check_for_chains_and_branching_graphs() -> None:
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(150, 5))
+    torch.manual_seed(0)
+    chain = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 2))
+    for model in (chain, _Residual()):
+        quantized = quantize_graph(_graph(model, x), x, QuantConfig.from_n_bits(4))
+        lower(quantized, table_bits=MAX_TABLE_BITS)  # the limit itself is accepted
+        with pytest.raises(RangeError, match=f"would read {MAX_TABLE_BITS + 1} bits; Concrete"):
+            lower(quantized, table_bits=MAX_TABLE_BITS + 1)
