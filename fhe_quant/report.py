@@ -191,8 +191,22 @@ class Report:
     def plot(self, ax: Any = None) -> Any:
         """Draw the layers' cost with matplotlib: one bar per layer, its height the
         layer's table lookups per sample, its colour the width its tables read (each bar
-        is annotated ``in>out``, the table's input and output bits, ``-`` without a
-        table); the accumulator bits are diamonds on a second y axis (a twin of ``ax``).
+        is annotated ``in→out``, the table's input and output bits, or ``no table``);
+        the accumulator bits are diamonds on a second y axis (a twin of ``ax``), above
+        the bars.
+
+        Examples:
+            >>> import matplotlib
+            >>> matplotlib.use("Agg")
+            >>> layers = [{"layer": "fc1", "accumulator_bits": 9, "table_input_bits": 5,
+            ...            "table_output_bits": 3, "lookups": 16},
+            ...           {"layer": "fc2", "accumulator_bits": 8}]
+            >>> report = Report(None, {}, layers, input_bits=4, pbs_count=16,
+            ...                 max_bit_width=9)
+            >>> ax = report.plot()
+            >>> [bar.get_height() for bar in ax.patches]
+            [16, 0]
+            >>> matplotlib.pyplot.close(ax.figure)
 
         Needs matplotlib (``pip install 'fhe-quant[plot]'``).
 
@@ -219,14 +233,17 @@ class Report:
         ax.set_xticks(positions, names)
         ax.set_xlabel("layer")
         ax.set_ylabel("table lookups per sample")
-        ax.set_ylim(0, max([1, *lookups]) * 1.15)
+        ax.set_ylim(0, max([1, *lookups]) * 1.6)  # NOTE: room for the diamonds above
         accumulators = ax.twinx()
         acc = [float(layer.get("accumulator_bits", np.nan)) for layer in self.layers]
         accumulators.plot(positions, acc, "D", color="black", label="accumulator bits")
         accumulators.set_ylabel("accumulator bits")
-        accumulators.set_ylim(0, np.nanmax([1.0, *acc]) + 2)
+        accumulators.set_ylim(0, np.nanmax([1.0, *acc]) * 1.15)
         handles = [*legend, *accumulators.get_legend_handles_labels()[0]]
-        ax.legend(handles=handles, fontsize=8, loc="upper right")
+        ax.legend(
+            handles=handles, fontsize=8, ncols=len(handles), frameon=False,
+            loc="upper center", bbox_to_anchor=(0.5, -0.18),
+        )  # fmt: skip
         pbs = "" if self.pbs_count is None else f", {self.pbs_count} PBS per sample"
         ax.set_title(f"inputs {self.input_bits} bits{pbs}")
         return ax
@@ -249,11 +266,11 @@ def _pyplot() -> Any:
 
 
 def _table_label(layer: dict[str, Any]) -> str:
-    """``in>out`` bits of a layer's tables, ``-`` for a layer without one."""
+    """``in→out`` bits of a layer's tables, ``no table`` for a layer without one."""
     if not layer.get("lookups") or layer.get("table_input_bits") is None:
-        return "-"
+        return "no table"
     out = layer.get("table_output_bits")
-    return f"{layer['table_input_bits']}>{'?' if out is None else out}"
+    return f"{layer['table_input_bits']}→{'?' if out is None else out}"
 
 
 def _width_colours(widths: list[Any], pyplot: Any) -> tuple[list[Any], list[Any]]:

@@ -57,7 +57,7 @@ def test_one_bar_per_layer_with_its_lookups_and_names() -> None:
     centres = [bar.get_x() + bar.get_width() / 2 for bar in bars]
     assert np.allclose(centres, ax.get_xticks())
     annotations = sorted(text.get_text() for text in ax.texts)
-    assert annotations == sorted(["5>3", "4>4", "-"])
+    assert annotations == sorted(["5→3", "4→4", "no table"])
     assert ax.get_title() == "inputs 4 bits, 31 PBS per sample"
 
 
