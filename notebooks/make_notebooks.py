@@ -422,12 +422,13 @@ fig.tight_layout()""",
 
 `fhe_quant.http` serves the server directory (standard library, for a loopback demo;
 see its docstring for what a production deployment adds). In a terminal:
-`fhe-quant serve artifact/server --port 8000`. Here, in a thread:""",
+`fhe-quant serve artifact/server --port 8000`. Here, in a thread, the server loaded (and
+its signature checked) above:""",
     """import threading
 
-from fhe_quant.http import Client, make_server
+from fhe_quant.http import Client, FHEHTTPServer
 
-httpd = make_server(artifact / "server", port=0)
+httpd = FHEHTTPServer(("127.0.0.1", 0), server)  # port 0: any free port
 threading.Thread(target=httpd.serve_forever, daemon=True).start()
 api = Client(f"http://127.0.0.1:{httpd.server_address[1]}")
 api.upload_keys("alice", evaluation_keys)
@@ -440,7 +441,7 @@ httpd.server_close()""",
 `fhe-quant info artifact/client` prints the same from a shell.""",
     """from fhe_quant.deploy import artifact_info
 
-info = artifact_info(artifact / "client")
+info = artifact_info(artifact / "client", verify_key=owner_public_key)
 print({k: info[k] for k in ("task", "classes", "output_function", "input_shape", "input_bits")})
 print(info["program"])""",
 ]
