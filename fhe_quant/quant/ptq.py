@@ -495,11 +495,14 @@ class _DagPlanner:
         self.graph = graph
         self.input_name = input_name
         self.visited: set[str] = set()
-        self.axes: dict[str, set[int]] = {}  # codes producer -> channel axes its users need
+        # codes producer -> channel axes its users need (None: per tensor)
+        self.axes: dict[str, set[int | None]] = {}
         self.tables: list[str] = []
         self.adds: dict[str, tuple[AddOperand, ...]] = {}
         self.parent: dict[str, str] = {}  # union-find of codes producers sharing a quantizer
-        self.ndim = {n.name: v.ndim for n, v in zip(graph.nodes, self._probe(), strict=True)}
+        probe = self._probe()
+        self.ndim = {n.name: v.ndim for n, v in zip(graph.nodes, probe, strict=True)}
+        self.shapes = {n.name: v.shape[1:] for n, v in zip(graph.nodes, probe, strict=True)}
 
     def _probe(self) -> list[np.ndarray]:
         values = self.graph.run(np.zeros((1,) + self.graph.input_shape))
@@ -534,17 +537,36 @@ class _DagPlanner:
                 self.codes(operand, 1)
         elif node.kind == "add":
             self.plan_add(node)
+        elif node.kind == "gather":
+            self.codes(node.inputs[0], self.gather_axis(node))
+        elif node.kind == "mul":
+            for operand in node.inputs:
+                ndim = self.ndim[operand]
+                self.codes(operand, 1 if ndim in (2, 4) else None)  # type: ignore[arg-type]
         else:  # pragma: no cover - callers only ask for these kinds
             raise AssertionError(node.kind)
 
-    def codes(self, name: str, axis: int) -> None:
+    def gather_axis(self, node: Node) -> int | None:
+        """The axis the codes a gather moves are quantized along: the channel axis (1)
+        when the gather keeps channels apart (a channel permutation, an upsampling, a
+        transpose before a dense layer), else per tensor (``None``)."""
+        in_shape = self.shapes[node.inputs[0]]
+        out_shape = tuple(node.attrs["shape"])
+        channel = node.params["index"].astype(np.int64) // int(np.prod(in_shape[1:]))
+        channel = channel.reshape(out_shape)
+        if len(out_shape) == 1:
+            return 1
+        flat = channel.reshape(out_shape[0], -1)
+        return 1 if bool(np.all(flat == flat[:, :1])) else None
+
+    def codes(self, name: str, axis: int | None) -> None:
         """The value of ``name`` as unsigned codes (for a linear layer, max pool, concat
         or add); a table produces them unless they already are."""
         node = self.graph.node(name)
         if name == self.input_name:
             self.axes.setdefault(name, set()).add(axis)
             return
-        if node.kind in ("max_pool", "concat"):
+        if node.kind in ("max_pool", "concat", "gather", "mul"):
             self.raw(name)
             return
         if node.kind == "add":
@@ -569,7 +591,7 @@ class _DagPlanner:
 
     def is_codes(self, name: str) -> bool:
         node = self.graph.node(name)
-        if name == self.input_name or node.kind in ("max_pool", "concat"):
+        if name == self.input_name or node.kind in ("max_pool", "concat", "gather", "mul"):
             return True
         if node.kind == "add":
             self.raw(name)
