@@ -528,6 +528,7 @@ class ProductStep:
     b_max: int
     sum_bits: int
     squares: tuple[TableStep, TableStep]
+    factor: float
     offset: int
     acc_max: np.ndarray
     scale: np.ndarray
@@ -621,6 +622,7 @@ def _product_step(
         big_b,
         bits_for(n_index - 1),
         (sq1, sq2),
+        c,
         offset,
         acc_max.astype(np.int64),
         np.array(scale, dtype=np.float64),

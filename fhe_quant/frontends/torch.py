@@ -863,6 +863,8 @@ class _Translator:
         # they are constants, skipped when they only feed reshapes.
         if fx_node.target is operator.getitem:
             return
+        if any(isinstance(a, torch.fx.Node) and a not in self.constants for a in fx_node.args):
+            return  # arithmetic on shapes (x.size(1) // groups): it only feeds reshapes
         values = [
             self.constants.get(a, a) if isinstance(a, torch.fx.Node) else a for a in fx_node.args
         ]
