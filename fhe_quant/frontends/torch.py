@@ -693,7 +693,7 @@ class _Translator:
         if not is_method and target in _CAT_FUNCTIONS:
             self.translate_cat(fx_node, where)
             return
-        if self.translate_layout(fx_node, where):
+        if self.translate_layout(fx_node, where) or self.translate_mean(fx_node, where):
             return
         if not any(self.is_tensor(a) for a in args):
             self.translate_constant_call(fx_node, where)
@@ -796,6 +796,38 @@ class _Translator:
             self.add(fx_node, op, (source,), attrs, params)
         else:
             return False
+        return True
+
+    def translate_mean(self, fx_node: torch.fx.Node, where: str) -> bool:
+        """``x.mean([2, 3])`` / ``torch.mean(x, dim, keepdim)`` over every spatial axis:
+        a global average pooling (and a reshape without ``keepdim``)."""
+        is_method = fx_node.op == "call_method"
+        if not ((is_method and fx_node.target == "mean") or fx_node.target is torch.mean):
+            return False
+        source = fx_node.args[0]
+        bound = dict(zip(("input", "dim", "keepdim"), fx_node.args, strict=False))
+        bound.update(fx_node.kwargs)
+        shape = self.out_shape(source)  # type: ignore[arg-type]
+        dims = bound.get("dim")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        if len(shape) < 3 or sorted(int(d) % len(shape) for d in dims) != list(
+            range(2, len(shape))
+        ):
+            raise UnsupportedOpError(
+                f"mean over dims {dims}",
+                where,
+                "Only the mean over every spatial axis (global average pooling) is supported.",
+            )
+        spatial = tuple(shape[2:])
+        op, attrs, params = _avg_pool_node(shape[1], spatial, spatial, (0,) * len(spatial))
+        if bound.get("keepdim", False):
+            self.add(fx_node, op, (source,), attrs, params)  # type: ignore[arg-type]
+            return True
+        pool = Node(f"{fx_node.name}_pool", op, (self.names[source],), attrs, params, where)
+        self.nodes.append(pool)
+        reshape = Node(fx_node.name, "reshape", (pool.name,), {"shape": (shape[1],)}, {}, where)
+        self.nodes.append(reshape)
+        self.names[fx_node] = reshape.name
         return True
 
     def translate_slice(self, fx_node: torch.fx.Node, source: Any, key: Any, where: str) -> None:

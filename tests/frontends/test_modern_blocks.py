@@ -144,7 +144,9 @@ class ShuffleUnit(nn.Module):
 class Pools(nn.Module):
     """``ceil_mode=True`` max and average pooling where the last window hangs over."""
 
-    def __init__(self, kernel: int, stride: int, padding: int, avg: bool, ceil: bool = True) -> None:
+    def __init__(
+        self, kernel: int, stride: int, padding: int, avg: bool, ceil: bool = True
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(1, 3, 3, padding=1)
         pool = nn.AvgPool2d if avg else nn.MaxPool2d
