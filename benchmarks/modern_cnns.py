@@ -35,7 +35,7 @@ from fhe_quant.lower import ProductStep
 from fhe_quant.torch import compile_torch_model
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests" / "models"))
-from zoo import ZOO, build  # noqa: E402
+from zoo import ZOO, build
 
 RESULTS = Path(__file__).parent / "results"
 
