@@ -701,20 +701,7 @@ class _Translator:
         if (not is_method and target in _ACTIVATION_FUNCTIONS) or (
             is_method and target in _ACTIVATION_METHODS
         ):
-            op, defaults = (
-                _ACTIVATION_METHODS[target]
-                if is_method  # type: ignore[index]
-                else _ACTIVATION_FUNCTIONS[target]
-            )
-            attrs = dict(defaults)
-            names = list(defaults)
-            for i, value in enumerate(args[1 : len(names) + 1]):
-                attrs[names[i]] = value
-            for key in names:
-                if key in fx_node.kwargs:
-                    attrs[key] = fx_node.kwargs[key]
-            attrs = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in attrs.items()}
-            self.add(fx_node, op, (args[0],), attrs)  # type: ignore[arg-type]
+            self.translate_activation(fx_node)
         elif (not is_method and target in _RESHAPE_FUNCTIONS) or (
             is_method and target in _RESHAPE_METHODS
         ):
@@ -865,6 +852,24 @@ class _Translator:
             (slice(None),) * dim + (slice(int(a), int(b)),) for a, b in itertools.pairwise(starts)
         ]
 
+    def translate_activation(self, fx_node: torch.fx.Node) -> None:
+        """An elementwise function or method: its row's attributes, from the call's
+        arguments after ``x`` (or keywords), else the row's defaults."""
+        args = fx_node.args
+        if fx_node.op == "call_method":
+            op, defaults = _ACTIVATION_METHODS[fx_node.target]  # type: ignore[index]
+        else:
+            op, defaults = _ACTIVATION_FUNCTIONS[fx_node.target]
+        attrs = dict(defaults)
+        names = list(defaults)
+        for i, value in enumerate(args[1 : len(names) + 1]):
+            attrs[names[i]] = value
+        for key in names:
+            if key in fx_node.kwargs:
+                attrs[key] = fx_node.kwargs[key]
+        attrs = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in attrs.items()}
+        self.add(fx_node, op, (args[0],), attrs)  # type: ignore[arg-type]
+
     def translate_cat(self, fx_node: torch.fx.Node, where: str) -> None:
         tensors = fx_node.args[0] if fx_node.args else fx_node.kwargs.get("tensors")
         dim = fx_node.args[1] if len(fx_node.args) > 1 else None
@@ -980,6 +985,12 @@ def _dims_argument(fx_node: torch.fx.Node) -> tuple[int, ...]:
 
 
 def _hint_for(name: str) -> str:
+    if "LayerNorm" in name or "layer_norm" in name:
+        return (
+            "Layer normalization divides by a statistic of the encrypted values themselves "
+            "(x - mean) / sqrt(var + eps); see docs/DESIGN-NOTES.md section 16 for why it is "
+            "refused: fold it into the layers around it, or use a batch norm (folded for free)."
+        )
     if "3d" in name:
         return "3-dimensional layers are not supported yet (1-d and 2-d convolutions are)."
     if "Conv" in name or "Pool" in name or "BatchNorm" in name:

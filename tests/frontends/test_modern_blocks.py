@@ -390,15 +390,39 @@ class FancyIndex(nn.Module):
         return x[:, x.shape[1] - 1]
 
 
+class LayerNorm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+
+class FunctionalLayerNorm(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(x, (4,))
+
+
 @pytest.mark.parametrize(
     ("model", "match"),
     [
+        (LayerNorm(), r"LayerNorm.*DESIGN-NOTES.md section 16"),
+        (FunctionalLayerNorm(), r"layer_norm.*DESIGN-NOTES.md section 16"),
         (Bilinear(), "mode='bilinear'"),
         (Fractional(), "integer scale factor"),
         (BatchPermute(), "permute of the batch axis"),
         (Quotient(), "div of two encrypted tensors"),
+        (FancyIndex(), "indexing an encrypted tensor"),
     ],
-    ids=["bilinear", "fractional", "batch-permute", "quotient"],
+    ids=[
+        "layer-norm",
+        "functional-layer-norm",
+        "bilinear",
+        "fractional",
+        "batch-permute",
+        "quotient",
+    ],
 )
 def test_refusals_name_the_operation(model: nn.Module, match: str) -> None:
     with pytest.raises(UnsupportedOpError, match=match):
