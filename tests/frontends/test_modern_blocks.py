@@ -422,6 +422,7 @@ class FunctionalLayerNorm(nn.Module):
         "fractional",
         "batch-permute",
         "quotient",
+        "index",
     ],
 )
 def test_refusals_name_the_operation(model: nn.Module, match: str) -> None:
