@@ -28,8 +28,10 @@ bound, so its width never depends on the data Concrete sees at compile time:
 Branching graphs (:class:`~fhe_quant.quant.ptq.QuantizedDag`) add steps that name their
 operands: a residual add (:class:`AddStep`, operands times clear integers plus an offset,
 0 lookups), a concatenation and a reshape (0 lookups), and max pooling
-(:class:`MaxPoolStep`, ``k - 1`` lookups per output element and pooled axis); see
-``docs/DESIGN-NOTES.md`` section 7 for the lookup counts.
+(:class:`MaxPoolStep`, ``k - 1`` lookups per output element and pooled axis), moves of
+values (:class:`GatherStep`: transpose, channel shuffle, upsampling; 0 lookups) and the
+product of two encrypted tensors (:class:`ProductStep`, 2 lookups per element); see
+``docs/DESIGN-NOTES.md`` sections 7 and 16 for the lookup counts.
 
 The bounds are handed to Concrete as bit-width hints, which also rule out the silent
 overflow of a value wider than the compile-time inputset showed.

@@ -12,7 +12,10 @@ Supported (default domain): ``Gemm``, ``MatMul`` (with a constant right operand)
 ``Sigmoid``, ``Tanh``, ``Elu``, ``HardSigmoid`` (torch's slope 1/6), ``HardSwish``,
 ``Softplus``, ``Gelu``, ``Clip``, ``AveragePool``, ``MaxPool``, ``GlobalAveragePool``,
 ``GlobalMaxPool``, ``Flatten``, ``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Add``,
-``Sub``, ``Mul``/``Div`` by a constant, ``Concat``, ``Identity``, ``Dropout``;
+``Sub``, ``Mul`` (by a constant or of two tensors), ``Div`` by a constant, ``Concat``,
+``Identity``, ``Dropout``, ``ReduceMean`` over the spatial axes; ``Transpose``, ``Slice``,
+``Split`` and ``Resize`` (nearest) as moves of values; ``MaxPool``/``AveragePool`` with
+``ceil_mode=1``;
 ``Constant`` and shape arithmetic on constants (``Shape``, ``Gather``, ``Cast``, ...)
 are folded. Anything else is refused by :class:`~fhe_quant.errors.UnsupportedOpError`
 naming its op type and node.

@@ -16,12 +16,20 @@ constant weights) become ``"conv"`` nodes; ``AvgPool1d/2d`` and ``AdaptiveAvgPoo
 :func:`fhe_quant.passes.fold_affine_into_linear` folds into the convolution before them.
 
 Branching graphs: ``MaxPool1d/2d`` and ``AdaptiveMaxPool1d/2d`` (modules or functions;
-no ``ceil_mode``, dilation or ``return_indices``) become ``"max_pool"`` nodes; the sum or
+``ceil_mode`` is padding at the end; no dilation or ``return_indices``) become
+``"max_pool"`` nodes; the sum or
 difference of two tensors (``x + y``, ``torch.add(x, y)``, ``x - y``; residual
 connections) becomes an ``"add"`` node, and ``torch.cat`` along a non-batch axis a
 ``"concat"`` node. Multiplying a tensor by a constant (per channel: ``x * c`` with ``c``
 of shape ``(C, 1, 1)``) is a ``"mul_const"``, folded into the layer before it or fused
-into a table.
+into a table; the product of two tensors (``x * y``, squeeze-and-excitation gates) is a
+``"mul"`` node.
+
+Moves of values become ``"gather"`` nodes: ``permute``/``transpose``/``swapaxes``,
+constant slicing (``x[:, a:b]``), ``chunk``/``split``, ``nn.ChannelShuffle`` and the
+``view -> transpose -> view`` channel shuffle, nearest upsampling by an integer factor
+(``nn.Upsample``, ``nn.UpsamplingNearest2d``, ``F.interpolate``). ``x.mean([2, 3])`` is a
+global average pooling. ``LayerNorm`` is refused (``docs/DESIGN-NOTES.md`` section 16).
 """
 
 from __future__ import annotations
