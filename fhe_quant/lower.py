@@ -506,7 +506,7 @@ def product_scale(span: int, bits: int) -> float:
 
     Examples:
         >>> product_scale(14, 8), round(product_scale(510, 10), 6)
-        (0.25, 0.003929)
+        (0.25, 0.001965)
     """
     return min(0.25, (2**bits - 2) / (2 * span * span))
 
