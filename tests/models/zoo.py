@@ -186,9 +186,17 @@ class SqueezeNet11(nn.Module):
             Fire(384, 64, 256, 256),
             Fire(512, 64, 256, 256),
         )
-        self.classifier = nn.Sequential(
-            nn.Dropout(0.5), nn.Conv2d(512, num_classes, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1)
-        )
+        final = nn.Conv2d(512, num_classes, 1)
+        self.classifier = nn.Sequential(nn.Dropout(0.5), final, nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        # NOTE: torchvision's initialization (with torch's default one, the random
+        # network's output hardly depends on its input).
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                if m is final:
+                    nn.init.normal_(m.weight, mean=0.0, std=0.01)
+                else:
+                    nn.init.kaiming_uniform_(m.weight)
+                nn.init.constant_(m.bias, 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.flatten(self.classifier(self.features(x)), 1)
