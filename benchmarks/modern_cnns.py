@@ -39,7 +39,8 @@ from zoo import ZOO, build
 
 RESULTS = Path(__file__).parent / "results"
 NOTE = (
-    "Random weights (torchvision's initialization, batch-norm statistics from the images): "
+    "Random weights (SqueezeNet's initialized as torchvision does; batch-norm statistics "
+    "from the images): "
     "the centred correlation subtracts one mean, so per-class offsets count; the per-class "
     "centred one subtracts each class's mean and measures what depends on the input. "
     "ShuffleNetV2's 56 layers amplify every rounding. These circuits are not compiled: "
