@@ -24,7 +24,13 @@ gives the operation's *kind*, which decides how it is quantized and lowered:
 * ``"concat"``: concatenation along ``attrs["axis"]`` (batch axis 0 excluded).
 * ``"max_pool"``: maximum over windows (``attrs``: ``kernel`` and a
   :class:`ConvGeometry` without dilation); padded positions are never picked (torch
-  pads with ``-inf``, and a window always holds at least one real value).
+  pads with ``-inf``, and a window always holds at least one real value; torch's
+  ``ceil_mode=True`` is more padding at the end).
+* ``"gather"``: moves values without computing any: output element ``j`` (flat, one
+  sample) is input element ``params["index"][j]`` (transpose, permute, channel shuffle,
+  nearest upsampling); ``attrs["shape"]`` is the output shape of one sample.
+* ``"mul"``: the elementwise product of two tensors (NumPy broadcasting; the
+  squeeze-and-excitation gate ``x * sigmoid(fc(pool(x)))``).
 """
 
 from __future__ import annotations
@@ -60,9 +66,12 @@ __all__ = [
     "max_pool_numpy",
     "max_pool_geometry",
     "chain_source",
+    "gather_index",
 ]
 
-Kind = Literal["input", "linear", "elementwise", "reshape", "add", "concat", "max_pool"]
+Kind = Literal[
+    "input", "linear", "elementwise", "reshape", "add", "concat", "max_pool", "gather", "mul"
+]
 
 
 @dataclass(frozen=True, eq=False)
@@ -659,7 +668,7 @@ class OpSpec:
 
     Attributes:
         kind: ``"input"``, ``"linear"``, ``"elementwise"``, ``"reshape"``, ``"add"``,
-            ``"concat"`` or ``"max_pool"``.
+            ``"concat"``, ``"max_pool"``, ``"gather"`` or ``"mul"``.
         evaluate: ``evaluate(node, *inputs)`` in float.
         linear_apply: for linear ops, ``apply(x, weight, attrs, backend)`` without the
             bias; it must be linear in ``x`` and run on float arrays, int64 arrays and
@@ -734,9 +743,12 @@ def max_pool_geometry(attrs: Mapping[str, Any]) -> tuple[tuple[int, ...], ConvGe
     if any(d != 1 for d in geometry.dilation):
         raise ValueError(f"max pooling with dilation {geometry.dilation} is not supported.")
     for k, (begin, end) in zip(kernel, geometry.padding, strict=True):
-        if 2 * max(begin, end) > k:
+        # NOTE: torch pads at most half the kernel on each side; ceil_mode adds up to
+        # k - 1 at the end. Either way no window lies in the padding alone.
+        if 2 * begin > k or end >= k:
             raise ValueError(
-                f"max pool padding {geometry.padding} exceeds half the kernel {kernel}."
+                f"max pool padding {geometry.padding} leaves windows without a real value "
+                f"(kernel {kernel}: at most half the kernel before, less than it after)."
             )
     return kernel, geometry
 
@@ -767,6 +779,40 @@ def _eval_max_pool(node: Node, x: np.ndarray) -> np.ndarray:
     return max_pool_numpy(x, kernel, geometry)
 
 
+def gather_index(in_shape: tuple[int, ...], move: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """The flat index of a ``"gather"`` node that does what ``move`` does to one sample
+    of shape ``in_shape`` (``move`` takes and returns an array with a batch axis).
+
+    Examples:
+        >>> gather_index((2, 3), lambda a: a.transpose(0, 2, 1)).tolist()
+        [0, 3, 1, 4, 2, 5]
+    """
+    positions = np.arange(int(np.prod(in_shape)), dtype=np.int64).reshape((1,) + in_shape)
+    return np.asarray(move(positions)).reshape(-1)
+
+
+def _check_gather(attrs: Mapping[str, Any]) -> None:
+    shape = attrs.get("shape")
+    if not isinstance(shape, (tuple, list)) or not shape:
+        raise ValueError(f"a gather needs its output 'shape' (one sample). Got {shape!r}.")
+    _int_tuple(shape, "shape", 1)
+
+
+def _eval_gather(node: Node, x: np.ndarray) -> np.ndarray:
+    index = node.params["index"].astype(np.int64)
+    flat = x.reshape(x.shape[0], -1)
+    if index.size != int(np.prod(node.attrs["shape"])) or index.max() >= flat.shape[1]:
+        raise ValueError(
+            f"Node {node.name!r} gathers {index.size} values up to index {index.max()} "
+            f"into shape {tuple(node.attrs['shape'])} from {flat.shape[1]} values."
+        )
+    return flat[:, index].reshape((x.shape[0],) + tuple(node.attrs["shape"]))
+
+
+def _eval_mul(node: Node, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return x * y
+
+
 def _elementwise(name: str) -> OpSpec:
     fn = ELEMENTWISE[name].fn
     return OpSpec("elementwise", lambda node, x: np.asarray(fn(node, x), dtype=np.float64))
@@ -792,6 +838,8 @@ OPS: Mapping[str, OpSpec] = MappingProxyType(
         "add": OpSpec("add", _eval_add, check_attrs=_check_add),
         "concat": OpSpec("concat", _eval_concat, check_attrs=_check_concat),
         "max_pool": OpSpec("max_pool", _eval_max_pool, check_attrs=max_pool_geometry),
+        "gather": OpSpec("gather", _eval_gather, check_attrs=_check_gather),
+        "mul": OpSpec("mul", _eval_mul),
         **{name: _elementwise(name) for name in ELEMENTWISE},
     }
 )

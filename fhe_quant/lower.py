@@ -31,9 +31,11 @@ all chosen by :mod:`fhe_quant.quant.ptq`), one node kind at a time
 (:attr:`_DagLowering.RAW`); the program of a chain names no operands (each step reads the
 previous value). Branching graphs add steps that name their operands: a residual add
 (:class:`AddStep`, operands times clear integers plus an offset, 0 lookups), a
-concatenation and a reshape (0 lookups), and max pooling
-(:class:`MaxPoolStep`, ``k - 1`` lookups per output element and pooled axis); see
-``docs/DESIGN-NOTES.md`` section 7 for the lookup counts.
+concatenation and a reshape (0 lookups), max pooling
+(:class:`MaxPoolStep`, ``k - 1`` lookups per output element and pooled axis), moves of
+values (:class:`GatherStep`: transpose, channel shuffle, upsampling; 0 lookups) and the
+product of two encrypted tensors (:class:`ProductStep`, 2 lookups per element); see
+``docs/DESIGN-NOTES.md`` sections 7 and 16 for the lookup counts.
 
 The bounds are handed to Concrete as bit-width hints, which also rule out the silent
 overflow of a value wider than the compile-time inputset showed.
@@ -64,8 +66,10 @@ from fhe_quant.quant.quantizer import UniformQuantizer
 from fhe_quant.quant.widths import (
     MAX_AUTO_TABLE_BITS,
     MAX_TABLE_BITS,
+    ProductPlan,
     auto_table_bits,
     bits_for,
+    product_scale,
 )
 from fhe_quant.quant.widths import table_bits as table_width
 
@@ -85,6 +89,9 @@ __all__ = [
     "MaxPoolStep",
     "ConcatStep",
     "ReshapeStep",
+    "GatherStep",
+    "ProductStep",
+    "product_scale",
 ]
 
 # NOTE: MAX_TABLE_BITS, MAX_AUTO_TABLE_BITS, bits_for and auto_table_bits live in
@@ -454,7 +461,155 @@ class ReshapeStep:
         return f"{names[self.inputs[0]]}.reshape({list(self.shape)})  # 0 lookups"
 
 
-Step = LinearStep | TableStep | AddStep | MaxPoolStep | ConcatStep | ReshapeStep
+@dataclass(frozen=True, eq=False)
+class GatherStep:
+    """Values moved, none computed (transpose, permute, channel shuffle, slicing,
+    nearest upsampling): output element ``j`` (flat, one sample) is input element
+    ``index[j]``. No bootstrap; the output keeps the input's width."""
+
+    name: str
+    inputs: tuple[int, ...]
+    index: np.ndarray
+    shape: tuple[int, ...]
+    bits: int
+
+    def __call__(self, x: Any, backend: Backend) -> Any:
+        flat = x.reshape((x.shape[0], -1))[:, self.index]
+        return backend.hint(flat.reshape((x.shape[0],) + self.shape), self.bits)
+
+    def describe(self, names: list[str]) -> str:
+        return (
+            f"{names[self.inputs[0]]}.reshape(-1)[index_{self.name}].reshape("
+            f"{list(self.shape)})  # gather, 0 lookups, uint{self.bits}"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class ProductStep:
+    """The product of two encrypted tensors of codes ``a`` and ``b`` (broadcast), by
+    quarter squares: with ``a' = a - z_a`` and ``b' = b - z_b``,
+    ``a' b' = ((a' + b')**2 - (a' - b')**2) / 4``, so two table lookups per element
+    (``squares[0]`` reads ``a + b``, ``squares[1]`` reads ``a + B - b``, both in
+    ``[0, A + B]``), a subtraction and an offset: ``v = T1 - T2 + offset``, proven in
+    ``[0, acc_max]``. The tables hold ``floor(c * t**2)`` (:func:`product_scale`): with
+    ``c = 1/4`` the parities match and ``v - offset = a' b'`` exactly; a smaller ``c``
+    keeps ``v`` narrow (an error of at most one unit of ``1 / (4c)``). The real value is
+    ``scale * (v - zero)``, like an :class:`AddStep`'s; a linear layer reads ``v`` as
+    codes (the scale per channel folds into its weights), any other operation through a
+    table."""
+
+    name: str
+    inputs: tuple[int, ...]
+    b_max: int
+    sum_bits: int
+    squares: tuple[TableStep, TableStep]
+    factor: float
+    offset: int
+    acc_max: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    bias: np.ndarray
+    multi_operand = True
+
+    @property
+    def acc_bits(self) -> int:
+        return bits_for(int(self.acc_max.max()))
+
+    def dequantize(self, acc: np.ndarray) -> np.ndarray:
+        return self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
+
+    def __call__(self, operands: tuple[Any, ...], backend: Backend) -> Any:
+        a, b = operands
+        total = backend.hint(a + b, self.sum_bits)
+        difference = backend.hint((a + self.b_max) - b, self.sum_bits)
+        t1 = self.squares[0](total, backend)
+        t2 = self.squares[1](difference, backend)
+        acc = backend.hint(t1 + self.offset, self.acc_bits)
+        return backend.hint(acc - t2, self.acc_bits)
+
+    def lookups_by_width(self) -> dict[int, int]:
+        return {self.sum_bits: 2 * int(self.squares[0].table.shape[0])}
+
+    def describe(self, names: list[str]) -> str:
+        a, b = (names[i] for i in self.inputs)
+        return (
+            f"sq1_{self.name}[{a} + {b}] + {self.offset} - sq2_{self.name}[{a} + "
+            f"{self.b_max} - {b}]  # product by quarter squares, 2 lookups of "
+            f"{self.sum_bits} bits per element, 0 <= acc <= {int(self.acc_max.max())} "
+            f"({self.acc_bits} bits, proven)"
+        )
+
+
+def _square_table(name: str, centre: np.ndarray, n_index: int, c: float) -> TableStep:
+    """A table ``floor(c * (i - centre_j)**2)`` per element ``j`` (``centre``: one
+    sample's shape, batch axis included)."""
+    grid = np.arange(n_index, dtype=np.float64)[None, :]
+    table = np.floor(c * (grid - centre.reshape(-1, 1)) ** 2 + 1e-9).astype(np.int64)
+    high = int(table.max())
+    shape = tuple(centre.shape[1:])
+    return TableStep(
+        name,
+        0,
+        bits_for(n_index - 1),
+        True,
+        np.full(centre.shape, n_index - 1),
+        table,
+        bits_for(high),
+        shape,
+        np.zeros(centre.shape, dtype=np.int64),
+        np.full(centre.shape, high),
+        np.asarray,
+    )
+
+
+def _reachable(table: TableStep, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Each element's smallest and largest table entry over its reachable inputs."""
+    index = np.arange(table.table.shape[1])[None, :]
+    inside = (index >= lo.reshape(-1, 1)) & (index <= hi.reshape(-1, 1))
+    high = np.where(inside, table.table, np.iinfo(np.int64).min).max(axis=1)
+    low = np.where(inside, table.table, np.iinfo(np.int64).max).min(axis=1)
+    return low.reshape(lo.shape), high.reshape(hi.shape)
+
+
+def _product_step(
+    name: str, a: _Value, b: _Value, plan: ProductPlan, inputs: tuple[int, int]
+) -> ProductStep:
+    """The :class:`ProductStep` of codes ``a`` and ``b`` as ``plan`` (chosen when the
+    model was quantized) says."""
+    shape = np.broadcast_shapes(a.hi.shape, b.hi.shape)
+    if int(a.hi.max()) > plan.bound_a or int(b.hi.max()) > plan.bound_b:  # pragma: no cover
+        raise AssertionError(f"codes entering {name} exceed their planned bounds")
+    big_b = plan.bound_b
+    n_index = plan.bound_a + big_b + 1
+    za, zb = (np.broadcast_to(v.zero, shape) for v in (a, b))
+    lo_a, hi_a, lo_b, hi_b = (np.broadcast_to(x, shape) for x in (a.lo, a.hi, b.lo, b.hi))
+    c = plan.factor
+    sq1 = _square_table(f"{name}_sum", za + zb, n_index, c)
+    sq2 = _square_table(f"{name}_difference", big_b + za - zb, n_index, c)
+    t1_lo, t1_hi = _reachable(sq1, lo_a + lo_b, hi_a + hi_b)
+    t2_lo, t2_hi = _reachable(sq2, lo_a + big_b - hi_b, hi_a + big_b - lo_b)
+    offset = int(np.max(t2_hi - t1_lo))
+    offset = max(offset, 0)
+    acc_max = t1_hi - t2_lo + offset
+    scale = np.broadcast_to(a.scale, shape) * np.broadcast_to(b.scale, shape) / (4 * c)
+    return ProductStep(
+        name,
+        inputs,
+        big_b,
+        bits_for(n_index - 1),
+        (sq1, sq2),
+        c,
+        offset,
+        acc_max.astype(np.int64),
+        np.array(scale, dtype=np.float64),
+        np.full(shape, float(offset)),
+        np.zeros(shape),
+    )
+
+
+Step = (
+    LinearStep | TableStep | AddStep | MaxPoolStep | ConcatStep | ReshapeStep | GatherStep
+) | ProductStep
 
 
 def _operands(step: Any, values: list[Any]) -> Any:
@@ -1032,10 +1187,53 @@ class _DagLowering:
             hi,
         )
 
+    # -- moved values and products (issue 17)
+    def gather(self, node: Node) -> _Value:
+        source = self.codes(node.inputs[0])
+        index = node.params["index"].astype(np.int64)
+        shape = self.shapes[node.name]
+
+        def moved(array: np.ndarray) -> np.ndarray:
+            return np.asarray(array).reshape(1, -1)[:, index].reshape((1,) + shape)
+
+        step = GatherStep(node.name, (source.index,), index, shape, bits_for(int(source.hi.max())))
+        return _Value(
+            self.emit(step),
+            *(moved(getattr(source, f)) for f in ("scale", "zero", "bias", "lo", "hi")),
+        )
+
+    def own_codes(self, name: str) -> _Value:
+        """Codes of ``name`` that no linear layer also reads (Concrete would give them,
+        and every value added to them, the layer's accumulator width; see max_pool): a
+        table's output only this reader takes, its own copy of the table, or an
+        identity lookup."""
+        own = len(self.graph.users(name)) == 1 and name != self.dag.input_name
+        if name in self.dag.tables:
+            return self.codes(name) if own else self.table(self.graph.node(name))
+        codes = self.codes(name)
+        return replace(codes, index=self.emit(_identity_table(f"{name}_copy", codes)))
+
+    def product(self, node: Node) -> _Value:
+        a, b = (self.own_codes(name) for name in node.inputs)
+        for value in (a, b):
+            if np.any(value.zero != np.rint(value.zero)):  # pragma: no cover - codes only
+                raise AssertionError(f"non-integer zero points entering {node.name}")
+        step = _product_step(node.name, a, b, self.dag.products[node.name], (a.index, b.index))
+        return _Value(
+            self.emit(step),
+            step.scale,
+            step.zero,
+            step.bias,
+            np.zeros_like(step.acc_max),
+            step.acc_max,
+        )
+
 
 _DagLowering.RAW = {
     "linear": _DagLowering.linear,
     "add": _DagLowering.add,
     "max_pool": _DagLowering.max_pool,
     "concat": _DagLowering.concat,
+    "gather": _DagLowering.gather,
+    "mul": _DagLowering.product,
 }

@@ -16,6 +16,7 @@ __all__ = [
     "fold_affine_into_linear",
     "check_chain",
     "commute_max_pool",
+    "fuse_gathers",
     "FLOAT_PASSES",
     "simplify",
 ]
@@ -169,6 +170,55 @@ def commute_max_pool(graph: Graph) -> Graph:
     return graph.replace(nodes, output)
 
 
+def _fuse_gather_once(nodes: list[Node], output: str, sizes: dict[str, int]) -> list[Node] | None:
+    """One fusion of a gather with a reshape or gather next to it (see
+    :func:`fuse_gathers`), or ``None`` when there is none left."""
+    by_name = {n.name: n for n in nodes}
+    for node in nodes:
+        if node.op != "gather":
+            continue
+        index = node.params["index"]
+        prev = by_name[node.inputs[0]]
+        users = [n for n in nodes if prev.name in n.inputs]
+        if prev.op in ("reshape", "gather") and users == [node] and prev.name != output:
+            # a reshape keeps the row-major order: the flat index does not change
+            if prev.op == "gather":
+                index = prev.params["index"][index.astype(np.int64)]
+            merged = Node(
+                node.name, "gather", prev.inputs, node.attrs, {"index": index}, node.source
+            )
+            return [merged if n.name == node.name else n for n in nodes if n is not prev]
+        after = [n for n in nodes if node.name in n.inputs]
+        if len(after) == 1 and after[0].op == "reshape" and node.name != output:
+            (reshape,) = after
+            merged = Node(
+                reshape.name, "gather", node.inputs, reshape.attrs, {"index": index}, node.source
+            )
+            return [merged if n is reshape else n for n in nodes if n is not node]
+        if index.size == sizes[node.inputs[0]] and np.array_equal(index, np.arange(index.size)):
+            plain = Node(node.name, "reshape", node.inputs, node.attrs, {}, node.source)
+            return [plain if n is node else n for n in nodes]
+    return None
+
+
+def fuse_gathers(graph: Graph) -> Graph:
+    """Merge every gather (transpose, permute, upsample) with the reshapes and gathers
+    next to it that only it reads, and turn a gather that moves nothing into a reshape.
+
+    Channel shuffle (``view(n, g, c // g, h, w) -> transpose(1, 2) -> view(n, c, h, w)``)
+    becomes one gather from ``(c, h, w)`` to ``(c, h, w)``: the channels are permuted, so
+    per-channel quantizers stay per channel on both sides. Exact: a gather computes no
+    value."""
+    nodes = list(graph.nodes)
+    if not any(n.op == "gather" for n in nodes):
+        return graph
+    # NOTE: fusions keep the names of the nodes they keep, and their values.
+    sizes = {name: value[0].size for name, value in graph.run(_probe(graph)).items()}
+    while (fused := _fuse_gather_once(nodes, graph.output_name, sizes)) is not None:
+        nodes = fused
+    return graph.replace(nodes, graph.output_name)
+
+
 def check_chain(graph: Graph) -> Graph:
     """Refuse graphs that are not a single chain (no longer in :data:`FLOAT_PASSES`:
     branching graphs are quantized by :func:`fhe_quant.quant.ptq.quantize_dag`; kept for
@@ -191,6 +241,7 @@ def _probe(graph: Graph) -> np.ndarray:
 #: The float passes, in the order they run.
 FLOAT_PASSES: tuple[Callable[[Graph], Graph], ...] = (
     remove_identities,
+    fuse_gathers,
     fold_affine_into_linear,
     commute_max_pool,
 )

@@ -43,12 +43,14 @@ def test_torch_frontend_tables_are_the_rows() -> None:
     }
     expected = {getattr(nn, n): op for op, row in ELEMENTWISE.items() for n in row.torch_modules}
     assert modules == expected
-    # Every other module rule is a linear layer, a pooling, a batch norm or a reshape.
+    # Every other module rule is a linear layer, a pooling, a batch norm, a reshape or a
+    # move of values (upsampling, channel shuffle).
     others = {cls.__name__ for cls in set(torch_frontend._MODULES) - set(expected)}
     assert others == {
         "Linear", "Conv1d", "Conv2d", "BatchNorm1d", "BatchNorm2d", "AvgPool1d", "AvgPool2d",
         "AdaptiveAvgPool1d", "AdaptiveAvgPool2d", "MaxPool1d", "MaxPool2d",
         "AdaptiveMaxPool1d", "AdaptiveMaxPool2d", "Flatten", "Unflatten",
+        "Upsample", "UpsamplingNearest2d", "ChannelShuffle",
     }  # fmt: skip
     functions = {f: op for f, (op, _) in torch_frontend._ACTIVATION_FUNCTIONS.items()}
     assert functions == {

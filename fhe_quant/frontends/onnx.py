@@ -12,7 +12,10 @@ Supported (default domain): ``Gemm``, ``MatMul`` (with a constant right operand)
 ``Sigmoid``, ``Tanh``, ``Elu``, ``HardSigmoid`` (torch's slope 1/6), ``HardSwish``,
 ``Softplus``, ``Gelu``, ``Clip``, ``AveragePool``, ``MaxPool``, ``GlobalAveragePool``,
 ``GlobalMaxPool``, ``Flatten``, ``Reshape``, ``Squeeze``, ``Unsqueeze``, ``Add``,
-``Sub``, ``Mul``/``Div`` by a constant, ``Concat``, ``Identity``, ``Dropout``;
+``Sub``, ``Mul`` (by a constant or of two tensors), ``Div`` by a constant, ``Concat``,
+``Identity``, ``Dropout``, ``ReduceMean`` over the spatial axes; ``Transpose``, ``Slice``,
+``Split`` and ``Resize`` (nearest) as moves of values; ``MaxPool``/``AveragePool`` with
+``ceil_mode=1``;
 ``Constant`` and shape arithmetic on constants (``Shape``, ``Gather``, ``Cast``, ...)
 are folded. Anything else is refused by :class:`~fhe_quant.errors.UnsupportedOpError`
 naming its op type and node.
@@ -28,7 +31,14 @@ from typing import Any
 import numpy as np
 
 from fhe_quant.errors import InputError, TraceError, UnsupportedOpError
-from fhe_quant.ir import ConvGeometry, Graph, Node, describe_mismatch, max_pool_geometry
+from fhe_quant.ir import (
+    ConvGeometry,
+    Graph,
+    Node,
+    describe_mismatch,
+    gather_index,
+    max_pool_geometry,
+)
 
 __all__ = ["MIN_OPSET", "MAX_OPSET", "load_onnx", "onnx_to_graph"]
 
@@ -228,9 +238,11 @@ def _pool(b: _Builder, node: Any, x: str, attrs: dict[str, Any]) -> str:
     spatial = b.values[x].shape[2:]
     is_global = node.op_type.startswith("Global")
     kernel = tuple(spatial) if is_global else tuple(attrs["kernel_shape"])
-    if attrs.get("ceil_mode", 0):
-        raise _refuse(node, "ceil_mode=1", "Use ceil_mode=0 (floor).")
     geometry = _geometry(node, {} if is_global else attrs, kernel)
+    ceil = bool(attrs.get("ceil_mode", 0))
+    explicit = geometry
+    if ceil:
+        geometry = _ceil_geometry(b, node, x, kernel, geometry)
     if node.op_type.endswith("MaxPool"):
         if len(node.output) > 1 and node.output[1]:
             raise _refuse(
@@ -250,14 +262,59 @@ def _pool(b: _Builder, node: Any, x: str, attrs: dict[str, Any]) -> str:
     channels = b.values[x].shape[1]
     geometry = ConvGeometry(geometry.stride, geometry.padding, geometry.dilation, channels)
     weight = np.full((channels, 1) + kernel, 1.0 / float(np.prod(kernel)))
-    return b.emit(
-        node.output[0],
-        "avg_pool",
-        (x,),
-        _where(node),
-        attrs=geometry.to_attrs(),
-        params={"weight": weight},
+    # NOTE: ONNX counts the positions ceil_mode adds as padding when count_include_pad=1
+    # (torch does not: torch.onnx.export of such a pooling is another function); with
+    # count_include_pad=0 (and no pads) a window divides by the values it covers.
+    exclude = ceil and not attrs.get("count_include_pad", 0)
+    correction = _ceil_divisors(spatial, kernel, explicit, geometry) if exclude else None
+    if correction is None or np.allclose(correction, 1.0):
+        name = node.output[0]
+    else:
+        name = f"{node.output[0]}_sum"
+    pooled = b.emit(
+        name, "avg_pool", (x,), _where(node), attrs=geometry.to_attrs(), params={"weight": weight}
     )
+    if name == node.output[0]:
+        return pooled
+    # NOTE: windows that hang over the end divide by the values they cover (as torch).
+    return b.emit(
+        node.output[0], "mul_const", (pooled,), _where(node), params={"constant": correction}
+    )
+
+
+def _ceil_geometry(
+    b: _Builder, node: Any, x: str, kernel: tuple[int, ...], geometry: ConvGeometry
+) -> ConvGeometry:
+    """``ceil_mode=1``: the output size the reference evaluator gives, reached by more
+    padding at the end of each axis."""
+    out = _run_reference(b, node, b.values[x][:1]).shape[2:]
+    spatial = b.values[x].shape[2:]
+    padding = tuple(
+        (begin, max(end, (o - 1) * s + k - n - begin))
+        for n, k, s, o, (begin, end) in zip(
+            spatial, kernel, geometry.stride, out, geometry.padding, strict=True
+        )
+    )
+    return ConvGeometry(geometry.stride, padding, geometry.dilation, geometry.groups)
+
+
+def _ceil_divisors(
+    spatial: tuple[int, ...],
+    kernel: tuple[int, ...],
+    explicit: ConvGeometry,
+    geometry: ConvGeometry,
+) -> np.ndarray:
+    """``k / divisor`` per output position: a window counts the values (and explicit
+    pads) it covers, not the positions past the end that ``ceil_mode`` adds
+    (``count_include_pad=0``)."""
+    grid = np.ones(())
+    for n, k, s, (begin, end), (_, pad) in zip(
+        spatial, kernel, geometry.stride, geometry.padding, explicit.padding, strict=True
+    ):
+        out = (n + begin + end - k) // s + 1
+        start = np.arange(out) * s - begin
+        grid = np.multiply.outer(grid, k / (np.minimum(start + k, n + pad) - start))
+    return grid.reshape((1,) + grid.shape)
 
 
 def _reshape(b: _Builder, node: Any, x: str, attrs: dict[str, Any]) -> str:
@@ -283,6 +340,12 @@ def _reference_shape(b: _Builder, node: Any, value: np.ndarray) -> tuple[int, ..
 
 
 def _run_reference(b: _Builder, node: Any, *tensors: np.ndarray) -> np.ndarray:
+    return _run_reference_all(b, node, *tensors)[0]
+
+
+def _run_reference_all(b: _Builder, node: Any, *tensors: np.ndarray) -> list[np.ndarray]:
+    """Every output of one node, from ONNX's reference implementation; ``tensors`` feed
+    its non-constant inputs in order."""
     onnx = _onnx()
     from onnx.reference import ReferenceEvaluator
 
@@ -295,10 +358,70 @@ def _run_reference(b: _Builder, node: Any, *tensors: np.ndarray) -> np.ndarray:
     inputs = [
         onnx.helper.make_tensor_value_info(n, onnx.TensorProto.UNDEFINED, None) for n in names
     ]
-    outputs = [onnx.helper.make_tensor_value_info(node.output[0], onnx.TensorProto.UNDEFINED, None)]
+    outputs = [
+        onnx.helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None)
+        for name in node.output
+        if name
+    ]
     graph = onnx.helper.make_graph([node], "one", inputs, outputs)
     proto = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", b.opset)])
-    return np.asarray(ReferenceEvaluator(proto).run(None, feeds)[0])
+    return [np.asarray(out) for out in ReferenceEvaluator(proto).run(None, feeds)]
+
+
+def _layout(b: _Builder, node: Any, x: str, attrs: dict[str, Any]) -> None:
+    """An op that moves values (Transpose, Slice, Split, Resize in nearest mode): each
+    output is a gather whose index is the op applied, by ONNX's reference evaluator, to
+    the positions of one sample's values; checked on the sample (no batch mixing)."""
+    if node.op_type == "Resize" and attrs.get("mode", b"nearest") not in (b"nearest", "nearest"):
+        mode = attrs["mode"].decode() if isinstance(attrs["mode"], bytes) else attrs["mode"]
+        raise _refuse(
+            node, f"mode={mode}", "Only nearest resizing moves values without computing any."
+        )
+    value = b.values[x]
+    # NOTE: every sample holds the positions (shapes computed from the batch still fit)
+    positions = np.broadcast_to(
+        np.arange(value[0].size, dtype=np.float64), (len(value), value[0].size)
+    )
+    moved = _run_reference_all(b, node, positions.reshape(value.shape))
+    expected = _run_reference_all(b, node, value)
+    for name, index, reference in zip((n for n in node.output if n), moved, expected, strict=True):
+        if index.shape[0] != len(value) or not np.all(index == index[:1]):
+            raise _refuse(node, "the batch axis", "Keep the batch axis first and whole.")
+        index = index[:1]
+        ours = b.emit(
+            name,
+            "gather",
+            (x,),
+            _where(node),
+            attrs={"shape": tuple(int(d) for d in index.shape[1:])},
+            params={"index": gather_index(value.shape[1:], lambda a, i=index: i).astype(float)},
+        )
+        if not np.allclose(b.values[ours], reference, rtol=1e-5, atol=1e-5):
+            raise _refuse(node, "", "It mixes values of different samples.")
+        b.names[name] = ours
+
+
+def _reduce_mean(b: _Builder, node: Any, x: str, attrs: dict[str, Any]) -> str:
+    """``ReduceMean`` over every spatial axis: a global average pooling."""
+    value = b.values[x]
+    axes = attrs.get("axes")
+    if axes is None and len(node.input) > 1:
+        axes = b.constant(node.input[1])
+    axes = sorted(int(a) % value.ndim for a in (axes if axes is not None else ()))
+    if value.ndim < 3 or axes != list(range(2, value.ndim)):
+        raise _refuse(node, f"axes={axes}", "Only the mean over every spatial axis is supported.")
+    spatial = tuple(value.shape[2:])
+    channels = value.shape[1]
+    geometry = ConvGeometry(spatial, ((0, 0),) * len(spatial), (1,) * len(spatial), channels)
+    weight = np.full((channels, 1) + spatial, 1.0 / float(np.prod(spatial)))
+    keep = bool(attrs.get("keepdims", 1))
+    name = node.output[0] if keep else f"{node.output[0]}_pool"
+    pooled = b.emit(
+        name, "avg_pool", (x,), _where(node), attrs=geometry.to_attrs(), params={"weight": weight}
+    )
+    if keep:
+        return pooled
+    return b.emit(node.output[0], "reshape", (pooled,), _where(node), attrs={"shape": (channels,)})
 
 
 _ACTIVATIONS: dict[str, Callable[[dict[str, Any]], tuple[str, dict[str, Any]]]] = {
@@ -357,10 +480,16 @@ def _arithmetic(b: _Builder, node: Any, attrs: dict[str, Any]) -> str:
     first, second = node.input[0], node.input[1]
     a, c = b.tensor(first), b.tensor(second)
     where, out = _where(node), node.output[0]
+    if a is not None and c is not None and node.op_type == "Mul":
+        if b.values[a].shape[0] != b.values[c].shape[0]:
+            raise _refuse(node, "operands of different batch sizes")
+        return b.emit(out, "mul", (a, c), where)
     if a is not None and c is not None:
         if node.op_type not in ("Add", "Sub"):
             raise _refuse(
-                node, "two encrypted operands", "Only a sum or difference of tensors is supported."
+                node,
+                "two encrypted operands",
+                "Only a sum, difference or product of tensors is supported.",
             )
         if b.values[a].shape != b.values[c].shape:
             raise _refuse(node, "operands of different shapes")
@@ -415,8 +544,11 @@ _UNARY: dict[str, Callable[[_Builder, Any, str, dict[str, Any]], str]] = {
     "HardSigmoid": _hard_sigmoid,
     "Clip": _clip,
     "PRelu": _prelu,
+    "ReduceMean": _reduce_mean,
     **dict.fromkeys(_ACTIVATIONS, _activation),
 }
+#: Ops that move values without computing any (each output a "gather").
+_LAYOUT = ("Transpose", "Slice", "Split", "Resize")
 _BINARY = {"Add": _arithmetic, "Sub": _arithmetic, "Mul": _arithmetic, "Div": _arithmetic}
 #: Ops computed in clear when all their inputs are constants (shape arithmetic).
 _CONSTANT_OPS = (
@@ -463,6 +595,11 @@ def _translate(b: _Builder, node: Any) -> None:
         name = _BINARY[node.op_type](b, node, attrs)
     elif node.op_type == "Concat":
         name = _concat(b, node, attrs)
+    elif node.op_type in _LAYOUT and node.input[0] in b.names and len(tensors) == 1:
+        _layout(b, node, b.names[node.input[0]], attrs)
+        return
+    elif node.op_type == "LayerNormalization":
+        raise _refuse(node, "", _LAYER_NORM_HINT)
     elif node.op_type in _UNARY and node.input[0] in b.names and len(tensors) == 1:
         name = _UNARY[node.op_type](b, node, b.names[node.input[0]], attrs)
     else:
@@ -470,8 +607,15 @@ def _translate(b: _Builder, node: Any) -> None:
     b.names[node.output[0]] = name
 
 
+_LAYER_NORM_HINT = (
+    "Layer normalization divides by a statistic of the encrypted values themselves "
+    "(x - mean) / sqrt(var + eps); see docs/DESIGN-NOTES.md section 16 for why it is "
+    "refused: fold it into the layers around it, or use a batch norm (folded for free)."
+)
+
+
 def _hint(op_type: str) -> str:
-    if op_type in ("Transpose", "LayerNormalization", "Resize", "Upsample", "Softmax", "Mul"):
+    if op_type in ("Upsample", "Softmax"):
         return f"{op_type} on encrypted tensors is not supported yet."
     return f"Supported ops: {', '.join(sorted({*_UNARY, *_BINARY, 'Concat'}))}."
 

@@ -16,12 +16,20 @@ constant weights) become ``"conv"`` nodes; ``AvgPool1d/2d`` and ``AdaptiveAvgPoo
 :func:`fhe_quant.passes.fold_affine_into_linear` folds into the convolution before them.
 
 Branching graphs: ``MaxPool1d/2d`` and ``AdaptiveMaxPool1d/2d`` (modules or functions;
-no ``ceil_mode``, dilation or ``return_indices``) become ``"max_pool"`` nodes; the sum or
+``ceil_mode`` is padding at the end; no dilation or ``return_indices``) become
+``"max_pool"`` nodes; the sum or
 difference of two tensors (``x + y``, ``torch.add(x, y)``, ``x - y``; residual
 connections) becomes an ``"add"`` node, and ``torch.cat`` along a non-batch axis a
 ``"concat"`` node. Multiplying a tensor by a constant (per channel: ``x * c`` with ``c``
 of shape ``(C, 1, 1)``) is a ``"mul_const"``, folded into the layer before it or fused
-into a table.
+into a table; the product of two tensors (``x * y``, squeeze-and-excitation gates) is a
+``"mul"`` node.
+
+Moves of values become ``"gather"`` nodes: ``permute``/``transpose``/``swapaxes``,
+constant slicing (``x[:, a:b]``), ``chunk``/``split``, ``nn.ChannelShuffle`` and the
+``view -> transpose -> view`` channel shuffle, nearest upsampling by an integer factor
+(``nn.Upsample``, ``nn.UpsamplingNearest2d``, ``F.interpolate``). ``x.mean([2, 3])`` is a
+global average pooling. ``LayerNorm`` is refused (``docs/DESIGN-NOTES.md`` section 16).
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import contextlib
 import copy
 import functools
 import io
+import itertools
 import operator
 import warnings
 from collections.abc import Callable, Iterator
@@ -49,6 +58,7 @@ from fhe_quant.ir import (
     Graph,
     Node,
     describe_mismatch,
+    gather_index,
     max_pool_geometry,
 )
 
@@ -146,13 +156,59 @@ def _conv(m: nn.Conv1d | nn.Conv2d, shape: tuple[int, ...]) -> Translation:
 
 
 def _avg_pool_node(
-    channels: int, kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...]
+    channels: int,
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    extra: tuple[int, ...] | None = None,
 ) -> Translation:
     # NOTE: average pooling is a depthwise convolution with weights 1/k (zeros padded and
     # counted, as count_include_pad=True); quantization makes the weights exactly 1.
-    geometry = ConvGeometry(stride, tuple((p, p) for p in padding), (1,) * len(kernel), channels)
+    extra = extra or (0,) * len(kernel)
+    pairs = tuple((p, p + e) for p, e in zip(padding, extra, strict=True))
+    geometry = ConvGeometry(stride, pairs, (1,) * len(kernel), channels)
     weight = np.full((channels, 1) + kernel, 1.0 / float(np.prod(kernel)))
     return "avg_pool", geometry.to_attrs(), {"weight": weight}
+
+
+def ceil_mode_extra(
+    spatial: tuple[int, ...], kernel: tuple[int, ...], stride: tuple[int, ...], padding: Any
+) -> tuple[int, ...]:
+    """The padding ``ceil_mode=True`` adds at the end of each axis: torch rounds the
+    output size up, but drops a last window that would start in the end padding.
+
+    Examples:
+        >>> ceil_mode_extra((5, 6), (2, 2), (2, 2), (0, 0))
+        (1, 0)
+    """
+    extra = []
+    for n, k, s, p in zip(spatial, kernel, stride, padding, strict=True):
+        out = -(-(n + 2 * p - k) // s) + 1
+        if (out - 1) * s >= n + p:
+            out -= 1
+        extra.append(max(0, (out - 1) * s + k - n - 2 * p))
+    return tuple(extra)
+
+
+def ceil_mode_divisors(
+    spatial: tuple[int, ...],
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    extra: tuple[int, ...],
+) -> np.ndarray:
+    """``k / divisor`` per output position of a ``ceil_mode=True`` average pooling: torch
+    divides a window by its size within the padded input, and the windows ``ceil_mode``
+    adds hang over its end (shape ``(1, *out_spatial)``, broadcast over channels)."""
+    factors = []
+    for n, k, s, p, e in zip(spatial, kernel, stride, padding, extra, strict=True):
+        out = (n + 2 * p + e - k) // s + 1
+        start = np.arange(out) * s - p
+        factors.append(k / (np.minimum(start + k, n + p) - start))
+    grid = np.ones(())
+    for factor in factors:
+        grid = np.multiply.outer(grid, factor)
+    return grid.reshape((1,) + grid.shape)
 
 
 def _avg_pool(m: nn.AvgPool1d | nn.AvgPool2d, shape: tuple[int, ...]) -> Translation:
@@ -161,8 +217,6 @@ def _avg_pool(m: nn.AvgPool1d | nn.AvgPool2d, shape: tuple[int, ...]) -> Transla
     kernel = _ntuple(m.kernel_size, nd)
     stride = _ntuple(m.stride, nd) if m.stride else kernel
     padding = _ntuple(m.padding, nd)
-    if m.ceil_mode:
-        raise _RefusedOptionError("ceil_mode=True", "Use ceil_mode=False (the default).")
     if getattr(m, "divisor_override", None) is not None:
         raise _RefusedOptionError(
             f"divisor_override={m.divisor_override}", "Remove divisor_override."
@@ -172,7 +226,17 @@ def _avg_pool(m: nn.AvgPool1d | nn.AvgPool2d, shape: tuple[int, ...]) -> Transla
             "count_include_pad=False with padding",
             "The divisor must not depend on the position: use count_include_pad=True.",
         )
-    return _avg_pool_node(shape[1], kernel, stride, padding)
+    if not m.ceil_mode:
+        return _avg_pool_node(shape[1], kernel, stride, padding)
+    spatial = tuple(shape[2:])
+    extra = ceil_mode_extra(spatial, kernel, stride, padding)
+    op, attrs, params = _avg_pool_node(shape[1], kernel, stride, padding, extra)
+    correction = ceil_mode_divisors(spatial, kernel, stride, padding, extra)
+    if not np.allclose(correction, 1.0):
+        # NOTE: the windows that hang over the end divide by fewer values: a constant
+        # per position after the sum, fused into the table that reads the pooling.
+        params["correction"] = correction
+    return op, attrs, params
 
 
 def _adaptive_avg_pool(
@@ -193,9 +257,15 @@ def _adaptive_avg_pool(
 
 
 def _max_pool_node(
-    kernel: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...]
+    kernel: tuple[int, ...],
+    stride: tuple[int, ...],
+    padding: tuple[int, ...],
+    extra: tuple[int, ...] | None = None,
 ) -> Translation:
-    geometry = ConvGeometry(stride, tuple((p, p) for p in padding), (1,) * len(kernel))
+    # NOTE: ceil_mode=True is more padding at the end (-inf, never picked).
+    extra = extra or (0,) * len(kernel)
+    pairs = tuple((p, p + e) for p, e in zip(padding, extra, strict=True))
+    geometry = ConvGeometry(stride, pairs, (1,) * len(kernel))
     attrs = {**geometry.to_attrs(), "kernel": kernel}
     try:
         max_pool_geometry(attrs)
@@ -209,15 +279,15 @@ def _max_pool(m: nn.MaxPool1d | nn.MaxPool2d, shape: tuple[int, ...]) -> Transla
     _spatial_dims(shape, nd)
     kernel = _ntuple(m.kernel_size, nd)
     stride = _ntuple(m.stride, nd) if m.stride else kernel
-    if m.ceil_mode:
-        raise _RefusedOptionError("ceil_mode=True", "Use ceil_mode=False (the default).")
     if any(d != 1 for d in _ntuple(m.dilation, nd)):
         raise _RefusedOptionError(f"dilation={m.dilation}", "Use dilation=1.")
     if m.return_indices:
         raise _RefusedOptionError(
             "return_indices=True", "Indices of the maxima cannot be computed encrypted."
         )
-    return _max_pool_node(kernel, stride, _ntuple(m.padding, nd))
+    padding = _ntuple(m.padding, nd)
+    extra = ceil_mode_extra(tuple(shape[2:]), kernel, stride, padding) if m.ceil_mode else None
+    return _max_pool_node(kernel, stride, padding, extra)
 
 
 def _adaptive_max_pool(
@@ -238,6 +308,73 @@ def _adaptive_max_pool(
         )
     kernel = tuple(n // o for n, o in zip(spatial, out, strict=True))
     return _max_pool_node(kernel, kernel, (0,) * nd)
+
+
+def _gather(in_shape: tuple[int, ...], move: Callable[[np.ndarray], np.ndarray]) -> Translation:
+    """A ``"gather"`` node that does what ``move`` does (on arrays with a batch axis)."""
+    index = gather_index(tuple(in_shape), move)
+    out_shape = np.shape(move(np.zeros((1,) + tuple(in_shape))))[1:]
+    return "gather", {"shape": tuple(int(d) for d in out_shape)}, {"index": index}
+
+
+def _nearest(shape: tuple[int, ...], out_spatial: tuple[int, ...], mode: str) -> Translation:
+    """Nearest upsampling of a ``(N, C, *spatial)`` batch to ``out_spatial``: every value
+    repeated an integer number of times along each spatial axis (torch's
+    ``floor(i * in / out)`` source index, the same for ``"nearest-exact"``)."""
+    spatial = tuple(shape[2:])
+    if mode not in ("nearest", "nearest-exact"):
+        raise _RefusedOptionError(
+            f"mode={mode!r}", "Only nearest upsampling moves values without computing any."
+        )
+    if len(out_spatial) != len(spatial) or any(
+        o % n for n, o in zip(spatial, out_spatial, strict=True)
+    ):
+        raise _RefusedOptionError(
+            f"an output of size {tuple(out_spatial)} for an input of size {spatial}",
+            "Nearest upsampling needs an integer scale factor.",
+        )
+    factors = [o // n for n, o in zip(spatial, out_spatial, strict=True)]
+
+    def move(a: np.ndarray) -> np.ndarray:
+        for axis, factor in enumerate(factors, start=2):
+            a = np.repeat(a, factor, axis=axis)
+        return a
+
+    return _gather(tuple(shape[1:]), move)
+
+
+def _upsample(m: nn.Upsample, shape: tuple[int, ...]) -> Translation:
+    spatial = tuple(shape[2:])
+    if m.size is not None:
+        size = m.size if isinstance(m.size, (tuple, list)) else (m.size,) * len(spatial)
+        out = tuple(int(o) for o in size)
+    else:
+        factor = m.scale_factor
+        factors = factor if isinstance(factor, (tuple, list)) else (factor,) * len(spatial)
+        if any(float(f) != int(f) for f in factors):
+            raise _RefusedOptionError(
+                f"scale_factor={factor}", "Nearest upsampling needs an integer scale factor."
+            )
+        out = tuple(n * int(f) for n, f in zip(spatial, factors, strict=True))
+    return _nearest(shape, out, m.mode)
+
+
+def _channel_shuffle_move(groups: int) -> Callable[[np.ndarray], np.ndarray]:
+    def move(a: np.ndarray) -> np.ndarray:
+        n, c = a.shape[:2]
+        grouped = a.reshape((n, groups, c // groups) + a.shape[2:])
+        return grouped.swapaxes(1, 2).reshape(a.shape)
+
+    return move
+
+
+def _channel_shuffle(m: nn.ChannelShuffle, shape: tuple[int, ...]) -> Translation:
+    if len(shape) < 3 or shape[1] % m.groups:
+        raise _RefusedOptionError(
+            f"groups={m.groups} on an input of shape {tuple(shape)}",
+            "The channels must split into the groups.",
+        )
+    return _gather(tuple(shape[1:]), _channel_shuffle_move(int(m.groups)))
 
 
 def _simple(op: str) -> ModuleRule:
@@ -281,6 +418,9 @@ _MODULES: dict[type, ModuleRule] = {
     nn.AdaptiveMaxPool2d: _adaptive_max_pool,
     nn.Flatten: _simple("reshape"),
     nn.Unflatten: _simple("reshape"),
+    nn.Upsample: _upsample,
+    nn.UpsamplingNearest2d: _upsample,
+    nn.ChannelShuffle: _channel_shuffle,
     # Elementwise layers: one entry per torch class of each row of the op table.
     **{
         getattr(nn, name): _elementwise_rule(op)
@@ -317,6 +457,15 @@ _ACTIVATION_METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "squeeze", "unsqueeze"}
+# Functions and methods that move values (translated to "gather" nodes).
+_PERMUTE_FUNCTIONS = {
+    torch.permute: "permute",
+    torch.transpose: "transpose",
+    torch.swapaxes: "transpose",
+}
+_PERMUTE_METHODS = {"permute": "permute", "transpose": "transpose", "swapaxes": "transpose"}
+_SPLIT_FUNCTIONS = {torch.chunk: "chunk", torch.split: "split"}
+_SPLIT_METHODS = {"chunk": "chunk", "split": "split"}
 _ARITHMETIC = {
     operator.add: "add",
     torch.add: "add",
@@ -352,6 +501,8 @@ class _Translator:
         self.nodes: list[Node] = []
         self.names: dict[torch.fx.Node, str] = {}  # fx node -> our node producing its tensor
         self.constants: dict[torch.fx.Node, Any] = {}  # fx nodes that are clear constants
+        # chunk/split results: the tensor split and the slice of each piece
+        self.pieces: dict[torch.fx.Node, tuple[Any, list[tuple[Any, ...]]]] = {}
 
     # -- helpers
     def add(
@@ -427,7 +578,28 @@ class _Translator:
         if op == "affine":
             self.add_affine(fx_node, inputs[0], params["scale"], params["shift"])
             return
-        self.add(fx_node, op, inputs, attrs, params)
+        self.add_pool_or_op(fx_node, op, inputs[0], attrs, params)
+
+    def add_pool_or_op(
+        self,
+        fx_node: torch.fx.Node,
+        op: str,
+        source: torch.fx.Node,
+        attrs: dict[str, Any],
+        params: dict[str, np.ndarray],
+    ) -> None:
+        """Add a translated node; a ``ceil_mode`` average pooling whose last windows hang
+        over the input becomes the pooling and a ``mul_const`` by ``k / divisor``."""
+        correction = params.pop("correction", None)
+        if correction is None:
+            self.add(fx_node, op, (source,), attrs, params)
+            return
+        where = _where(fx_node, self.module)
+        pool = Node(f"{fx_node.name}_sum", op, (self.names[source],), attrs, params, where)
+        self.nodes.append(pool)
+        fix = Node(fx_node.name, "mul_const", (pool.name,), {}, {"constant": correction}, where)
+        self.nodes.append(fix)
+        self.names[fx_node] = fix.name
 
     def apply_rule(
         self, rule: ModuleRule, module: nn.Module, source: torch.fx.Node, where: str
@@ -455,7 +627,7 @@ class _Translator:
             raise UnsupportedOpError(module_type.__name__, where, "Its input is not a tensor.")
         module = module_type(**kwargs)
         op, attrs, params = self.apply_rule(_MODULES[module_type], module, source, where)
-        self.add(fx_node, op, (source,), attrs, params)
+        self.add_pool_or_op(fx_node, op, source, attrs, params)
 
     def translate_conv_call(self, fx_node: torch.fx.Node, where: str) -> None:
         # F.conv2d(x, weight, bias, stride, padding, dilation, groups) with constant weights.
@@ -529,26 +701,15 @@ class _Translator:
         if not is_method and target in _CAT_FUNCTIONS:
             self.translate_cat(fx_node, where)
             return
+        if self.translate_layout(fx_node, where) or self.translate_mean(fx_node, where):
+            return
         if not any(self.is_tensor(a) for a in args):
             self.translate_constant_call(fx_node, where)
             return
         if (not is_method and target in _ACTIVATION_FUNCTIONS) or (
             is_method and target in _ACTIVATION_METHODS
         ):
-            op, defaults = (
-                _ACTIVATION_METHODS[target]
-                if is_method  # type: ignore[index]
-                else _ACTIVATION_FUNCTIONS[target]
-            )
-            attrs = dict(defaults)
-            names = list(defaults)
-            for i, value in enumerate(args[1 : len(names) + 1]):
-                attrs[names[i]] = value
-            for key in names:
-                if key in fx_node.kwargs:
-                    attrs[key] = fx_node.kwargs[key]
-            attrs = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in attrs.items()}
-            self.add(fx_node, op, (args[0],), attrs)  # type: ignore[arg-type]
+            self.translate_activation(fx_node)
         elif (not is_method and target in _RESHAPE_FUNCTIONS) or (
             is_method and target in _RESHAPE_METHODS
         ):
@@ -580,6 +741,143 @@ class _Translator:
             name = target if isinstance(target, str) else getattr(target, "__name__", target)
             raise UnsupportedOpError(str(name), where, _hint_for(str(name)))
 
+    def add_gather(
+        self, fx_node: torch.fx.Node, source: Any, move: Callable[[np.ndarray], np.ndarray]
+    ) -> None:
+        """A ``"gather"`` node doing what ``move`` does, checked against the traced shape."""
+        op, attrs, params = _gather(self.out_shape(source)[1:], move)
+        if (self.batch_dim(source),) + attrs["shape"] != self.out_shape(fx_node):
+            raise UnsupportedOpError(  # pragma: no cover - ShapeProp ran the same operation
+                str(fx_node.target), _where(fx_node, self.module), "Its shape is unexpected."
+            )
+        self.add(fx_node, op, (source,), attrs, params)
+
+    def translate_layout(self, fx_node: torch.fx.Node, where: str) -> bool:
+        """Operations that move values (permute, transpose, slicing, chunk/split,
+        nearest interpolation): translated to gathers; ``False`` for any other call."""
+        target, args = fx_node.target, fx_node.args
+        table = _PERMUTE_METHODS if fx_node.op == "call_method" else _PERMUTE_FUNCTIONS
+        splits = _SPLIT_METHODS if fx_node.op == "call_method" else _SPLIT_FUNCTIONS
+        if target is operator.getitem and args and args[0] in self.pieces:
+            source, pieces = self.pieces[args[0]]
+            piece = pieces[int(args[1])]  # type: ignore[call-overload]
+            self.add_gather(fx_node, source, lambda a: a[piece])
+        elif target is operator.getitem and args and self.is_tensor(args[0]):
+            self.translate_slice(fx_node, args[0], args[1], where)
+        elif isinstance(target, str) == (fx_node.op == "call_method") and target in table:
+            source = args[0]
+            dims = _dims_argument(fx_node)
+            ndim = len(self.out_shape(source))
+            dims = tuple(int(d) % ndim for d in dims)
+            if table[target] == "transpose":
+                order = list(range(ndim))
+                order[dims[0]], order[dims[1]] = order[dims[1]], order[dims[0]]
+                dims = tuple(order)
+            if dims[0] != 0:
+                raise UnsupportedOpError(
+                    f"{target} of the batch axis", where, "Keep the batch axis first."
+                )
+            self.add_gather(fx_node, source, lambda a: np.transpose(a, dims))
+        elif isinstance(target, str) == (fx_node.op == "call_method") and target in splits:
+            self.pieces[fx_node] = (args[0], self.split_pieces(fx_node, where))
+        elif target is F.interpolate:
+            source = args[0]
+            mode = fx_node.kwargs.get("mode", args[3] if len(args) > 3 else "nearest")
+            shape = self.out_shape(source)
+            try:
+                op, attrs, params = _nearest(shape, self.out_shape(fx_node)[2:], str(mode))
+            except _RefusedOptionError as exc:
+                raise UnsupportedOpError(f"interpolate({exc.option})", where, exc.hint) from None
+            self.add(fx_node, op, (source,), attrs, params)
+        else:
+            return False
+        return True
+
+    def translate_mean(self, fx_node: torch.fx.Node, where: str) -> bool:
+        """``x.mean([2, 3])`` / ``torch.mean(x, dim, keepdim)`` over every spatial axis:
+        a global average pooling (and a reshape without ``keepdim``)."""
+        is_method = fx_node.op == "call_method"
+        if not ((is_method and fx_node.target == "mean") or fx_node.target is torch.mean):
+            return False
+        source = fx_node.args[0]
+        bound = dict(zip(("input", "dim", "keepdim"), fx_node.args, strict=False))
+        bound.update(fx_node.kwargs)
+        shape = self.out_shape(source)  # type: ignore[arg-type]
+        dims = bound.get("dim")
+        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+        if len(shape) < 3 or sorted(int(d) % len(shape) for d in dims) != list(
+            range(2, len(shape))
+        ):
+            raise UnsupportedOpError(
+                f"mean over dims {dims}",
+                where,
+                "Only the mean over every spatial axis (global average pooling) is supported.",
+            )
+        spatial = tuple(shape[2:])
+        op, attrs, params = _avg_pool_node(shape[1], spatial, spatial, (0,) * len(spatial))
+        if bound.get("keepdim", False):
+            self.add(fx_node, op, (source,), attrs, params)  # type: ignore[arg-type]
+            return True
+        pool = Node(f"{fx_node.name}_pool", op, (self.names[source],), attrs, params, where)
+        self.nodes.append(pool)
+        reshape = Node(fx_node.name, "reshape", (pool.name,), {"shape": (shape[1],)}, {}, where)
+        self.nodes.append(reshape)
+        self.names[fx_node] = reshape.name
+        return True
+
+    def translate_slice(self, fx_node: torch.fx.Node, source: Any, key: Any, where: str) -> None:
+        items = key if isinstance(key, tuple) else (key,)
+        if (
+            not items
+            or items[0] != slice(None)
+            or any(
+                isinstance(i, torch.fx.Node) or not isinstance(i, (slice, int, type(Ellipsis)))
+                for i in items
+            )
+        ):
+            raise UnsupportedOpError(
+                "indexing an encrypted tensor",
+                where,
+                "Only constant slices and integers after the batch axis (x[:, a:b]) move "
+                "values without computing any.",
+            )
+        self.add_gather(fx_node, source, lambda a: a[items])
+
+    def split_pieces(self, fx_node: torch.fx.Node, where: str) -> list[tuple[Any, ...]]:
+        """The slices that ``chunk``/``split`` cut (read from the traced piece shapes)."""
+        bound = dict(zip(("tensor", "sections", "dim"), fx_node.args, strict=False))
+        bound.update(fx_node.kwargs)
+        ndim = len(self.out_shape(fx_node.args[0]))
+        dim = int(bound.get("dim", 0)) % ndim
+        if dim == 0:
+            raise UnsupportedOpError(
+                f"{fx_node.target} along the batch axis", where, "Split along another axis."
+            )
+        metas = fx_node.meta.get("tensor_meta")
+        sizes = [int(m.shape[dim]) for m in metas]  # type: ignore[union-attr]
+        starts = np.cumsum([0] + sizes)
+        return [
+            (slice(None),) * dim + (slice(int(a), int(b)),) for a, b in itertools.pairwise(starts)
+        ]
+
+    def translate_activation(self, fx_node: torch.fx.Node) -> None:
+        """An elementwise function or method: its row's attributes, from the call's
+        arguments after ``x`` (or keywords), else the row's defaults."""
+        args = fx_node.args
+        if fx_node.op == "call_method":
+            op, defaults = _ACTIVATION_METHODS[fx_node.target]  # type: ignore[index]
+        else:
+            op, defaults = _ACTIVATION_FUNCTIONS[fx_node.target]
+        attrs = dict(defaults)
+        names = list(defaults)
+        for i, value in enumerate(args[1 : len(names) + 1]):
+            attrs[names[i]] = value
+        for key in names:
+            if key in fx_node.kwargs:
+                attrs[key] = fx_node.kwargs[key]
+        attrs = {k: (float(v) if isinstance(v, (int, float)) else v) for k, v in attrs.items()}
+        self.add(fx_node, op, (args[0],), attrs)  # type: ignore[arg-type]
+
     def translate_cat(self, fx_node: torch.fx.Node, where: str) -> None:
         tensors = fx_node.args[0] if fx_node.args else fx_node.kwargs.get("tensors")
         dim = fx_node.args[1] if len(fx_node.args) > 1 else None
@@ -610,6 +908,8 @@ class _Translator:
         # they are constants, skipped when they only feed reshapes.
         if fx_node.target is operator.getitem:
             return
+        if any(isinstance(a, torch.fx.Node) and a not in self.constants for a in fx_node.args):
+            return  # arithmetic on shapes (x.size(1) // groups): it only feeds reshapes
         values = [
             self.constants.get(a, a) if isinstance(a, torch.fx.Node) else a for a in fx_node.args
         ]
@@ -642,12 +942,15 @@ class _Translator:
             sign = int(alpha) if kind == "add" else -int(alpha)
             self.add(fx_node, "add", (args[0], args[1]), {"coefficients": (1, sign)})
             return
+        if value is None and kind == "mul" and self.is_tensor(other):
+            self.add(fx_node, "mul", (args[0], args[1]))
+            return
         if value is None:
             raise UnsupportedOpError(
                 f"{kind} of two encrypted tensors",
                 where,
-                "Products and quotients of two encrypted tensors are not supported; only "
-                "sums, differences and products by a constant are.",
+                "Quotients of two encrypted tensors are not supported; sums, differences "
+                "and products are.",
             )
         if kind == "add":
             op, constant = "add_const", value * alpha
@@ -677,7 +980,25 @@ class _Translator:
         self.add(fx_node, op, (tensor_arg,), {}, {"constant": constant})
 
 
+def _dims_argument(fx_node: torch.fx.Node) -> tuple[int, ...]:
+    """The axes of ``permute(*dims)``, ``permute(dims)`` or ``transpose(d0, d1)``."""
+    args = fx_node.args[1:]
+    if "dims" in fx_node.kwargs:
+        args = (fx_node.kwargs["dims"],)
+    elif "dim0" in fx_node.kwargs:
+        args = (fx_node.kwargs["dim0"], fx_node.kwargs["dim1"])
+    if len(args) == 1 and isinstance(args[0], (tuple, list)):
+        args = tuple(args[0])
+    return tuple(int(d) for d in args)  # type: ignore[arg-type]
+
+
 def _hint_for(name: str) -> str:
+    if "LayerNorm" in name or "layer_norm" in name:
+        return (
+            "Layer normalization divides by a statistic of the encrypted values themselves "
+            "(x - mean) / sqrt(var + eps); see docs/DESIGN-NOTES.md section 16 for why it is "
+            "refused: fold it into the layers around it, or use a batch norm (folded for free)."
+        )
     if "3d" in name:
         return "3-dimensional layers are not supported yet (1-d and 2-d convolutions are)."
     if "Conv" in name or "Pool" in name or "BatchNorm" in name:

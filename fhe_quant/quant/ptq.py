@@ -42,7 +42,7 @@ from fhe_quant.quant.calibrate import make_observer
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.quantizer import MIN_SCALE, UniformQuantizer
 from fhe_quant.quant.weights import fold_input_scale, unit_weight_quantizer, weight_quantizer
-from fhe_quant.quant.widths import table_bits
+from fhe_quant.quant.widths import ProductPlan, bits_for, table_bits
 
 __all__ = [
     "QuantizedLinear",
@@ -485,6 +485,7 @@ class QuantizedDag:
         adds: for every add node, how each operand enters.
         add_quantizers: for every add node, the common quantizer of its codes operands.
         linears: for every linear layer, its integer weights and their scales.
+        products: for every product of two tensors, how it is computed.
     """
 
     input_name: str
@@ -496,6 +497,7 @@ class QuantizedDag:
     adds: Mapping[str, tuple[AddOperand, ...]]
     add_quantizers: Mapping[str, UniformQuantizer]
     linears: Mapping[str, QuantizedLinear] = field(default_factory=dict)
+    products: Mapping[str, ProductPlan] = field(default_factory=dict)
 
 
 def is_chain(graph: Graph) -> bool:
@@ -521,11 +523,14 @@ class _DagPlanner:
         self.input_name = input_name
         self.accumulate = accumulate  # may a linear layer's accumulator enter an add?
         self.visited: set[str] = set()
-        self.axes: dict[str, set[int]] = {}  # codes producer -> channel axes its users need
+        # codes producer -> channel axes its users need (None: per tensor)
+        self.axes: dict[str, set[int | None]] = {}
         self.tables: list[str] = []
         self.adds: dict[str, tuple[AddOperand, ...]] = {}
         self.parent: dict[str, str] = {}  # union-find of codes producers sharing a quantizer
-        self.ndim = {n.name: v.ndim for n, v in zip(graph.nodes, self._probe(), strict=True)}
+        probe = self._probe()
+        self.ndim = {n.name: v.ndim for n, v in zip(graph.nodes, probe, strict=True)}
+        self.shapes = {n.name: v.shape[1:] for n, v in zip(graph.nodes, probe, strict=True)}
 
     def _probe(self) -> list[np.ndarray]:
         values = self.graph.run(np.zeros((1,) + self.graph.input_shape))
@@ -560,17 +565,36 @@ class _DagPlanner:
                 self.codes(operand, 1)
         elif node.kind == "add":
             self.plan_add(node)
+        elif node.kind == "gather":
+            self.codes(node.inputs[0], self.gather_axis(node))
+        elif node.kind == "mul":
+            for operand in node.inputs:
+                ndim = self.ndim[operand]
+                self.codes(operand, 1 if ndim in (2, 4) else None)  # type: ignore[arg-type]
         else:  # pragma: no cover - callers only ask for these kinds
             raise AssertionError(node.kind)
 
-    def codes(self, name: str, axis: int) -> None:
+    def gather_axis(self, node: Node) -> int | None:
+        """The axis the codes a gather moves are quantized along: the channel axis (1)
+        when the gather keeps channels apart (a channel permutation, an upsampling, a
+        transpose before a dense layer), else per tensor (``None``)."""
+        in_shape = self.shapes[node.inputs[0]]
+        out_shape = tuple(node.attrs["shape"])
+        channel = node.params["index"].astype(np.int64) // int(np.prod(in_shape[1:]))
+        channel = channel.reshape(out_shape)
+        if len(out_shape) == 1:
+            return 1
+        flat = channel.reshape(out_shape[0], -1)
+        return 1 if bool(np.all(flat == flat[:, :1])) else None
+
+    def codes(self, name: str, axis: int | None) -> None:
         """The value of ``name`` as unsigned codes (for a linear layer, max pool, concat
         or add); a table produces them unless they already are."""
         node = self.graph.node(name)
         if name == self.input_name:
             self.axes.setdefault(name, set()).add(axis)
             return
-        if node.kind in ("max_pool", "concat"):
+        if node.kind in ("max_pool", "concat", "gather", "mul"):
             self.raw(name)
             return
         if node.kind == "add":
@@ -595,7 +619,7 @@ class _DagPlanner:
 
     def is_codes(self, name: str) -> bool:
         node = self.graph.node(name)
-        if name == self.input_name or node.kind in ("max_pool", "concat"):
+        if name == self.input_name or node.kind in ("max_pool", "concat", "gather", "mul"):
             return True
         if node.kind == "add":
             self.raw(name)
@@ -724,6 +748,14 @@ def quantize_dag(
         dict(planner.adds),
         {add: quantizers[planner.find(add)] for add in planner.adds},
     )
+    codes = _Codes(graph, dag, values)
+    bits = max(bits_for(dag.input_quantizer.qmax), config.n_bits_activations) + 2
+    products = {
+        n.name: codes.product_plan(n, bits)
+        for n in graph.nodes
+        if n.kind == "mul" and n.name in planner.visited
+    }
+    dag = dataclasses.replace(dag, products=products)
     used = [n for n in graph.nodes if n.kind == "linear" and n.name in planner.visited]
     return dataclasses.replace(dag, linears=quantize_linears(graph, dag, used, values, config))
 
@@ -837,8 +869,58 @@ class _Codes:
             zeros = [zero for _, zero in parts]
             zero = None if any(z is None for z in zeros) else np.concatenate(zeros, axis=axis)
             return np.concatenate([scale for scale, _ in parts], axis=axis), zero
+        if node.kind == "gather":
+            return self._gathered(node)
+        if node.kind == "mul":
+            (scale_a, _), (scale_b, _) = (self.arrays(operand) for operand in node.inputs)
+            factor = self.dag.products[name].factor
+            return np.broadcast_to(scale_a * scale_b / (4 * factor), shape), None
         common = self.dag.add_quantizers[name]  # a sum of codes
         return np.broadcast_to(common.scale_array(len(shape)), shape), None
+
+    def _gathered(self, node: Node) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(scale, zero)`` of a gather's codes: its source's, moved as the values are."""
+        index = node.params["index"].astype(np.int64)
+        shape = self.shapes[node.name]
+
+        def moved(array: np.ndarray) -> np.ndarray:
+            flat = np.broadcast_to(array, self.shapes[node.inputs[0]]).reshape(1, -1)
+            return flat[:, index].reshape(shape)
+
+        scale, zero = self.arrays(node.inputs[0])
+        return moved(scale), None if zero is None else moved(zero)
+
+    def bound(self, name: str) -> int:
+        """The largest code of the codes ``name`` (its quantizer's capacity, at least the
+        maximum the lowering proves)."""
+        node = self.graph.node(name)
+        quantizer = self.quantizer(name)
+        if quantizer is not None:
+            return quantizer.qmax
+        if node.kind == "reshape":
+            return self.bound(chain_source(self.graph, name, self.dag.input_name)[0])
+        if node.kind == "gather":
+            return self.bound(node.inputs[0])
+        if node.kind == "concat":
+            return max(self.bound(operand) for operand in node.inputs)
+        raise UnsupportedOpError(  # a sum or a product of codes: no quantizer of its own
+            f"a product of an encrypted {node.kind}",
+            _where(node),
+            "Each factor of a product must be codes of one quantizer; add an activation "
+            "(or any elementwise operation) before the product.",
+        )
+
+    def product_plan(self, node: Node, bits: int) -> ProductPlan:
+        """How the product ``node`` of two tensors of codes is computed (the factor of its
+        squares on ``bits`` bits, from its operands' bounds and zero points)."""
+        a, b = node.inputs
+        bound_a, bound_b = self.bound(a), self.bound(b)
+        shape = self.shapes[node.name]
+        (_, zero_a), (_, zero_b) = self.arrays(a), self.arrays(b)
+        if zero_a is None or zero_b is None:  # pragma: no cover - bound() refused sums
+            raise AssertionError(f"a sum entering {node.name}")
+        zero_sum = np.broadcast_to(zero_a, shape) + np.broadcast_to(zero_b, shape)
+        return ProductPlan.of(bound_a, bound_b, zero_sum, bits)
 
     def layer_input(self, node: Node, values: Mapping[str, np.ndarray]) -> LayerInput | None:
         """What ``node`` reads on the calibration data: the codes of its input quantizer,

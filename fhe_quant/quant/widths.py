@@ -8,7 +8,19 @@ table after each layer, so it must know that width when it chooses the weights.
 
 from __future__ import annotations
 
-__all__ = ["MAX_TABLE_BITS", "MAX_AUTO_TABLE_BITS", "bits_for", "auto_table_bits", "table_bits"]
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = [
+    "MAX_TABLE_BITS",
+    "MAX_AUTO_TABLE_BITS",
+    "ProductPlan",
+    "bits_for",
+    "auto_table_bits",
+    "product_scale",
+    "table_bits",
+]
 
 #: Concrete refuses table lookups on inputs wider than this.
 MAX_TABLE_BITS = 16
@@ -53,3 +65,48 @@ def table_bits(configured: int | None, out_qmax: int) -> int:
         (5, 9)
     """
     return configured or auto_table_bits(bits_for(out_qmax))
+
+
+def product_scale(span: int, bits: int) -> float:
+    """The factor ``c`` of a product's squares ``floor(c * t**2)``: ``1/4`` (the product
+    is exact) when the products of a ``span`` wide range of codes fit ``bits`` bits, else
+    smaller, so that they do (one unit of error per square).
+
+    Examples:
+        >>> product_scale(14, 8), round(product_scale(510, 10), 6)
+        (0.25, 0.001965)
+    """
+    return min(0.25, (2**bits - 2) / (2 * span * span))
+
+
+@dataclass(frozen=True)
+class ProductPlan:
+    """How the product of two tensors of codes is computed (``fhe_quant.lower``'s
+    ``ProductStep``), fixed when the model is quantized so that the layer reading the
+    product can fold its scale: the operands' largest codes (each is the capacity of its
+    quantizer, at least the proven maximum) and the squares' factor ``c``.
+
+    Attributes:
+        bound_a: the largest code of the first operand.
+        bound_b: the largest code of the second operand.
+        factor: ``c`` (:func:`product_scale`); the product's scale is
+            ``s_a * s_b / (4 c)``.
+    """
+
+    bound_a: int
+    bound_b: int
+    factor: float
+
+    @classmethod
+    def of(cls, bound_a: int, bound_b: int, zero_sum: np.ndarray, bits: int) -> ProductPlan:
+        """The plan for operands with largest codes ``bound_a``, ``bound_b`` and zero
+        points summing to ``zero_sum``, the squares on ``bits`` bits.
+
+        Examples:
+            >>> ProductPlan.of(7, 7, np.array([0]), 8).factor
+            0.25
+        """
+        n_index = bound_a + bound_b + 1
+        zeros = np.asarray(zero_sum, dtype=np.int64).reshape(-1, 1)
+        span = int(max(np.abs(np.arange(n_index)[None] - zeros).max(), 1))
+        return cls(int(bound_a), int(bound_b), product_scale(span, bits))

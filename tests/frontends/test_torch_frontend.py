@@ -130,7 +130,7 @@ class Residual(nn.Module):
         return self.fc(x) + x
 
 
-def test_add_of_two_tensors_is_a_residual_add_and_a_product_is_refused() -> None:
+def test_add_of_two_tensors_is_a_residual_add_and_a_quotient_is_refused() -> None:
     graph = trace_module(Residual(), _x())
     assert [n.op for n in graph.nodes] == ["input", "linear", "add"]
 
@@ -138,8 +138,14 @@ def test_add_of_two_tensors_is_a_residual_add_and_a_product_is_refused() -> None
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.fc(x) * x
 
-    with pytest.raises(UnsupportedOpError, match="mul of two encrypted tensors"):
-        trace_module(Product(), _x())
+    assert [n.op for n in trace_module(Product(), _x()).nodes] == ["input", "linear", "mul"]
+
+    class Quotient(Residual):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) / x
+
+    with pytest.raises(UnsupportedOpError, match="div of two encrypted tensors"):
+        trace_module(Quotient(), _x())
 
 
 class Dynamic(nn.Module):
