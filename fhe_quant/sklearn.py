@@ -29,7 +29,7 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
@@ -837,31 +837,10 @@ class _FHETreeEstimator(_FHEEstimator):
             tags.target_tags.multi_output = False  # multi-output classifiers: unsupported
         return tags
 
-    def __getstate__(self) -> dict[str, Any]:
-        # NOTE: the module holds closures pickle refuses; it is rebuilt from the pickled
-        # scikit-learn model and the calibrated grid (plain data), bit for bit.
-        state = dict(BaseEstimator.__getstate__(self))
-        module = state.pop("quantized_module_", None)
-        if module is not None:
-            quantized = module.quantized
-            state["_tree_state"] = {
-                "config": asdict(quantized.config),
-                "low": quantized.low,
-                "high": quantized.high,
-            }
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        tree_state = state.pop("_tree_state", None)
-        BaseEstimator.__setstate__(self, state)
-        if tree_state is not None:
-            self.quantized_module_ = self._build_module(
-                self.sklearn_model_,
-                _trees.TreeQuantConfig(**tree_state["config"]),
-                low=tree_state["low"],
-                high=tree_state["high"],
-            )
+    # NOTE: a tree module is plain data (arrays, frozen dataclasses): scikit-learn's own
+    # pickling, not the graph estimators' rebuild from the quantized graph.
+    __getstate__ = BaseEstimator.__getstate__
+    __setstate__ = BaseEstimator.__setstate__
 
 
 class _FHETreeClassifier(_FHETreeEstimator, _FHEClassifier):
