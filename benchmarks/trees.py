@@ -77,7 +77,7 @@ def _row(code: str, name: str, n_bits: Any) -> dict[str, Any]:
         "model": name,
         "n_bits": n_bits,
         "grid_bits": module.program.input_bits,
-        "leaf_bits": config.leaf_bits,
+        "leaf_bits": config.leaf_bits or int(module.program.output_step.acc_bits),
         "float": float(estimator.sklearn_model_.score(x_test, y_test)),
         "disable": float((estimator.predict(x_test) == y_test).mean()),
         "complexity": estimate.complexity,
