@@ -67,7 +67,7 @@ from fhe_quant.ir import Node
 from fhe_quant.model import QuantizedModule, run_chain
 from fhe_quant.process import import_concrete
 from fhe_quant.quant.ptq import check_calibration_data
-from fhe_quant.quant.quantizer import UniformQuantizer
+from fhe_quant.quant.quantizer import ThresholdGrid, UniformQuantizer
 
 fhe = import_concrete()
 from concrete.fhe.compilation import configuration as _configuration_module  # noqa: E402
@@ -356,7 +356,11 @@ def _node_from_json(data: dict[str, Any], arrays: Any) -> Node:
     if not isinstance(data["attrs"], dict):
         raise TypeError(f"the 'attrs' of node {data['name']!r:.40} must be a JSON object")
     return Node(
-        data["name"], data["op"], tuple(_list(data["inputs"], "inputs")), data["attrs"], params,
+        data["name"],
+        data["op"],
+        tuple(_list(data["inputs"], "inputs")),
+        data["attrs"],
+        params,
         data["source"],
     )
 
@@ -380,6 +384,24 @@ def _float_array(value: np.ndarray, key: str) -> np.ndarray:
     return value
 
 
+def _encoding_to_json(
+    encoding: UniformQuantizer | ThresholdGrid, arrays: dict[str, np.ndarray]
+) -> dict[str, Any]:
+    """The client's input encoding as JSON fields; a threshold grid's thresholds go to
+    ``model.npz`` as ``input.values`` and ``input.counts``."""
+    if isinstance(encoding, ThresholdGrid):
+        arrays.update({f"input.{k}": v for k, v in encoding.arrays().items()})
+    return dict(encoding.to_dict())
+
+
+def _encoding_from_json(data: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """The input encoding of :func:`_encoding_to_json`: data only, checked on build."""
+    if isinstance(data, dict) and data.get("kind") == "threshold_grid":
+        names = ("values", "counts")
+        return ThresholdGrid.from_dict(data, {k: arrays[f"input.{k}"] for k in names})
+    return UniformQuantizer.from_dict(data)
+
+
 class _ClientProcessing:
     """What the client runs in clear: pre-processing + input quantization, and the
     dequantization + post-processing of the decrypted accumulator."""
@@ -388,7 +410,7 @@ class _ClientProcessing:
         self,
         input_shape: tuple[int, ...],
         pre: tuple[Node, ...],
-        input_quantizer: UniformQuantizer,
+        input_quantizer: UniformQuantizer | ThresholdGrid,
         encrypted_shape: tuple[int, ...],
         scale: np.ndarray,
         zero: np.ndarray,
@@ -430,7 +452,7 @@ class _ClientProcessing:
         data = {
             "input_shape": list(self.input_shape),
             "encrypted_shape": list(self.encrypted_shape),
-            "input_quantizer": self.input_quantizer.to_dict(),
+            "input_quantizer": _encoding_to_json(self.input_quantizer, arrays),
             "pre": [_node_to_json(n, arrays, "pre") for n in self.pre],
             "post": [_node_to_json(n, arrays, "post") for n in self.post],
             "post_processing": self.post_processing.to_dict(),
@@ -464,8 +486,7 @@ class _ClientProcessing:
             return cls._from_data(data, loaded)
         except KeyError as exc:
             raise DeploymentError(
-                f"{artifact.where('model.json')} (with model.npz) is malformed: missing key "
-                f"{exc}."
+                f"{artifact.where('model.json')} (with model.npz) is malformed: missing key {exc}."
             ) from None
         except (TypeError, ValueError, AttributeError, IndexError, UnsupportedOpError) as exc:
             raise DeploymentError(
@@ -479,7 +500,7 @@ class _ClientProcessing:
         processing = cls(
             _int_tuple(data["input_shape"], "input_shape"),
             tuple(_node_from_json(n, loaded) for n in _list(data["pre"], "pre")),
-            UniformQuantizer.from_dict(data["input_quantizer"]),
+            _encoding_from_json(data["input_quantizer"], loaded),
             _int_tuple(data["encrypted_shape"], "encrypted_shape"),
             _float_array(loaded["output.scale"], "output.scale"),
             _float_array(loaded["output.zero"], "output.zero"),
@@ -1262,9 +1283,7 @@ class FHEModelClient:
         self.signed = artifact.signed
         self.processing = _ClientProcessing.from_artifact(artifact)
         self.key_dir = _key_directory(key_dir)
-        self.client = fhe.Client(
-            _client_specs(artifact), keyset_cache_directory=self.key_dir
-        )
+        self.client = fhe.Client(_client_specs(artifact), keyset_cache_directory=self.key_dir)
         self._nonce = self._client_nonce()
         self._key_message: bytes | None = None
         self._key_id: bytes | None = None

@@ -29,7 +29,7 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
@@ -701,12 +701,14 @@ plus the ones below. FHE-friendly defaults differ from scikit-learn's: {defaults
 (every distinct compare and every group of leaves costs one table lookup per sample).
 
 Args:
-    n_bits: an int in [1, 8]: bits of the per-feature input grid, also the input width
-        of every compare table (up to 5 bits a lookup is cheap; 6 costs about 2-4x
-        more; classifiers default to 5 bits, regressors need 6 to keep their R²);
-        the encrypted sum of leaf values then has 8 bits (no table reads it). Or a dict
+    n_bits: an int in [1, 8]: the widest per-feature threshold grid, also the input
+        width of every compare table (up to 5 bits a lookup is cheap; 6 costs about
+        2-4x more). A feature with at most ``2**n_bits - 1`` distinct split thresholds
+        keeps them all, so its compares are exact on every input; the grid takes only
+        the bits its features need. The encrypted sum of leaf values then has 8 bits,
+        plus ``ceil(log2(trees) / 2)`` for ensembles (no table reads it). Or a dict
         with keys ``inputs`` (the grid, default 6) and ``outputs`` (the sum of leaf
-        values, 2 to 16 bits, default 8). Or ``"auto"``: ``fit(X, y,
+        values, 2 to 16 bits). Or ``"auto"``: ``fit(X, y,
         validation=(X_val, y_val), max_accuracy_drop=0.01)`` picks both by estimated
         latency (:func:`fhe_quant.search.search_tree`). Default {n_bits}.
     rounding_bits: must be ``None``: a tree has no accumulator to round.
@@ -837,31 +839,10 @@ class _FHETreeEstimator(_FHEEstimator):
             tags.target_tags.multi_output = False  # multi-output classifiers: unsupported
         return tags
 
-    def __getstate__(self) -> dict[str, Any]:
-        # NOTE: the module holds closures pickle refuses; it is rebuilt from the pickled
-        # scikit-learn model and the calibrated grid (plain data), bit for bit.
-        state = dict(BaseEstimator.__getstate__(self))
-        module = state.pop("quantized_module_", None)
-        if module is not None:
-            quantized = module.quantized
-            state["_tree_state"] = {
-                "config": asdict(quantized.config),
-                "low": quantized.low,
-                "high": quantized.high,
-            }
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        tree_state = state.pop("_tree_state", None)
-        BaseEstimator.__setstate__(self, state)
-        if tree_state is not None:
-            self.quantized_module_ = self._build_module(
-                self.sklearn_model_,
-                _trees.TreeQuantConfig(**tree_state["config"]),
-                low=tree_state["low"],
-                high=tree_state["high"],
-            )
+    # NOTE: a tree module is plain data (arrays, frozen dataclasses): scikit-learn's own
+    # pickling, not the graph estimators' rebuild from the quantized graph.
+    __getstate__ = BaseEstimator.__getstate__
+    __setstate__ = BaseEstimator.__setstate__
 
 
 class _FHETreeClassifier(_FHETreeEstimator, _FHEClassifier):

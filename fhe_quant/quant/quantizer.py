@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MAX_BITS", "MIN_SCALE", "UniformQuantizer"]
+__all__ = ["MAX_BITS", "MIN_SCALE", "ThresholdGrid", "UniformQuantizer"]
 
 #: Widest integer code a :class:`UniformQuantizer` produces.
 MAX_BITS = 8
@@ -500,3 +500,125 @@ class UniformQuantizer:
             narrow_range=narrow_range,
             axis=axis,
         )
+
+
+# --------------------------------------------------------------------------- threshold grid
+
+_GRID = "ThresholdGrid"
+
+
+@dataclass(frozen=True, eq=False)
+class ThresholdGrid:
+    """A per-feature input encoding built from split thresholds (tree models).
+
+    The code of feature ``f`` is the number of its thresholds strictly below the input,
+    ``np.searchsorted(thresholds_f, x_f, side="left")``: monotone, computed in clear by
+    the client, so ``x_f <= thresholds_f[j]`` holds exactly when ``code_f <= j``. A tree
+    whose every threshold is on the grid then decides on the codes exactly like the
+    float model on every input, not just on grid points.
+
+    Attributes:
+        bits: width of the codes, 1 to 8; each feature has at most ``2**bits - 1``
+            thresholds, so its codes are ``0..len(thresholds_f)``.
+        values: ``(T,)`` float64, every feature's thresholds one after the other, strictly
+            increasing within a feature, finite.
+        counts: ``(F,)`` int64, how many thresholds each feature has (may be 0).
+        float32_inputs: compare ``float32(x)`` with the thresholds (scikit-learn, XGBoost)
+            instead of the float64 input (LightGBM).
+
+    Examples:
+        >>> grid = ThresholdGrid(2, np.array([0.5, 1.5, 2.5, -1.0]), np.array([3, 1]))
+        >>> grid.quantize(np.array([[0.5, -2.0], [0.6, 7.0], [9.0, -1.0]])).tolist()
+        [[0, 0], [1, 1], [3, 0]]
+        >>> ThresholdGrid.from_dict(grid.to_dict(), grid.arrays()).thresholds(0).tolist()
+        [0.5, 1.5, 2.5]
+    """
+
+    bits: int
+    values: np.ndarray
+    counts: np.ndarray
+    float32_inputs: bool = True
+
+    def __post_init__(self) -> None:
+        bits = _check_int(self.bits, "bits", 1, MAX_BITS, _GRID)
+        float32_inputs = _check_bool(self.float32_inputs, "float32_inputs", _GRID)
+        values = np.asarray(self.values)
+        counts = np.asarray(self.counts)
+        if values.ndim != 1 or values.dtype.kind not in "iuf" or not np.isfinite(values).all():
+            raise ValueError(f"The 'values' of a {_GRID} must be a 1-D array of finite floats.")
+        if counts.ndim != 1 or counts.size == 0 or counts.dtype.kind not in "iu":
+            raise ValueError(f"The 'counts' of a {_GRID} must be a non-empty 1-D int array.")
+        if counts.min() < 0 or counts.max() > 2**bits - 1 or counts.sum() != values.size:
+            raise ValueError(
+                f"The 'counts' of a {_GRID} must be in [0, {2**bits - 1}] (bits={bits}) and "
+                f"sum to the {values.size} values. Got {counts.tolist()!r:.80}."
+            )
+        values = values.astype(np.float64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        steps = np.diff(values)
+        inside = np.ones(steps.shape, dtype=bool)
+        inside[starts[(starts > 0) & (counts > 0)] - 1] = False  # between two features
+        if np.any(steps[inside] <= 0):
+            raise ValueError(f"The thresholds of each feature of a {_GRID} must increase.")
+        object.__setattr__(self, "bits", bits)
+        object.__setattr__(self, "float32_inputs", float32_inputs)
+        object.__setattr__(self, "values", values)
+        object.__setattr__(self, "counts", counts.astype(np.int64))
+
+    @property
+    def qmax(self) -> int:
+        """Largest code of the ``bits``-bit codes (a feature's largest is its count)."""
+        return 2**self.bits - 1
+
+    @property
+    def n_features(self) -> int:
+        return int(self.counts.size)
+
+    def thresholds(self, feature: int) -> np.ndarray:
+        """The sorted thresholds of ``feature``."""
+        start = int(self.counts[:feature].sum())
+        return self.values[start : start + int(self.counts[feature])]
+
+    def quantize(self, x: Any) -> np.ndarray:
+        """Float inputs ``(..., F)`` to codes: per feature, the thresholds below ``x``.
+
+        Raises:
+            ValueError: ``x`` holds NaN or does not have ``F`` features on its last axis.
+        """
+        array = np.asarray(x, dtype=np.float64)
+        if array.ndim == 0 or array.shape[-1] != self.n_features:
+            raise ValueError(
+                f"A {_GRID} of {self.n_features} features cannot quantize a tensor of shape "
+                f"{array.shape}."
+            )
+        if np.isnan(array).any():
+            raise ValueError(f"{_GRID}.quantize got NaN values; it needs real numbers.")
+        if self.float32_inputs:
+            with np.errstate(over="ignore"):
+                array = array.astype(np.float32).astype(np.float64)
+        codes = np.empty(array.shape, dtype=np.int64)
+        for f in range(self.n_features):
+            codes[..., f] = np.searchsorted(self.thresholds(f), array[..., f], side="left")
+        return codes
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON fields; the thresholds go in :meth:`arrays` (saved as NumPy data)."""
+        return {"kind": "threshold_grid", "bits": self.bits, "float32_inputs": self.float32_inputs}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """``values`` and ``counts``, to store beside :meth:`to_dict`'s fields."""
+        return {"values": self.values, "counts": self.counts}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], arrays: Mapping[str, Any]) -> ThresholdGrid:
+        """Rebuild a grid from :meth:`to_dict` and :meth:`arrays` (no code is run).
+
+        Raises:
+            ValueError: a wrong kind, unknown or missing keys, or invalid values.
+        """
+        if not isinstance(data, Mapping) or data.get("kind") != "threshold_grid":
+            raise ValueError(f"{_GRID}.from_dict needs a dict of kind 'threshold_grid'.")
+        unknown = sorted(str(k) for k in data if k not in ("kind", "bits", "float32_inputs"))
+        if unknown or "bits" not in data or "float32_inputs" not in data:
+            raise ValueError(f"{_GRID}.from_dict needs exactly kind, bits and float32_inputs.")
+        return cls(data["bits"], arrays["values"], arrays["counts"], data["float32_inputs"])

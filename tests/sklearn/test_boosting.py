@@ -60,19 +60,15 @@ def test_six_bits_keep_the_library_score(
     model = getattr(fs, name)(n_bits=6, random_state=0).fit(x_train, y_train)
     ours = model.score(x_test, y_test)
     theirs = model.sklearn_model_.score(x_test, y_test)
-    if name == "XGBRegressor":
-        # NOTE: measured R² 0.243 vs the library's 0.281 (xgboost's learning rate 0.3
-        # makes its diabetes model sensitive to the input grid; the tensor form itself is
-        # exact, test above). The 0.01 target of the issue is not met here.
-        assert ours >= theirs - 0.05, (ours, theirs)
-    elif name == "LGBMClassifier" and data == "breast_cancer":
-        # NOTE: measured 94.2% vs 95.3% at 6 bits (2 of 171 samples); 5 bits, the
-        # classifiers' default, give 96.5%.
-        assert ours >= theirs - 0.015, (ours, theirs)
-        default = getattr(fs, name)(random_state=0).fit(x_train, y_train)
-        assert default.score(x_test, y_test) >= theirs - 0.005
-    else:
-        assert ours >= theirs - (0.005 if model._metric == "accuracy" else 0.01), (ours, theirs)
+    # NOTE: issue 17's targets. The threshold grid makes every compare exact (measured
+    # before it: LightGBM on breast_cancer 94.2% vs 95.3%, XGBoost on diabetes R² 0.243
+    # vs 0.281); what is left is the rounding of the leaf values.
+    assert model.quantized_module_.program.input_bits <= 5  # every threshold kept
+    assert ours >= theirs - (0.005 if model._metric == "accuracy" else 0.01), (ours, theirs)
+    default = getattr(fs, name)(random_state=0).fit(x_train, y_train)
+    assert default.score(x_test, y_test) >= theirs - (
+        0.005 if model._metric == "accuracy" else 0.01
+    )
 
 
 @pytest.mark.parametrize("library", ["xgboost", "lightgbm"])
@@ -130,7 +126,7 @@ def test_execute(name: str, load: Any) -> None:
     model.fit(x_train, y_train)
     model.compile(x_train[:20])
     module = model.quantized_module_
-    assert module.statistics["max_bit_width"] <= 8
+    assert module.statistics["max_bit_width"] <= 9  # the leaf sum of 3 trees: 8 + 1 bits
     np.testing.assert_array_equal(
         module.forward_integers(x_test[:2], fhe="execute"), module.forward_integers(x_test[:2])
     )

@@ -4,6 +4,7 @@ in the three ``fhe`` modes, the scikit-learn contract and every error path."""
 from __future__ import annotations
 
 import pickle
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -22,10 +23,13 @@ import fhe_quant.sklearn as fs
 from fhe_quant import errors
 from fhe_quant.frontends.sklearn import OUTPUT_FUNCTIONS
 from fhe_quant.frontends.sklearn.tree import (
+    NARROWING_BUDGET,
     TREE_CLASSES,
     TreeQuantConfig,
+    build_tree_module,
     check_ensemble,
     ensemble_from_sklearn,
+    threshold_grid,
 )
 from fhe_quant.lower import TableStep
 
@@ -89,14 +93,46 @@ def test_a_mistranslation_is_caught(load: Any) -> None:
         check_ensemble(model, wrong, x_test)
 
 
-def _grid_points(module: Any, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Random grid codes and the float inputs they stand for."""
-    quantizer = module.program.input_quantizer
-    rng = np.random.default_rng(seed)
-    codes = rng.integers(0, quantizer.qmax + 1, size=(n, module.input_shape[0]))
-    origin = -module.quantized.pre[0].params["constant"]
-    x = origin + codes * np.asarray(quantizer.scale)
-    return codes, x
+def _probes(module: Any, x: np.ndarray) -> np.ndarray:
+    """``x``, and inputs on every threshold of the grid and on the float32 values just
+    above and below it (where a wrong compare would show)."""
+    grid = module.program.input_quantizer
+    rows = [x]
+    for f in range(grid.n_features):
+        for t in grid.thresholds(f):
+            for value in (
+                np.nextafter(np.float32(t), np.float32(-np.inf)),
+                t,
+                np.nextafter(np.float32(t), np.float32(np.inf)),
+            ):
+                row = x[0].copy()
+                row[f] = float(value)
+                rows.append(row[None, :])
+    return np.vstack(rows)
+
+
+def _reached_codes(model: Any, module: Any, x: np.ndarray) -> np.ndarray:
+    """The sum of the integer values of the leaves scikit-learn's own ``apply`` reaches."""
+    reached = model.sklearn_model_.apply(x.astype(np.float32)).reshape(len(x), -1)
+    ensemble = module.ensemble
+    leaf_index = {
+        (int(t), int(n)): i
+        for i, (t, n) in enumerate(zip(ensemble.tree, ensemble.node, strict=True))
+    }
+    leaf_codes = module.quantized.leaf_codes
+    return sum(
+        leaf_codes[[leaf_index[(t, int(node))] for node in reached[:, t]]]
+        for t in range(reached.shape[1])
+    )
+
+
+def _keeps_every_threshold(module: Any) -> bool:
+    """Whether the grid holds every threshold no float32 input falls between."""
+    ensemble = module.ensemble
+    t32 = ensemble.threshold.astype(np.float32)
+    below = np.where(t32 > ensemble.threshold, np.nextafter(t32, np.float32(-np.inf)), t32)
+    counts = module.program.input_quantizer.counts
+    return all(len(np.unique(below[ensemble.feature == f])) == c for f, c in enumerate(counts))
 
 
 @pytest.mark.parametrize(
@@ -109,27 +145,79 @@ def _grid_points(module: Any, n: int, seed: int) -> tuple[np.ndarray, np.ndarray
     ],
     ids=lambda c: c.__name__,
 )
-@pytest.mark.parametrize("n_bits", [3, 5])
-def test_grid_points_reach_the_float_trees_leaves(cls: type, n_bits: int, load: Any) -> None:
-    """On every grid point, the encrypted sum is exactly the sum of the integer values
-    of the leaves scikit-learn's own ``apply`` reaches: the quantized trees decide
-    exactly like the float trees, and the grouped leaf tables pick the right leaf."""
-    model, _, _ = _fit(_small(cls, n_bits=n_bits, max_depth=4), load)
-    module = model.quantized_module_
-    codes, x = _grid_points(module, 400, seed=n_bits)
-    assert np.array_equal(module.quantize_input(x), codes)  # the grid round-trips
-    reached = model.sklearn_model_.apply(x.astype(np.float32)).reshape(len(x), -1)
-    ensemble = module.ensemble
-    leaf_index = {
-        (int(t), int(n)): i
-        for i, (t, n) in enumerate(zip(ensemble.tree, ensemble.node, strict=True))
-    }
-    leaf_codes = module.quantized.leaf_codes
-    expected = sum(
-        leaf_codes[[leaf_index[(t, int(node))] for node in reached[:, t]]]
-        for t in range(reached.shape[1])
+@pytest.mark.parametrize("n_bits", [4, 6])
+def test_every_input_reaches_the_float_trees_leaves(cls: type, n_bits: int, load: Any) -> None:
+    """On every input (random, on the thresholds and next to them), the encrypted sum is
+    exactly the sum of the integer values of the leaves scikit-learn's own ``apply``
+    reaches: on the threshold grid the quantized trees decide exactly like the float
+    trees, and the grouped leaf tables pick the right leaf."""
+    model, x_train, x_test = _fit(_small(cls, n_bits=n_bits, max_depth=4), load)
+    exact = TreeQuantConfig(n_bits, narrow=False)
+    module = build_tree_module(model.sklearn_model_, exact, x_train)
+    assert _keeps_every_threshold(module)
+    x = _probes(module, x_test)
+    np.testing.assert_array_equal(
+        module.program(module.quantize_input(x)), _reached_codes(model, module, x)
     )
-    np.testing.assert_array_equal(module.program(codes), expected)
+
+
+def test_merged_grid_decides_like_the_snapped_thresholds(load: Any) -> None:
+    """A grid too narrow for a feature's thresholds keeps some: every compare is then
+    exactly ``x <= kept threshold`` (or a constant), on every input."""
+    x_train, x_test, y_train, _ = load("breast_cancer")
+    sk = sk_ensemble.RandomForestClassifier(n_estimators=6, max_depth=4, random_state=0)
+    sk.fit(x_train, y_train)
+    ensemble = ensemble_from_sklearn(sk)
+    grid, k = threshold_grid(ensemble, x_train, 2)
+    assert grid.bits == 2 and grid.counts.max() == 3
+    assert len(np.unique(ensemble.threshold)) > grid.counts.sum()  # some were merged
+    kept = [grid.thresholds(f) for f in range(grid.n_features)]
+    snapped = np.array(
+        [
+            -np.inf if j < 0 else np.inf if j >= len(kept[f]) else kept[f][j]
+            for f, j in zip(ensemble.feature, k, strict=True)
+        ]
+    )
+    module = fs.RandomForestClassifier(n_estimators=6, max_depth=4, random_state=0, n_bits=2)
+    module = module.fit(x_train, y_train).quantized_module_
+    x = _probes(module, x_test)
+    snapped_ensemble = type(ensemble)(**{**vars(ensemble), "threshold": snapped})
+    bits = (x.astype(np.float32)[:, ensemble.feature] <= snapped).astype(np.int64)
+    reached = (bits @ ensemble.path.T + ensemble.n_negated) == ensemble.depth
+    np.testing.assert_array_equal(
+        module.program(module.quantize_input(x)),
+        reached.astype(np.int64) @ module.quantized.leaf_codes,
+    )
+    # merging changed few decisions: the forest keeps most of its accuracy on its data
+    assert (
+        np.mean(
+            snapped_ensemble.evaluate(x_train).argmax(1) == ensemble.evaluate(x_train).argmax(1)
+        )
+        > 0.9
+    )
+
+
+def test_the_default_grid_is_the_cheapest_that_keeps_the_decisions(load: Any) -> None:
+    """``narrow`` takes the grid below what the thresholds need when the decisions on the
+    calibration data stay within the budget, and never past it."""
+    from fhe_quant.frontends.sklearn import tree as trees
+
+    x_train, x_test, y_train, y_test = load("breast_cancer")
+    model = fs.RandomForestClassifier(n_estimators=8, max_depth=4, random_state=0)
+    model.fit(x_train, y_train)
+    exact = model.quantized_module_  # the default keeps every threshold
+    assert _keeps_every_threshold(exact)
+    module = build_tree_module(model.sklearn_model_, TreeQuantConfig(5, narrow=True), x_train)
+    assert module.program.input_bits < exact.program.input_bits
+    assert trees._price(module.program) < trees._price(exact.program)
+    ensemble = module.ensemble
+    assert trees._agreement(ensemble, module.program, x_train) >= (
+        trees._agreement(ensemble, exact.program, x_train) - NARROWING_BUDGET
+    )
+    labels = model.classes_[(module.forward(x_test)[:, 0] > 0).astype(int)]
+    assert np.mean(labels == y_test) >= model.sklearn_model_.score(x_test, y_test) - 0.01
+    with pytest.raises(errors.ParameterError, match="'narrow'"):
+        TreeQuantConfig(4, narrow=1)
 
 
 def test_compares_are_shared_and_constants_cost_nothing(load: Any) -> None:
@@ -144,10 +232,11 @@ def test_compares_are_shared_and_constants_cost_nothing(load: Any) -> None:
     gather = module.program.steps[0].weight
     pairs = set(zip(gather.argmax(axis=1).tolist(), thresholds.tolist(), strict=True))
     assert len(pairs) == compare.table.shape[0] < len(ensemble.feature)
-    assert np.all((thresholds >= 0) & (thresholds < 7))  # no constant compare is looked up
+    counts = module.program.input_quantizer.counts[gather.argmax(axis=1)]
+    assert np.all((thresholds >= 0) & (thresholds < counts))  # no constant compare is looked up
     # Binary classes: one output, so leaves are grouped into fewer tables than leaves.
     assert leaves.table.shape[0] < len(ensemble.values)
-    assert leaves.index_bits <= compare.index_bits  # depth-4 leaves need 3 bits anyway
+    assert leaves.index_bits <= 3  # groups narrower than the 3-bit grid, or as narrow
     lookups = module.program.lookups_by_width()
     assert sum(lookups.values()) == compare.table.shape[0] + leaves.table.shape[0]
 
@@ -209,18 +298,14 @@ def test_disable_equals_simulate_bit_for_bit(cls: type, load: Any) -> None:
     )
     stats = module.statistics
     assert stats["pbs_count"] == sum(module.program.lookups_by_width().values())
-    assert stats["max_bit_width"] <= 8  # the leaf sum is proven within 8 bits
+    # the leaf sum is proven within its default bits (8, plus 1 for these 4 trees)
+    assert stats["max_bit_width"] <= module.program.output_step.acc_bits <= 9
 
 
-def _grid_inputs(module: Any, x: np.ndarray) -> np.ndarray:
-    """The grid points the client's quantizer maps ``x`` to."""
-    origin = -module.quantized.pre[0].params["constant"]
-    return origin + module.quantize_input(x) * np.asarray(module.program.input_quantizer.scale)
-
-
-def test_only_leaf_values_are_rounded_on_the_grid(load: Any) -> None:
-    """On the grid, the raw outputs differ from the float model's only by the rounding
-    of the leaf values: at most half a step per tree (each tree reaches one leaf)."""
+def test_only_leaf_values_are_rounded(load: Any) -> None:
+    """With every threshold on the grid, the raw outputs differ from the float model's
+    only by the rounding of the leaf values: at most half a step per tree (each tree
+    reaches one leaf), on any input."""
     x_train, x_test, y_train, _ = load("breast_cancer")
     for model in (
         fs.RandomForestClassifier(n_estimators=5, max_depth=3, random_state=0),
@@ -228,11 +313,12 @@ def test_only_leaf_values_are_rounded_on_the_grid(load: Any) -> None:
         fs.GradientBoostingRegressor(n_estimators=5, random_state=0, n_bits={"outputs": 5}),
     ):
         model.fit(x_train, y_train)
-        module = model.quantized_module_
-        grid = _grid_inputs(module, x_test)
+        config = replace(model.quantized_module_.quantized.config, input_bits=6, narrow=False)
+        module = build_tree_module(model.sklearn_model_, config, x_train)
+        assert _keeps_every_threshold(module)
         step = module.program.output_step.scale
         n_trees = len(np.unique(module.ensemble.tree))
-        error = np.abs(module.forward(x_test) - module.float_forward(grid))
+        error = np.abs(module.forward(x_test) - module.float_forward(x_test))
         assert np.all(error <= n_trees * step / 2 + 1e-9)
 
 
@@ -357,7 +443,7 @@ def test_n_bits_roles(load: Any) -> None:
     assert (config.input_bits, config.leaf_bits) == (3, 10)
     assert model.quantized_module_.program.input_bits == 3
     assert model.quantized_module_.program.output_step.acc_bits <= 10
-    assert TreeQuantConfig.from_n_bits(6) == TreeQuantConfig(6, 8)
+    assert TreeQuantConfig.from_n_bits(6) == TreeQuantConfig(6, None)
 
 
 def test_pickle_rebuilds_the_same_program(load: Any) -> None:
