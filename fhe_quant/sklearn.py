@@ -29,7 +29,7 @@ import functools
 import importlib
 import inspect
 from collections.abc import Callable
-from dataclasses import asdict, replace
+from dataclasses import replace
 from numbers import Integral, Real
 from typing import Any, ClassVar
 
@@ -68,11 +68,9 @@ from fhe_quant.frontends.sklearn import (
 from fhe_quant.frontends.sklearn import boosting as _boosting
 from fhe_quant.frontends.sklearn import neighbors as _neighbors
 from fhe_quant.frontends.sklearn import tree as _trees
-from fhe_quant.lower import bits_for, lower
+from fhe_quant.lower import bits_for
 from fhe_quant.model import QuantizedModule, build_quantized_module, make_config
-from fhe_quant.passes import simplify
 from fhe_quant.quant.config import MAX_ACCUMULATOR_BITS, MAX_ROUNDING_BITS, QuantConfig
-from fhe_quant.quant.ptq import QuantizedGraph, QuantizedLinear, Segment
 from fhe_quant.quant.quantizer import MAX_BITS
 from fhe_quant.report import Report
 
@@ -136,56 +134,6 @@ def _check_fitted(estimator: Any, attribute: str | None = "quantized_module_") -
         check_is_fitted(estimator, attribute)
     except sklearn.exceptions.NotFittedError as exc:
         raise EstimatorNotFittedError(str(exc)) from None
-
-
-# --------------------------------------------------------------------------- pickling
-# NOTE: a QuantizedModule holds read-only mappings and closures that pickle refuses, and
-# its Concrete circuit cannot be pickled at all. A pickled estimator keeps what defines
-# the integer program (the quantizers and integer weights, all plain data) and rebuilds
-# the rest from the pickled scikit-learn model. After unpickling, call compile() again.
-
-
-def _module_state(module: QuantizedModule) -> dict[str, Any]:
-    quantized = module.quantized
-    return {
-        "config": quantized.config.to_dict(),
-        "pre": [node.name for node in quantized.pre],
-        "segments": [
-            {
-                "linear": segment.linear.node.name,
-                "weight_q": segment.linear.weight_q,
-                "weight_quantizer": segment.linear.weight_quantizer,
-                "input_quantizer": segment.linear.input_quantizer,
-                "chain": [node.name for node in segment.chain],
-                "output_quantizer": segment.output_quantizer,
-            }
-            for segment in quantized.segments
-        ],
-    }
-
-
-def _module_from_state(sklearn_model: Any, state: dict[str, Any]) -> QuantizedModule:
-    graph = simplify(sklearn_to_graph(sklearn_model).graph)
-    segments = tuple(
-        Segment(
-            QuantizedLinear(
-                graph.node(s["linear"]),
-                s["weight_q"],
-                s["weight_quantizer"],
-                s["input_quantizer"],
-            ),
-            tuple(graph.node(name) for name in s["chain"]),
-            s["output_quantizer"],
-        )
-        for s in state["segments"]
-    )
-    quantized = QuantizedGraph(
-        graph,
-        tuple(graph.node(name) for name in state["pre"]),
-        segments,
-        QuantConfig.from_dict(state["config"]),
-    )
-    return QuantizedModule(graph, quantized, lower(quantized))
 
 
 # --------------------------------------------------------------------------- base classes
@@ -415,20 +363,6 @@ class _FHEEstimator(BaseEstimator):
         if tags.regressor_tags is not None and inner.regressor_tags is not None:
             tags.regressor_tags.poor_score = inner.regressor_tags.poor_score
         return tags
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())
-        module = state.pop("quantized_module_", None)
-        if module is not None:
-            state["_quantized_state"] = _module_state(module)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        quantized = state.pop("_quantized_state", None)
-        super().__setstate__(state)
-        if quantized is not None:
-            self.quantized_module_ = _module_from_state(self.sklearn_model_, quantized)
 
 
 def _has_decision_function(estimator: _FHEEstimator) -> bool:
@@ -836,32 +770,6 @@ class _FHETreeEstimator(_FHEEstimator):
         if tags.classifier_tags is not None:
             tags.target_tags.multi_output = False  # multi-output classifiers: unsupported
         return tags
-
-    def __getstate__(self) -> dict[str, Any]:
-        # NOTE: the module holds closures pickle refuses; it is rebuilt from the pickled
-        # scikit-learn model and the calibrated grid (plain data), bit for bit.
-        state = dict(BaseEstimator.__getstate__(self))
-        module = state.pop("quantized_module_", None)
-        if module is not None:
-            quantized = module.quantized
-            state["_tree_state"] = {
-                "config": asdict(quantized.config),
-                "low": quantized.low,
-                "high": quantized.high,
-            }
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        tree_state = state.pop("_tree_state", None)
-        BaseEstimator.__setstate__(self, state)
-        if tree_state is not None:
-            self.quantized_module_ = self._build_module(
-                self.sklearn_model_,
-                _trees.TreeQuantConfig(**tree_state["config"]),
-                low=tree_state["low"],
-                high=tree_state["high"],
-            )
 
 
 class _FHETreeClassifier(_FHETreeEstimator, _FHEClassifier):
@@ -1333,23 +1241,6 @@ class _KNNMixin:
         tags = super().__sklearn_tags__()  # type: ignore[misc]
         tags.target_tags.multi_output = False  # one label per sample (see check_knn_options)
         return tags
-
-    def __getstate__(self) -> dict[str, Any]:
-        # NOTE: the graph-based estimators' __getstate__ is skipped: it serializes
-        # quantized graphs, and a _neighbors.KNNModule has none. Its program is plain data.
-        state = dict(BaseEstimator.__getstate__(self))  # type: ignore[arg-type]
-        module = state.pop("quantized_module_", None)
-        if module is not None:
-            state["_knn_state"] = (module.program, module.low, module.span)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        knn = state.pop("_knn_state", None)
-        super().__setstate__(state)  # type: ignore[misc]
-        if knn is not None:
-            program, low, span = knn
-            self.quantized_module_ = _neighbors.KNNModule(self.sklearn_model_, program, low, span)
 
 
 _KNN_DOC = """KNeighborsClassifier for encrypted inference: scikit-learn's
