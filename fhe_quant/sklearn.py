@@ -518,41 +518,77 @@ def _make_estimator(
     ``accumulator_bits`` parameter (perceptrons: accumulator-aware quantization);
     ``sk_signature`` replaces the class's own (XGBoost's takes ``**kwargs``).
     """
-    sk_signature = sk_signature or inspect.signature(sklearn_class.__init__)
-    if defaults:
-        sk_signature = sk_signature.replace(
-            parameters=[
-                p.replace(default=defaults[p.name]) if p.name in defaults else p
-                for p in sk_signature.parameters.values()
-            ]
-        )
-    fhe_params = [
-        inspect.Parameter("n_bits", inspect.Parameter.KEYWORD_ONLY, default=default_n_bits),
-        inspect.Parameter("rounding_bits", inspect.Parameter.KEYWORD_ONLY, default=None),
-        inspect.Parameter("p_error", inspect.Parameter.KEYWORD_ONLY, default=None),
-    ]
-    if accumulator:
-        fhe_params.append(
-            inspect.Parameter("accumulator_bits", inspect.Parameter.KEYWORD_ONLY, default=None)
-        )
+    sk_signature = _with_defaults(
+        sk_signature or inspect.signature(sklearn_class.__init__), defaults or {}
+    )
     has_verbose = "verbose" in sk_signature.parameters
+    signature = sk_signature.replace(
+        parameters=[
+            *sk_signature.parameters.values(),
+            *_fhe_parameters(default_n_bits, accumulator, has_verbose),
+        ]
+    )
+    name = sklearn_class.__name__
+    doc = _class_doc(doc, sklearn_class, base, default_n_bits, defaults or {}, has_verbose)
+    if accumulator:
+        doc = doc.replace("    p_error:", _ACCUMULATOR_DOC + "    p_error:", 1)
+    return type(
+        name,
+        (base,),
+        {
+            "__init__": _storing_init(signature, name),
+            "__doc__": doc,
+            "__module__": __name__,
+            "__qualname__": name,
+            "_sklearn_class": sklearn_class,
+            "_sklearn_params": tuple(p for p in sk_signature.parameters if p != "self"),
+            "_parameter_constraints": _constraints(sklearn_class, accumulator, has_verbose),
+        },
+    )
+
+
+def _with_defaults(signature: inspect.Signature, defaults: dict[str, Any]) -> inspect.Signature:
+    """``signature`` with some of its defaults replaced."""
+    return signature.replace(
+        parameters=[
+            p.replace(default=defaults[p.name]) if p.name in defaults else p
+            for p in signature.parameters.values()
+        ]
+    )
+
+
+def _fhe_parameters(
+    default_n_bits: int, accumulator: bool, has_verbose: bool
+) -> list[inspect.Parameter]:
+    """The keyword-only parameters every estimator adds to the wrapped class's."""
+    names = {"n_bits": default_n_bits, "rounding_bits": None, "p_error": None}
+    if accumulator:
+        names["accumulator_bits"] = None
     if not has_verbose:
-        fhe_params.append(
-            inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False)
-        )
-    signature = sk_signature.replace(parameters=[*sk_signature.parameters.values(), *fhe_params])
-    sklearn_params = tuple(name for name in sk_signature.parameters if name != "self")
+        names["verbose"] = False
+    return [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+        for name, default in names.items()
+    ]
+
+
+def _storing_init(signature: inspect.Signature, name: str) -> Callable[..., None]:
+    """An ``__init__`` that binds its arguments against ``signature`` and stores them."""
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
-        for name, value in list(bound.arguments.items())[1:]:
-            setattr(self, name, value)
+        for key, value in list(bound.arguments.items())[1:]:
+            setattr(self, key, value)
 
     init.__signature__ = signature  # type: ignore[attr-defined]
-    name = sklearn_class.__name__
     init.__name__ = "__init__"
     init.__qualname__ = f"{name}.__init__"
+    return init
+
+
+def _constraints(sklearn_class: type, accumulator: bool, has_verbose: bool) -> dict[str, list[Any]]:
+    """The wrapped class's parameter constraints plus ours."""
     constraints = {
         **getattr(sklearn_class, "_parameter_constraints", {}),
         **_FHE_PARAMETER_CONSTRAINTS,
@@ -564,11 +600,23 @@ def _make_estimator(
         ]
     if has_verbose:
         constraints["verbose"] = sklearn_class._parameter_constraints["verbose"]  # type: ignore[attr-defined]
-    path = f"{sklearn_class.__module__.split('._')[0]}.{name}"
-    doc = doc.format(
+    return constraints
+
+
+def _class_doc(
+    doc: str,
+    sklearn_class: type,
+    base: type,
+    default_n_bits: int,
+    defaults: dict[str, Any],
+    has_verbose: bool,
+) -> str:
+    """The class docstring: ``doc`` filled in for ``sklearn_class``."""
+    name = sklearn_class.__name__
+    return doc.format(
         name=name,
-        defaults=", ".join(f"``{k}={v!r}``" for k, v in (defaults or {}).items()),
-        path=path,
+        defaults=", ".join(f"``{k}={v!r}``" for k, v in defaults.items()),
+        path=f"{sklearn_class.__module__.split('._')[0]}.{name}",
         n_bits=default_n_bits,
         verbose_note=(
             " (scikit-learn's own ``verbose``, also used for fhe_quant's progress bars)"
@@ -576,21 +624,6 @@ def _make_estimator(
             else ""
         ),
         classes=("\n    classes_: the class labels." if issubclass(base, _FHEClassifier) else ""),
-    )
-    if accumulator:
-        doc = doc.replace("    p_error:", _ACCUMULATOR_DOC + "    p_error:", 1)
-    return type(
-        name,
-        (base,),
-        {
-            "__init__": init,
-            "__doc__": doc,
-            "__module__": __name__,
-            "__qualname__": name,
-            "_sklearn_class": sklearn_class,
-            "_sklearn_params": sklearn_params,
-            "_parameter_constraints": constraints,
-        },
     )
 
 
