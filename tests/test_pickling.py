@@ -1,17 +1,25 @@
-"""Programs are plain data: graphs, quantized graphs, integer programs, uncompiled
-modules and QAT modules pickle and deep-copy with no custom code, and the copies compute
-the same integers."""
+"""Programs are plain data: graphs, quantized graphs, integer programs, modules (compiled
+or not) and QAT modules pickle and deep-copy with no custom code, and the copies compute
+the same integers; a compiled copy compiles its Concrete circuit again on first use.
+Graphs also have a data form (``Graph.to_dict``: JSON values and NumPy arrays)."""
 
 from __future__ import annotations
 
 import copy
+import io
+import json
 import pickle
+import warnings
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
+from fhe_quant.errors import UnsupportedOpError
+from fhe_quant.fhe import FHECircuit
+from fhe_quant.ir import Graph, Node
 from fhe_quant.lower import TableFunction, TableStep
 from fhe_quant.qat import compile_qat_model, prepare_qat
 from fhe_quant.quant.qat import QATModule
@@ -71,3 +79,149 @@ def test_qat_module_round_trips_without_custom_code(x: np.ndarray) -> None:
         np.testing.assert_array_equal(clone.eval()(x).detach().numpy(), expected)
         qm = compile_qat_model(clone, x, compile=False)
         np.testing.assert_array_equal(qm.forward(x), expected)
+
+
+#: Per-lookup error probability for exactness tests: any mismatch is then a real bug.
+TINY_P_ERROR = 1e-12
+
+
+def test_a_compiled_module_simulates_after_pickling(x: np.ndarray) -> None:
+    assert not {"__getstate__", "__reduce__", "__deepcopy__"} & set(vars(FHECircuit))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    qm = compile_torch_model(model, x, n_bits=4, p_error=TINY_P_ERROR)
+    expected = qm.forward_integers(x[:6], fhe="simulate")
+    np.testing.assert_array_equal(expected, qm.forward_integers(x[:6]))
+    for clone in _round_trips(qm):
+        circuit = clone.fhe_circuit
+        assert circuit is not qm.fhe_circuit and not circuit.is_compiled
+        assert circuit.program is clone.program  # shared, as in the original
+        np.testing.assert_array_equal(clone.forward_integers(x[:6], fhe="simulate"), expected)
+        assert circuit.is_compiled and clone.statistics["pbs_count"] == qm.statistics["pbs_count"]
+
+
+def _conv_model() -> nn.Module:
+    torch.manual_seed(2)
+    return nn.Sequential(
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.LeakyReLU(0.1),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(8, 2),
+        nn.Sigmoid(),
+    )
+
+
+def _graphs(x: np.ndarray) -> dict[str, tuple[Graph, np.ndarray]]:
+    images = np.random.default_rng(1).normal(size=(40, 1, 4, 4))
+    chain = nn.Sequential(nn.Linear(4, 5), nn.Mish(), nn.Linear(5, 2))
+    return {
+        "chain": (compile_torch_model(chain, x, n_bits=4, compile=False).graph, x),
+        "residual": (compile_torch_model(_residual(), x, n_bits=4, compile=False).graph, x),
+        "conv": (compile_torch_model(_conv_model(), images, n_bits=4, compile=False).graph, images),
+    }
+
+
+def _to_json(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+    """``value`` as JSON text's values, its arrays moved to ``arrays`` (as deploy does)."""
+    if isinstance(value, np.ndarray):
+        arrays[str(len(arrays))] = value
+        return {"array": str(len(arrays) - 1)}
+    if isinstance(value, dict):
+        return {key: _to_json(item, arrays) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_to_json(item, arrays) for item in value]
+    assert value is None or isinstance(value, (bool, int, float, str)), type(value)
+    return value
+
+
+def _from_json(value: Any, arrays: dict[str, np.ndarray]) -> Any:
+    if isinstance(value, dict) and set(value) == {"array"}:
+        return arrays[value["array"]]
+    if isinstance(value, dict):
+        return {key: _from_json(item, arrays) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_from_json(item, arrays) for item in value]
+    return value
+
+
+@pytest.mark.parametrize("kind", ["chain", "residual", "conv"])
+def test_graphs_round_trip_as_json_and_arrays(kind: str, x: np.ndarray) -> None:
+    graph, data = _graphs(x)[kind]
+    arrays: dict[str, np.ndarray] = {}
+    text = json.dumps(_to_json(graph.to_dict(), arrays))
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    buffer.seek(0)
+    with np.load(buffer, allow_pickle=False) as stored:
+        loaded = {name: stored[name] for name in stored.files}
+    again = Graph.from_dict(_from_json(json.loads(text), loaded))
+    assert [n.op for n in again.nodes] == [n.op for n in graph.nodes]
+    assert json.dumps(_to_json(again.to_dict(), {})) == json.dumps(_to_json(graph.to_dict(), {}))
+    for a, b in zip(again.nodes, graph.nodes, strict=True):
+        assert a.attrs == b.attrs and a.inputs == b.inputs  # tuples again, not lists
+    np.testing.assert_array_equal(again(data), graph(data))
+
+
+def _bad(data: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    return {**copy.deepcopy(data), **changes}
+
+
+def test_graph_from_dict_refuses_malformed_data() -> None:
+    graph = Graph(
+        (Node("x", "input"), Node("y", "add_const", ("x",), params={"constant": np.ones(2)})),
+        "x",
+        "y",
+        (2,),
+    )
+    data = graph.to_dict()
+    node = data["nodes"][1]
+    bad_nodes = [
+        {**node, "params": {"constant": [1.0, 1.0]}},  # a list, not an array
+        {**node, "params": {"constant": np.array(["a", "b"])}},
+        {**node, "params": {"constant": np.array([np.inf, 0.0])}},
+        {**node, "attrs": {"slope": {"a": 1}}},
+        {**node, "attrs": {"slope": np.ones(2)}},
+        {**node, "inputs": "x"},
+        {**node, "inputs": ["z"]},  # reads a node that does not exist
+        {**node, "name": 3},
+        {key: value for key, value in node.items() if key != "source"},
+        {**node, "extra": 1},
+    ]
+    cases = [_bad(data, nodes=[data["nodes"][0], bad]) for bad in bad_nodes] + [
+        _bad(data, input_shape=[0]),
+        _bad(data, input_shape=[True]),
+        _bad(data, nodes={"x": 1}),
+        _bad(data, output_name="missing"),
+        [data],
+    ]
+    for case in cases:
+        with pytest.raises(ValueError):
+            Graph.from_dict(case)
+    with pytest.raises(UnsupportedOpError, match="no_such_op"):
+        Graph.from_dict(_bad(data, nodes=[data["nodes"][0], {**node, "op": "no_such_op"}]))
+    np.testing.assert_array_equal(Graph.from_dict(data)(np.zeros((1, 2))), [[1.0, 1.0]])
+
+
+def test_an_onnx_module_round_trips(x: np.ndarray) -> None:
+    pytest.importorskip("onnx")
+    from fhe_quant.onnx import compile_onnx_model
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2)).eval()
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation
+        torch.onnx.export(
+            model,
+            (torch.zeros((1, 4)),),
+            buffer,
+            dynamo=False,
+            input_names=["x"],
+            output_names=["y"],
+            dynamic_axes={"x": {0: "n"}, "y": {0: "n"}},
+        )
+    qm = compile_onnx_model(buffer.getvalue(), x, n_bits=4, compile=False)
+    for clone in _round_trips(qm):
+        np.testing.assert_array_equal(clone.forward_integers(x), qm.forward_integers(x))
+        np.testing.assert_array_equal(clone.forward(x), qm.forward(x))
