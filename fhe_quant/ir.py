@@ -60,6 +60,8 @@ __all__ = [
     "max_pool_numpy",
     "max_pool_geometry",
     "chain_source",
+    "plain_data",
+    "attrs_from_data",
 ]
 
 Kind = Literal["input", "linear", "elementwise", "reshape", "add", "concat", "max_pool"]
@@ -129,7 +131,7 @@ class Node:
             >>> Node("r", "leaky_relu", ("x",), {"negative_slope": 0.1}).to_dict()["attrs"]
             {'negative_slope': 0.1}
         """
-        return _plain(asdict(self))
+        return plain_data(asdict(self))
 
     @classmethod
     def from_dict(cls, data: Any) -> Node:
@@ -149,7 +151,7 @@ class Node:
             _text(data["name"], "name"),
             _text(data["op"], "op"),
             tuple(_text(name, "inputs") for name in _sequence(data["inputs"], "inputs")),
-            {key: _attr(value, key) for key, value in _mapping(data["attrs"], "attrs").items()},
+            attrs_from_data(data["attrs"]),
             params,
             _text(data["source"], "source"),
         )
@@ -227,7 +229,7 @@ class Graph:
             >>> Graph.from_dict(g.to_dict())(np.array([[-1.0, 2.0]]))
             array([[0., 2.]])
         """
-        return _plain(asdict(self))
+        return plain_data(asdict(self))
 
     @classmethod
     def from_dict(cls, data: Any) -> Graph:
@@ -253,16 +255,35 @@ class Graph:
 # --------------------------------------------------------------------------- as data
 
 
-def _plain(value: Any) -> Any:
-    """``value`` (the ``asdict`` of a node or graph) with tuples as lists and NumPy
-    scalars as Python numbers; arrays stay arrays."""
+def plain_data(value: Any) -> Any:
+    """``value`` (the ``asdict`` of a node, a graph, a step) with tuples as lists and
+    NumPy scalars as Python numbers; arrays stay arrays.
+
+    Examples:
+        >>> plain_data({"shape": (2, np.int64(3))})
+        {'shape': [2, 3]}
+    """
     if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
+        return {key: plain_data(item) for key, item in value.items()}
     if isinstance(value, (tuple, list)):
-        return [_plain(item) for item in value]
+        return [plain_data(item) for item in value]
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def attrs_from_data(data: Any) -> dict[str, Any]:
+    """Node attributes (:attr:`Node.attrs`) from their data form: a dict of numbers,
+    strings, booleans, ``None`` and lists of them (lists become tuples).
+
+    Raises:
+        ValueError: not a dict with str keys, or a value of another type.
+
+    Examples:
+        >>> attrs_from_data({"stride": [1, 2], "groups": 1})
+        {'stride': (1, 2), 'groups': 1}
+    """
+    return {key: _attr(value, key) for key, value in _mapping(data, "attrs").items()}
 
 
 def _fields_of(cls: type, data: Any) -> dict[str, Any]:

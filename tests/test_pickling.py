@@ -20,7 +20,7 @@ from torch import nn
 from fhe_quant.errors import UnsupportedOpError
 from fhe_quant.fhe import FHECircuit
 from fhe_quant.ir import Graph, Node
-from fhe_quant.lower import TableFunction, TableStep
+from fhe_quant.lower import IntegerProgram, TableFunction, TableStep
 from fhe_quant.qat import compile_qat_model, prepare_qat
 from fhe_quant.quant.qat import QATModule
 from fhe_quant.torch import compile_torch_model
@@ -225,3 +225,64 @@ def test_an_onnx_module_round_trips(x: np.ndarray) -> None:
     for clone in _round_trips(qm):
         np.testing.assert_array_equal(clone.forward_integers(x), qm.forward_integers(x))
         np.testing.assert_array_equal(clone.forward(x), qm.forward(x))
+
+
+def _concat() -> nn.Module:
+    class Concat(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 3), nn.Linear(4, 2), nn.Linear(5, 2)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return self.c(torch.cat([torch.relu(self.a(t)), torch.tanh(self.b(t))], dim=1))
+
+    torch.manual_seed(4)
+    return Concat()
+
+
+@pytest.mark.parametrize("kind", ["chain", "residual", "conv", "concat"])
+def test_integer_programs_round_trip_as_json_and_arrays(kind: str, x: np.ndarray) -> None:
+    images = np.random.default_rng(1).normal(size=(40, 1, 4, 4))
+    model, data = {
+        "chain": (nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 2)), x),
+        "residual": (_residual(), x),
+        "conv": (_conv_model(), images),
+        "concat": (_concat(), x),
+    }[kind]
+    qm = compile_torch_model(model, data, n_bits=4, compile=False)
+    program = qm.program
+    arrays: dict[str, np.ndarray] = {}
+    text = json.dumps(_to_json(program.to_dict(), arrays))
+    again = IntegerProgram.from_dict(_from_json(json.loads(text), arrays))
+    assert [type(s) for s in again.steps] == [type(s) for s in program.steps]
+    assert again.source() == program.source()
+    assert again.lookups_by_width() == program.lookups_by_width()
+    q = qm.quantize_input(data)
+    np.testing.assert_array_equal(again(q), program(q))
+    np.testing.assert_array_equal(again.run_without_rounding(q), program.run_without_rounding(q))
+
+
+def test_integer_program_from_dict_refuses_malformed_data(x: np.ndarray) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    data = compile_torch_model(model, x, n_bits=4, compile=False).program.to_dict()
+    linear, table = data["steps"][0], data["steps"][1]
+    cases = [
+        {**data, "steps": [{**linear, "step_type": "NoSuchStep"}]},
+        {**data, "steps": [{key: v for key, v in linear.items() if key != "step_type"}]},
+        {**data, "steps": [{**linear, "weight": linear["weight"].tolist()}]},
+        {**data, "steps": [{**linear, "weight": np.array(["a"])}]},
+        {**data, "steps": [{**linear, "inputs": [1.5]}]},
+        {**data, "steps": [{**linear, "name": 1}]},
+        {**data, "steps": [{**linear, "extra": 1}]},
+        {**data, "steps": [linear, {**table, "lsbs": True}]},
+        {**data, "steps": [linear, {**table, "exact": {"scale": 1}}]},
+        {**data, "steps": [linear, {**table, "out_shape": "5"}]},
+        {**data, "input_shape": [4.0]},
+        {**data, "input_quantizer": {"bits": 4}},
+        {key: v for key, v in data.items() if key != "steps"},
+        [data],
+    ]
+    for case in cases:
+        with pytest.raises(ValueError):
+            IntegerProgram.from_dict(case)
