@@ -38,7 +38,7 @@ overflow of a value wider than the compile-time inputset showed.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any, Protocol, get_args
 
 import numpy as np
@@ -1259,6 +1259,13 @@ def _step_to_dict(step: Any) -> dict[str, Any]:
     Raises:
         TypeError: a field holds something that is not data (a closure).
     """
+    for f in fields(step):
+        value = getattr(step, f.name)
+        if is_dataclass(value) and not isinstance(value, (TableFunction, UniformQuantizer)):
+            raise TypeError(
+                f"{type(step).__name__}.{f.name} is a {type(value).__name__}, which "
+                "from_dict cannot read back: it has no data form here."
+            )
     data = plain_data(asdict(step))
     for name, value in data.items():
         _check_data(value, f"{type(step).__name__}.{name}")

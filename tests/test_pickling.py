@@ -6,6 +6,7 @@ Graphs also have a data form (``Graph.to_dict``: JSON values and NumPy arrays)."
 from __future__ import annotations
 
 import copy
+import dataclasses
 import io
 import json
 import pickle
@@ -286,3 +287,20 @@ def test_integer_program_from_dict_refuses_malformed_data(x: np.ndarray) -> None
     for case in cases:
         with pytest.raises(ValueError):
             IntegerProgram.from_dict(case)
+
+
+def test_a_step_that_is_not_data_has_no_data_form(x: np.ndarray) -> None:
+    @dataclasses.dataclass(frozen=True)
+    class Lookup:  # data, but of a type from_dict cannot read back
+        table: np.ndarray
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 2))
+    program = compile_torch_model(model, x, n_bits=4, compile=False).program
+    table = program.steps[1]
+    for exact in (lambda acc: acc, Lookup(np.zeros((5, 2)))):
+        step = dataclasses.replace(table, exact=exact)
+        with pytest.raises(TypeError, match=r"TableStep\.exact"):
+            step.to_dict()
+        with pytest.raises(TypeError, match=r"TableStep\.exact"):
+            dataclasses.replace(program, steps=(program.steps[0], step)).to_dict()
