@@ -421,6 +421,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"fhe-quant {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_report_parser(sub)
+    _add_compile_parser(sub)
+    _add_info_parser(sub)
+    _add_serve_parser(sub)
+    _add_predict_parser(sub)
+    return parser
+
+
+def _add_report_parser(sub: Any) -> None:
     rep = sub.add_parser("report", help="quantize + compile a torch model and print its report")
     rep.add_argument(
         "--module", required=True, help="import path of the module class or factory, 'pkg.mod:Name'"
@@ -438,6 +447,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--program", action="store_true", help="print the integer program")
     rep.add_argument("--quiet", action="store_true", help="no progress bars")
     rep.set_defaults(func=_report)
+
+
+def _add_compile_parser(sub: Any) -> None:
     com = sub.add_parser(
         "compile",
         help="quantize + compile a torch model or a scikit-learn estimator, save the artifact",
@@ -483,6 +495,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--signing-key", help="sign the artifact with this Ed25519 key (fhe-quant keygen-signing)"
     )
     com.set_defaults(func=_compile)
+
+
+def _add_info_parser(sub: Any) -> None:
     info = sub.add_parser("info", help="describe a saved client artifact (FHEModelDev)")
     info.add_argument("artifact", help="the artifact's client directory")
     info.add_argument("--json", action="store_true", help="print JSON")
@@ -493,9 +508,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sig.add_argument("out", help="path of the private key; the public key goes to OUT.pub")
     sig.set_defaults(func=_keygen_signing)
-    _add_serve_parser(sub)
-    _add_predict_parser(sub)
-    return parser
 
 
 def _user_error(message: str) -> int:

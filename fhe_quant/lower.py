@@ -25,9 +25,13 @@ bound, so its width never depends on the data Concrete sees at compile time:
   quantization (with its clipping);
 * the last linear layer's accumulator is returned as is: the client dequantizes it.
 
-Branching graphs (:class:`~fhe_quant.quant.ptq.QuantizedDag`) add steps that name their
-operands: a residual add (:class:`AddStep`, operands times clear integers plus an offset,
-0 lookups), a concatenation and a reshape (0 lookups), and max pooling
+Every graph is lowered from its plan (:attr:`~fhe_quant.quant.ptq.QuantizedGraph.plan`,
+a :class:`~fhe_quant.quant.ptq.QuantizedDag`: the quantizers and the integer weights,
+all chosen by :mod:`fhe_quant.quant.ptq`), one node kind at a time
+(:attr:`_DagLowering.RAW`); the program of a chain names no operands (each step reads the
+previous value). Branching graphs add steps that name their operands: a residual add
+(:class:`AddStep`, operands times clear integers plus an offset, 0 lookups), a
+concatenation and a reshape (0 lookups), and max pooling
 (:class:`MaxPoolStep`, ``k - 1`` lookups per output element and pooled axis); see
 ``docs/DESIGN-NOTES.md`` section 7 for the lookup counts.
 
@@ -39,14 +43,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
-from typing import Any, Protocol, get_args
+from typing import Any, ClassVar, Protocol, get_args
 
 import numpy as np
 
-from fhe_quant.errors import RangeError, UnsupportedOpError
+from fhe_quant.errors import RangeError
 from fhe_quant.ir import (
     OPS,
     ConvGeometry,
+    Graph,
     Node,
     attrs_from_data,
     chain_source,
@@ -55,9 +60,16 @@ from fhe_quant.ir import (
     max_pool_geometry,
     plain_data,
 )
-from fhe_quant.quant.ptq import QuantizedGraph, Segment
+from fhe_quant.quant.config import QuantConfig
+from fhe_quant.quant.ptq import QuantizedDag, QuantizedGraph, channel_vector
 from fhe_quant.quant.quantizer import UniformQuantizer
-from fhe_quant.quant.weights import fold_input_scale, unit_weight_quantizer, weight_quantizer
+from fhe_quant.quant.widths import (
+    MAX_AUTO_TABLE_BITS,
+    MAX_TABLE_BITS,
+    auto_table_bits,
+    bits_for,
+)
+from fhe_quant.quant.widths import table_bits as table_width
 
 __all__ = [
     "Backend",
@@ -69,6 +81,7 @@ __all__ = [
     "lower",
     "bits_for",
     "MAX_TABLE_BITS",
+    "MAX_AUTO_TABLE_BITS",
     "auto_table_bits",
     "AddStep",
     "MaxPoolStep",
@@ -76,10 +89,8 @@ __all__ = [
     "ReshapeStep",
 ]
 
-#: Concrete refuses table lookups on inputs wider than this.
-MAX_TABLE_BITS = 16
-#: The widest table the automatic default picks (see :func:`auto_table_bits`).
-MAX_AUTO_TABLE_BITS = 7
+# NOTE: MAX_TABLE_BITS, MAX_AUTO_TABLE_BITS, bits_for and auto_table_bits live in
+# fhe_quant.quant.widths (PTQ needs them too) and keep their names here.
 
 
 class Backend(Protocol):
@@ -122,34 +133,6 @@ class _NumpyBackend:
 
 #: The clear backend, used by ``fhe="disable"``.
 NUMPY: Backend = _NumpyBackend()
-
-
-def bits_for(value: int) -> int:
-    """Bits of an unsigned integer able to hold ``0..value``.
-
-    Examples:
-        >>> bits_for(0), bits_for(1), bits_for(255), bits_for(256)
-        (1, 1, 8, 9)
-    """
-    return max(1, int(value).bit_length())
-
-
-def auto_table_bits(activation_bits: int) -> int:
-    """Default table input width for a layer whose output has ``activation_bits`` bits.
-
-    At least one bit more than the output, so that the table's rounding error stays
-    below one output step, and at least 5 bits: up to 5 bits a lookup costs about the
-    same (6 bits costs about 4x more), while every accumulator bit dropped to reach a
-    narrower table is one more bootstrap (measured: 2-bit QAT on digits, 4-bit tables
-    576 PBS and 94.0%, 5-bit tables 448 PBS and 96.4%). Never over 7 bits: Concrete 2.11
-    found no parameters for 8-bit tables after the 18-bit accumulators of a 7-bit,
-    64-wide layer (measured on the digits MLP).
-
-    Examples:
-        >>> [auto_table_bits(b) for b in range(1, 9)]
-        [5, 5, 5, 5, 6, 7, 7, 7]
-    """
-    return min(max(5, activation_bits + 1), MAX_AUTO_TABLE_BITS)
 
 
 @dataclass(frozen=True, eq=False)
@@ -728,22 +711,6 @@ def _broadcast(values: np.ndarray, shape: tuple[int, ...], axis: int) -> np.ndar
     return np.broadcast_to(values.reshape(channel_shape), shape).copy()
 
 
-def _lower_linear(segment: Segment, lower: np.ndarray, upper: np.ndarray) -> LinearStep:
-    linear = segment.linear
-    node: Node = linear.node
-    weight = linear.weight_q
-    lo, hi = linear_bounds(node.op, weight, lower, upper, node.attrs)
-    x_q = linear.input_quantizer
-    # NOTE: input x_i = s_i * (q_i - z_i) and the integer weights W approximate
-    # w * s_in / s_w (input scales folded in, see quant/ptq.py), so
-    #   apply(x, w) + b  =  s_w * (apply(q, W) - apply(z, W)) + b  =  scale * (acc - zero) + bias
-    # with acc = apply(q, W) - lo: zero = apply(z, W) - lo, an integer per output. A
-    # convolution pads z with 0 as it pads q, so `zero` differs at the borders and a
-    # padded tap contributes s_w * (0 - 0) = 0: the real zero padding, for any z.
-    z_x = np.broadcast_to(x_q.zero_point_array(lower.ndim), lower.shape).astype(np.int64)
-    return _linear_step(node, weight, linear.weight_quantizer.scale, lo, hi, z_x)
-
-
 def _linear_step(
     node: Node,
     weight: np.ndarray,
@@ -778,21 +745,6 @@ def _chain(nodes: tuple[Node, ...], value: np.ndarray) -> np.ndarray:
     for node in nodes:
         value = node.evaluate(value)
     return value
-
-
-def _lower_table(
-    segment: Segment, linear: LinearStep, table_bits: int, exact_rounding: bool
-) -> TableStep:
-    out_q = segment.output_quantizer
-    assert out_q is not None
-    return _table(
-        linear.name,
-        _Source(linear.acc_max, linear.scale, linear.zero, linear.bias),
-        segment.chain,
-        out_q,
-        table_bits,
-        exact_rounding,
-    )
 
 
 @dataclass(frozen=True, eq=False)
@@ -867,7 +819,7 @@ def lower(quantized: QuantizedGraph, table_bits: int | None = None) -> IntegerPr
     """Lower a quantized graph to an :class:`IntegerProgram`.
 
     Args:
-        quantized: the output of :func:`fhe_quant.quant.ptq.quantize_graph`.
+        quantized: the output of :func:`fhe_quant.quant.ptq.quantize_graph` (or of QAT).
         table_bits: width of every table's input (the accumulator is rounded to it);
             ``None`` uses ``quantized.config.rounding_bits`` or, if that is ``None``
             too, :func:`auto_table_bits` of each layer's output bits.
@@ -875,36 +827,23 @@ def lower(quantized: QuantizedGraph, table_bits: int | None = None) -> IntegerPr
     Raises:
         RangeError: a table input would exceed Concrete's 16-bit limit.
     """
-    if quantized.dag is not None:
-        return _DagLowering(quantized, table_bits).program()
+    lowering = _DagLowering(quantized.graph, quantized.plan, quantized.config, table_bits)
+    program = lowering.program()
+    return _as_chain(program) if quantized.dag is None else program
+
+
+def _as_chain(program: IntegerProgram) -> IntegerProgram:
+    """The program of a chain graph as a chain: no step names its operand (each reads the
+    previous value), and a table is named after the layer whose accumulator it reads."""
     steps: list[Step] = []
-    first = quantized.segments[0].linear
-    input_q = first.input_quantizer
-    input_shape = _input_shape(quantized)
-    # NOTE: inputs are unsigned quantized values, clipped by the client to [0, qmax].
-    lower_b = np.zeros((1,) + input_shape, dtype=np.int64)
-    upper_b = np.full((1,) + input_shape, input_q.qmax, dtype=np.int64)
-    configured = table_bits if table_bits is not None else quantized.config.rounding_bits
-    for segment in quantized.segments:
-        linear = _lower_linear(segment, lower_b, upper_b)
-        steps.append(linear)
-        if segment.output_quantizer is None:
-            break
-        bits = configured or auto_table_bits(bits_for(segment.output_quantizer.qmax))
-        if bits > MAX_TABLE_BITS:
-            raise RangeError(
-                f"The table after layer {linear.name!r} would read {bits} bits; Concrete "
-                f"accepts at most {MAX_TABLE_BITS}. Lower rounding_bits."
-            )
-        table = _lower_table(segment, linear, bits, quantized.config.rounding_exact)
-        steps.append(table)
-        lower_b, upper_b = table.out_min, table.out_max
-    return IntegerProgram(input_q, input_shape, tuple(steps))
-
-
-def _input_shape(quantized: QuantizedGraph) -> tuple[int, ...]:
-    values = quantized.graph.run(np.zeros((1,) + quantized.graph.input_shape))
-    return tuple(values[quantized.segments[0].linear.node.inputs[0]].shape[1:])
+    for k, step in enumerate(program.steps):
+        assert step.inputs == (k,) and not getattr(step, "multi_operand", False)
+        if isinstance(step, TableStep):
+            step = replace(step, name=steps[-1].name, inputs=())
+        else:
+            step = replace(step, inputs=())
+        steps.append(step)
+    return replace(program, steps=tuple(steps))
 
 
 # --------------------------------------------------------------------------- branching graphs
@@ -940,20 +879,6 @@ def _codes_value(index: int, quantizer: UniformQuantizer, lo: Any, hi: Any) -> _
     )
 
 
-def _channel_vector(array: np.ndarray, axis: int, node: Node, what: str) -> np.ndarray:
-    """The per-channel values of a ``(1, *shape)`` array along ``axis``; refuses arrays
-    that vary along the other axes (they would not fold into the weights)."""
-    moved = np.moveaxis(array[0], axis - 1, 0).reshape(array.shape[axis], -1)
-    if not np.all(moved == moved[:, :1]):
-        raise UnsupportedOpError(
-            f"a {node.op} whose input {what} varies within a channel",
-            node.source or node.name,
-            "Its input mixes tensors quantized per channel along another axis (a "
-            "concatenation or reshape); add an activation before it.",
-        )
-    return moved[:, 0]
-
-
 def _identity_table(name: str, value: _Value) -> TableStep:
     """One identity lookup per element of codes (a fresh value for Concrete's widths)."""
     n = int(value.hi.max()) + 1
@@ -976,18 +901,25 @@ def _identity_table(name: str, value: _Value) -> TableStep:
 
 
 class _DagLowering:
-    """Builds the steps of a branching program, each value once, operands first."""
+    """Builds the steps of a program, each value once, operands first.
 
-    def __init__(self, quantized: QuantizedGraph, table_bits: int | None) -> None:
-        assert quantized.dag is not None
-        self.graph = quantized.graph
-        self.dag = quantized.dag
-        self.config = quantized.config
-        self.table_bits = table_bits if table_bits is not None else self.config.rounding_bits
+    ``RAW`` maps a node kind to the method that lowers it (a value as its operation
+    computes it); a table, a reshape or the input produce the codes other steps read
+    (:meth:`codes`). A new kind of operation is one method and one entry of ``RAW``.
+    """
+
+    RAW: ClassVar[dict[str, Callable[[_DagLowering, Node], _Value]]]
+
+    def __init__(
+        self, graph: Graph, dag: QuantizedDag, config: QuantConfig, table_bits: int | None
+    ) -> None:
+        self.graph = graph
+        self.dag = dag
+        self.config = config
+        self.table_bits = table_bits if table_bits is not None else config.rounding_bits
         self.steps: list[Step] = []
         self.raw_values: dict[str, _Value] = {}
         self.codes_values: dict[str, _Value] = {}
-        self.multipliers: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         probe = self.graph.run(np.zeros((1,) + self.graph.input_shape))
         self.shapes = {name: tuple(value.shape[1:]) for name, value in probe.items()}
         self.input_shape = self.shapes[self.dag.input_name]
@@ -1014,13 +946,7 @@ class _DagLowering:
     def raw(self, name: str) -> _Value:
         if name not in self.raw_values:
             node = self.graph.node(name)
-            build = {
-                "linear": self.linear,
-                "add": self.add,
-                "max_pool": self.max_pool,
-                "concat": self.concat,
-            }[node.kind]
-            self.raw_values[name] = build(node)
+            self.raw_values[name] = self.RAW[node.kind](self, node)
         return self.raw_values[name]
 
     def codes(self, name: str) -> _Value:
@@ -1037,62 +963,22 @@ class _DagLowering:
 
     # -- steps
     def linear(self, node: Node) -> _Value:
-        spec = OPS[node.op]
-        assert spec.linear_apply is not None
         source = self.codes(node.inputs[0])
-        ndim = source.scale.ndim
-        axis = spec.channel_axis % ndim
-        s_in = _channel_vector(source.scale, axis, node, "scale")
-        folded = fold_input_scale(node, s_in)
-        last = node.name in self.output_linears
-        bits = self.config.n_bits_outputs if last else self.config.n_bits_weights
-        where = node.source or node.name
-        adds = [
-            add
-            for add, operands in self.dag.adds.items()
-            if any(o.node == node.name and o.mode == "acc" for o in operands)
-        ]
-        if spec.unit_weights:
-            w_q = unit_weight_quantizer(folded, where)
-        elif adds:
-            w_q = self.scaled_weights(node, folded, bits, self.dag.add_quantizers[adds[0]])
-        else:
-            w_q = weight_quantizer(folded, bits, self.config.per_channel)
-        w = w_q.quantize(folded)
+        quantized = self.dag.linears[node.name]
+        w = quantized.weight_q
         lo, hi = linear_bounds(node.op, w, source.lo, source.hi, node.attrs)
         if np.any(source.zero != np.rint(source.zero)):  # pragma: no cover - codes only
-            raise AssertionError(f"non-integer zero points entering {where}")
-        step = _linear_step(
-            node, w, w_q.scale, lo, hi, source.zero.astype(np.int64), (source.index,)
-        )
+            raise AssertionError(f"non-integer zero points entering {node.name}")
+        # NOTE: input x_i = s_i * (q_i - z_i) and the integer weights W approximate
+        # w * s_in / s_w (input scales folded in, see quant/ptq.py), so
+        #   apply(x, w) + b = s_w * (apply(q, W) - apply(z, W)) + b = scale * (acc - zero) + bias
+        # with acc = apply(q, W) - lo: zero = apply(z, W) - lo, an integer per output. A
+        # convolution pads z with 0 as it pads q, so `zero` differs at the borders and a
+        # padded tap contributes s_w * (0 - 0) = 0: the real zero padding, for any z.
+        scale = quantized.weight_quantizer.scale
+        zero = source.zero.astype(np.int64)
+        step = _linear_step(node, w, scale, lo, hi, zero, (source.index,))
         return _Value(self.emit(step), step.scale, step.zero, step.bias, np.zeros_like(lo), hi - lo)
-
-    def scaled_weights(
-        self, node: Node, folded: np.ndarray, bits: int, common: UniformQuantizer
-    ) -> UniformQuantizer:
-        """Per-channel weight scales that are integer ratios of the add's common scale
-        ``s``: ``s / m`` (``m = floor(s / s_w)``, at most ``(m + 1) / m`` coarser than the
-        natural ``s_w``) when ``s >= s_w``, else ``k * s`` (``k = ceil(s_w / s)``); the
-        add then multiplies the codes by ``m`` or the accumulator by ``k`` (free)."""
-        natural = np.asarray(weight_quantizer(folded, bits, True).scale)
-        n_out = folded.shape[0]
-        s = np.broadcast_to(np.asarray(common.scale, dtype=np.float64), (n_out,))
-        m = np.floor(s / natural)
-        k = np.ceil(natural / s)
-        finer = m >= 1
-        scale = np.where(finer, s / np.maximum(m, 1), k * s)
-        mult_acc = np.where(finer, 1, k).astype(np.int64)
-        mult_codes = np.where(finer, m, 1).astype(np.int64)
-        unit = np.where(finer, scale, s)
-        self.multipliers[node.name] = (mult_acc, mult_codes, unit)
-        return UniformQuantizer(
-            bits=bits,
-            scale=tuple(float(v) for v in scale),
-            zero_point=(0,) * n_out,
-            signed=True,
-            narrow_range=True,
-            axis=0,
-        )
 
     def add(self, node: Node) -> _Value:
         operands = self.dag.adds[node.name]
@@ -1107,9 +993,11 @@ class _DagLowering:
         channel = (1, -1) + (1,) * (len(shape) - 2)
         acc = [o.node for o in operands if o.mode == "acc"]
         if acc:
-            mult_acc, mult_codes, unit = self.multipliers[acc[0]]
-            mult_acc, mult_codes = mult_acc.reshape(channel), mult_codes.reshape(channel)
-            unit = np.broadcast_to(unit.reshape(channel), shape)
+            scaling = self.dag.linears[acc[0]].scaling
+            assert scaling is not None
+            mult_acc = scaling.accumulator.reshape(channel)
+            mult_codes = scaling.codes.reshape(channel)
+            unit = np.broadcast_to(scaling.unit.reshape(channel), shape)
         else:
             mult_acc = mult_codes = np.ones((1,) * len(shape), dtype=np.int64)
             unit = np.broadcast_to(common.scale_array(len(shape)), shape)
@@ -1156,7 +1044,7 @@ class _DagLowering:
         else:
             source = self.raw(source_name)
         out_q = self.dag.tables[node.name]
-        bits = self.table_bits or auto_table_bits(bits_for(out_q.qmax))
+        bits = table_width(self.table_bits, out_q.qmax)
         if bits > MAX_TABLE_BITS:
             raise RangeError(
                 f"The table producing {node.source or node.name!r} would read {bits} bits; "
@@ -1201,8 +1089,8 @@ class _DagLowering:
             step = _identity_table(f"{name}_copy", codes)
             source = replace(codes, index=self.emit(step))
         kernel, geometry = max_pool_geometry(node.attrs)
-        scale = _channel_vector(source.scale, 1, node, "scale")
-        zero = _channel_vector(source.zero, 1, node, "zero point")
+        scale = channel_vector(source.scale, 1, node, "scale")
+        zero = channel_vector(source.zero, 1, node, "zero point")
         in_shape = tuple(source.hi.shape[1:])
         spatial = tuple(range(2, 2 + geometry.ndim))
         orders = [spatial, spatial[::-1]] if geometry.ndim == 2 else [spatial]
@@ -1245,6 +1133,14 @@ class _DagLowering:
             ),
             hi,
         )
+
+
+_DagLowering.RAW = {
+    "linear": _DagLowering.linear,
+    "add": _DagLowering.add,
+    "max_pool": _DagLowering.max_pool,
+    "concat": _DagLowering.concat,
+}
 
 
 # --------------------------------------------------------------------------- as data

@@ -188,9 +188,102 @@ class Report:
     def _repr_pretty_(self, printer: Any, cycle: bool) -> None:  # IPython
         printer.text(str(self))
 
+    def plot(self, ax: Any = None) -> Any:
+        """Draw the layers' cost with matplotlib: one bar per layer, its height the
+        layer's table lookups per sample, its colour the width its tables read (each bar
+        is annotated ``in→out``, the table's input and output bits, or ``no table``);
+        the accumulator bits are diamonds on a second y axis (a twin of ``ax``), above
+        the bars.
+
+        Examples:
+            >>> import matplotlib
+            >>> matplotlib.use("Agg")
+            >>> layers = [{"layer": "fc1", "accumulator_bits": 9, "table_input_bits": 5,
+            ...            "table_output_bits": 3, "lookups": 16},
+            ...           {"layer": "fc2", "accumulator_bits": 8}]
+            >>> report = Report(None, {}, layers, input_bits=4, pbs_count=16,
+            ...                 max_bit_width=9)
+            >>> ax = report.plot()
+            >>> [bar.get_height() for bar in ax.patches]
+            [16, 0]
+            >>> matplotlib.pyplot.close(ax.figure)
+
+        Needs matplotlib (``pip install 'fhe-quant[plot]'``).
+
+        Args:
+            ax: the matplotlib ``Axes`` to draw in; by default a new figure's.
+
+        Returns:
+            The ``Axes`` holding the bars (``ax`` when given); the accumulator bits'
+            twin axis shares its x axis (``ax.figure.axes``).
+
+        Raises:
+            ImportError: matplotlib is not installed (the message says how to install it).
+        """
+        pyplot = _pyplot()
+        if ax is None:
+            _, ax = pyplot.subplots(figsize=(max(4.0, 1.2 * len(self.layers) + 2.0), 3.5))
+        names = [str(layer["layer"]) for layer in self.layers]
+        positions = np.arange(len(names))
+        widths = [layer.get("table_input_bits") for layer in self.layers]
+        colours, legend = _width_colours(widths, pyplot)
+        lookups = [int(layer.get("lookups", 0) or 0) for layer in self.layers]
+        bars = ax.bar(positions, lookups, color=colours, edgecolor="black", linewidth=0.5)
+        ax.bar_label(bars, labels=[_table_label(layer) for layer in self.layers], fontsize=8)
+        ax.set_xticks(positions, names)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("table lookups per sample")
+        ax.set_ylim(0, max([1, *lookups]) * 1.6)  # NOTE: room for the diamonds above
+        accumulators = ax.twinx()
+        acc = [float(layer.get("accumulator_bits", np.nan)) for layer in self.layers]
+        accumulators.plot(positions, acc, "D", color="black", label="accumulator bits")
+        accumulators.set_ylabel("accumulator bits")
+        accumulators.set_ylim(0, np.nanmax([1.0, *acc]) * 1.15)
+        handles = [*legend, *accumulators.get_legend_handles_labels()[0]]
+        ax.legend(
+            handles=handles, fontsize=8, ncols=len(handles), frameon=False,
+            loc="upper center", bbox_to_anchor=(0.5, -0.18),
+        )  # fmt: skip
+        pbs = "" if self.pbs_count is None else f", {self.pbs_count} PBS per sample"
+        ax.set_title(f"inputs {self.input_bits} bits{pbs}")
+        return ax
+
 
 def _sqnr_text(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
+
+
+def _pyplot() -> Any:
+    """matplotlib's ``pyplot``, imported on first use (it is the ``plot`` extra)."""
+    try:
+        import matplotlib.pyplot as pyplot
+    except ImportError as exc:
+        raise ImportError(
+            "Report.plot needs matplotlib: pip install 'fhe-quant[plot]' "
+            "(or pip install matplotlib)."
+        ) from exc
+    return pyplot
+
+
+def _table_label(layer: dict[str, Any]) -> str:
+    """``in→out`` bits of a layer's tables, ``no table`` for a layer without one."""
+    if not layer.get("lookups") or layer.get("table_input_bits") is None:
+        return "no table"
+    out = layer.get("table_output_bits")
+    return f"{layer['table_input_bits']}→{'?' if out is None else out}"
+
+
+def _width_colours(widths: list[Any], pyplot: Any) -> tuple[list[Any], list[Any]]:
+    """A colour per layer by the input width of its tables (grey without a table), and
+    the legend's patches, one per width."""
+    from matplotlib.patches import Patch
+
+    present = sorted({int(w) for w in widths if w is not None})
+    cmap = pyplot.get_cmap("viridis")
+    shade = {w: cmap(i / max(1, len(present) - 1) * 0.85) for i, w in enumerate(present)}
+    colours = ["lightgrey" if w is None else shade[int(w)] for w in widths]
+    legend = [Patch(color=shade[w], label=f"tables read {w} bits") for w in present]
+    return colours, legend
 
 
 def build_report(

@@ -87,10 +87,6 @@ ALLOWED: Mapping[tuple[str, str], str] = {
         "KNNModule subclasses QuantizedModule; part 3 (one step protocol)"
     ),
     ("fhe_quant.frontends.sklearn.neighbors", "fhe_quant.quant.quantizer"): "as above (part 3)",
-    ("fhe_quant.quant.ptq", "fhe_quant.lower"): (
-        "accumulator-aware PTQ (a550b1d) asks lower for the rounding headroom at quantization "
-        "time; issue 13 part 1 (one QuantizedGraph, lower only lowers) removes it"
-    ),
     ("fhe_quant.report", "fhe_quant.lower"): (
         "report's SQNR (0f6312e) runs the program step by step with lower's private "
         "_operands; part 3 (one step protocol) gives steps a public way to run"

@@ -1,11 +1,12 @@
 """Post-training quantization: a float :class:`~fhe_quant.ir.Graph` and calibration data
 in, a :class:`QuantizedGraph` out.
 
-A chain graph (after :func:`fhe_quant.passes.simplify`) is cut into segments, each a
-linear-kind layer (dense, convolution, average pooling) followed by the elementwise and
-reshape operations up to the next one (a branching graph, with residual adds,
-concatenations or max pooling, gets a :class:`QuantizedDag` plan instead; see
-:func:`quantize_dag`)::
+Every graph (after :func:`fhe_quant.passes.simplify`), a chain or a branching one with
+residual adds, concatenations or max pooling, gets one plan (:class:`QuantizedDag`,
+see :func:`quantize_dag`): the quantizer of every tensor the program reads as codes and
+the integer weights of every linear layer. A chain is also described, as a view of that
+plan, by its segments, each a linear-kind layer (dense, convolution, average pooling)
+followed by the elementwise and reshape operations up to the next one::
 
     [pre: client side] -> linear -> chain -> linear -> chain -> ... -> linear -> [post]
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -40,9 +41,8 @@ from fhe_quant.quant import axe
 from fhe_quant.quant.calibrate import make_observer
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.quantizer import MIN_SCALE, UniformQuantizer
-from fhe_quant.quant.weights import fold_input_scale as _fold_input_scale
-from fhe_quant.quant.weights import unit_weight_quantizer as _unit_weight_quantizer
-from fhe_quant.quant.weights import weight_quantizer as _weight_quantizer
+from fhe_quant.quant.weights import fold_input_scale, unit_weight_quantizer, weight_quantizer
+from fhe_quant.quant.widths import table_bits
 
 __all__ = [
     "QuantizedLinear",
@@ -57,6 +57,11 @@ __all__ = [
     "quantize_dag",
     "is_chain",
     "accumulator_aware_weights",
+    "AddScaling",
+    "channel_vector",
+    "chain_plan",
+    "LayerInput",
+    "budgeted_weights",
 ]
 
 
@@ -71,13 +76,30 @@ class QuantizedLinear:
             approximate ``weight * input scale`` (the input scales are folded in).
         weight_quantizer: symmetric signed quantizer of the folded weights (per channel
             on axis 0, or per tensor; always per channel and exact for pooling).
-        input_quantizer: unsigned quantizer of the tensor entering the layer.
+        input_quantizer: unsigned quantizer of the codes entering the layer (for a
+            concatenation or a reshape of codes, one scale and zero point per input
+            feature); ``None`` when the layer reads a sum of codes (a residual add).
+        scaling: how the layer's accumulator enters a residual add, when it does.
     """
 
     node: Node
     weight_q: np.ndarray
     weight_quantizer: UniformQuantizer
-    input_quantizer: UniformQuantizer
+    input_quantizer: UniformQuantizer | None
+    scaling: AddScaling | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class AddScaling:
+    """A linear layer whose raw accumulator enters a residual add (``mode="acc"``): its
+    weight scales are integer ratios of the add's common scale ``s``, per output channel
+    ``s / m`` or ``k * s``; the add multiplies the accumulator by ``accumulator`` (``k``,
+    else 1) and the codes operands by ``codes`` (``m``, else 1), and the sum's scale per
+    channel is ``unit``."""
+
+    accumulator: np.ndarray
+    codes: np.ndarray
+    unit: np.ndarray
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,8 +119,10 @@ class Segment:
 class QuantizedGraph:
     """The quantized model: client pre-processing, segments, client post-processing.
 
-    A chain graph is described by its ``segments``; a branching graph (residual adds,
-    concatenations, max pooling) by ``dag`` (its ``segments`` are then empty).
+    A chain graph is described by its ``segments`` (a view of its plan, which
+    :attr:`plan` rebuilds; QAT and the estimators' pickles build chains this way); a
+    branching graph (residual adds, concatenations, max pooling) by ``dag`` (its
+    ``segments`` are then empty). The lowering reads :attr:`plan` only.
     """
 
     graph: Graph
@@ -118,6 +142,11 @@ class QuantizedGraph:
         if self.dag is not None:
             return self.dag.post
         return self.segments[-1].chain
+
+    @property
+    def plan(self) -> QuantizedDag:
+        """The plan of any graph: ``dag``, or the plan of the chain ``segments``."""
+        return self.dag if self.dag is not None else chain_plan(self.pre, self.segments)
 
 
 def check_calibration_data(
@@ -205,19 +234,6 @@ def _split(graph: Graph) -> tuple[tuple[Node, ...], list[tuple[Node, tuple[Node,
     return tuple(pre), [(linear, tuple(chain)) for linear, chain in segments]
 
 
-def _activation_quantizer(
-    values: np.ndarray, consumer: Node, bits: int, method: str, per_channel: bool
-) -> UniformQuantizer:
-    # NOTE: per channel = per feature on the axis the consuming layer mixes with its
-    # weights: the last axis for a dense layer, the channel axis (1) for a convolution or
-    # pooling (one scale shared by all spatial positions, so that it folds into weights).
-    axis = OPS[consumer.op].channel_axis % values.ndim if per_channel else None
-    observer = make_observer(method, axis=axis)
-    observer.observe(values)
-    quantizer = observer.quantizer(bits, signed=False, symmetric=False)
-    return _silence_dead_features(quantizer, values)
-
-
 def _silence_dead_features(quantizer: UniformQuantizer, *arrays: np.ndarray) -> UniformQuantizer:
     """Features that were exactly 0 on every calibration sample (of every array the
     quantizer serves) get the smallest scale.
@@ -244,18 +260,37 @@ def _silence_dead_features(quantizer: UniformQuantizer, *arrays: np.ndarray) -> 
     return dataclasses.replace(quantizer, scale=tuple(float(s) for s in scale))
 
 
+@dataclass(frozen=True, eq=False)
+class LayerInput:
+    """What a linear layer reads on the calibration data, for accumulator-aware weights.
+
+    Attributes:
+        x: the float values in units of the input scale (``x / s_in``).
+        x_q: the codes the integer program sees, less their zero point (``q - z``).
+        code_range: the width of the proven interval of the codes (``qmax`` for the
+            codes of one quantizer; ``n * qmax`` for a sum of ``n`` of them).
+    """
+
+    x: np.ndarray
+    x_q: np.ndarray
+    code_range: int
+
+    @staticmethod
+    def of(values: np.ndarray, quantizer: UniformQuantizer) -> LayerInput:
+        """The codes of one quantizer."""
+        ndim = values.ndim
+        x_q = quantizer.quantize(values) - quantizer.zero_point_array(ndim)
+        x = values / quantizer.scale_array(ndim)
+        return LayerInput(x, x_q.astype(np.float64), quantizer.qmax)
+
+
 def _calibration_columns(
-    node: Node, values: np.ndarray, input_quantizer: UniformQuantizer
+    node: Node, layer: LayerInput
 ) -> list[tuple[slice, np.ndarray, np.ndarray]]:
-    """The activations every group of output channels reads, as ``(rows, x, x_q)``:
-    ``x`` the float values in units of the input scale (``x / s_in``), ``x_q`` the codes
-    the integer program sees (``q - z``), both ``(samples [x positions], columns)``
-    matching the weight's ``(out, in / groups * kernel)`` flattening."""
-    ndim = values.ndim
-    x = values / input_quantizer.scale_array(ndim)
-    x_q = (input_quantizer.quantize(values) - input_quantizer.zero_point_array(ndim)).astype(
-        np.float64
-    )
+    """The activations every group of output channels reads, as ``(rows, x, x_q)``
+    (see :class:`LayerInput`), both ``(samples [x positions], columns)`` matching the
+    weight's ``(out, in / groups * kernel)`` flattening."""
+    x, x_q = layer.x, layer.x_q
     weight = node.params["weight"]
     out = weight.shape[0]
     if node.op != "conv":
@@ -279,27 +314,19 @@ def _calibration_columns(
 
 
 def _check_fixed_accumulator(
-    node: Node, weight_q: np.ndarray, input_quantizer: UniformQuantizer, config: QuantConfig
+    node: Node, weight_q: np.ndarray, code_range: int, config: QuantConfig
 ) -> None:
     """An average pooling's weights are fixed (all 1): its accumulator must fit as is."""
     if config.accumulator_bits is None:
         return
-    widest = int(axe.proven_range(weight_q, input_quantizer.qmax).max())
+    widest = int(axe.proven_range(weight_q, code_range).max())
     if widest > 2**config.accumulator_bits - 1:
         raise axe.AccumulatorBudgetError(
             _where(node),
             config.accumulator_bits,
             widest.bit_length(),
-            f"its fixed weights (a sum of {widest // input_quantizer.qmax} codes) reach {widest}",
+            f"its fixed weights (a sum of {widest // code_range} codes) reach {widest}",
         )
-
-
-def _table_bits(config: QuantConfig) -> int:
-    """The input width of the tables between layers, as the lowering will choose it."""
-    # NOTE: imported here: fhe_quant.lower imports this module.
-    from fhe_quant.lower import auto_table_bits
-
-    return config.rounding_bits or auto_table_bits(config.n_bits_activations)
 
 
 def accumulator_aware_weights(
@@ -320,20 +347,33 @@ def accumulator_aware_weights(
     Raises:
         AccumulatorBudgetError: the width leaves no room for a single non-zero weight.
     """
+    layer = LayerInput.of(values, input_quantizer)
+    return budgeted_weights(node, weight, layer, bits, config, table_bits)
+
+
+def budgeted_weights(
+    node: Node,
+    weight: np.ndarray,
+    layer: LayerInput,
+    bits: int,
+    config: QuantConfig,
+    table_bits: int | None = None,
+) -> tuple[np.ndarray, UniformQuantizer]:
+    """:func:`accumulator_aware_weights` of a layer reading ``layer``."""
     assert config.accumulator_bits is not None
-    budget = axe.l1_budget(config.accumulator_bits, input_quantizer.qmax, table_bits)
+    budget = axe.l1_budget(config.accumulator_bits, layer.code_range, table_bits)
     if budget < 1:
         raise axe.AccumulatorBudgetError(
             _where(node),
             config.accumulator_bits,
-            axe.smallest_accumulator_bits(input_quantizer.qmax),
+            axe.smallest_accumulator_bits(layer.code_range),
         )
     qmax = 2 ** (bits - 1) - 1
     flat = weight.reshape(len(weight), -1)
     q = np.zeros(flat.shape, dtype=np.int64)
     scale = np.ones(len(weight))
     rng = np.random.default_rng(0)
-    for rows, x, x_q in _calibration_columns(node, values, input_quantizer):
+    for rows, x, x_q in _calibration_columns(node, layer):
         if len(x) > axe.MAX_CALIBRATION_ROWS:
             keep = np.sort(rng.choice(len(x), axe.MAX_CALIBRATION_ROWS, replace=False))
             x, x_q = x[keep], x_q[keep]
@@ -360,65 +400,48 @@ def quantize_graph(graph: Graph, x_calib: np.ndarray, config: QuantConfig) -> Qu
         config: bits per role and calibration method.
 
     Returns:
-        The quantized graph: for a chain, quantizers for every linear layer's input and
-        weights (``segments``); for a branching graph, the plan of :func:`quantize_dag`.
+        The quantized graph: its plan (:func:`quantize_dag`), as ``segments`` for a
+        chain, as ``dag`` for a branching graph.
     """
     x_calib = check_calibration_count(check_calibration_data(x_calib, graph.input_shape))
-    values = graph.run(x_calib)
-    if not is_chain(graph):
-        if config.accumulator_bits is not None:
-            raise UnsupportedOpError(
-                "accumulator_bits on a branching model",
-                "model",
-                "Accumulator-aware quantization supports chain models (no residual add, "
-                "concatenation or max pooling) for now; use accumulator_bits=None.",
-            )
-        dag = quantize_dag(graph, values, config)
-        return QuantizedGraph(graph, dag.pre, (), config, dag)
-    pre, parts = _split(graph)
-    segments: list[Segment] = []
-    input_quantizer = _activation_quantizer(
-        values[parts[0][0].inputs[0]],
-        parts[0][0],
-        config.n_bits_inputs,
-        config.calibration,
-        config.per_channel_activations,
-    )
+    dag = quantize_dag(graph, graph.run(x_calib), config)
+    if is_chain(graph):
+        return QuantizedGraph(graph, dag.pre, chain_segments(graph, dag), config)
+    return QuantizedGraph(graph, dag.pre, (), config, dag)
+
+
+def chain_segments(graph: Graph, dag: QuantizedDag) -> tuple[Segment, ...]:
+    """The segments of a chain graph's plan (see :class:`Segment`)."""
+    _, parts = _split(graph)
+    segments = []
     for index, (node, chain) in enumerate(parts):
         last = index == len(parts) - 1
-        bits = config.n_bits_outputs if last else config.n_bits_weights
-        weight = _fold_input_scale(node, input_quantizer.scale)
-        if OPS[node.op].unit_weights:
-            w_quantizer = _unit_weight_quantizer(weight, node.source or node.name)
-            weight_q = w_quantizer.quantize(weight)
-            _check_fixed_accumulator(node, weight_q, input_quantizer, config)
-        elif config.accumulator_bits is not None:
-            weight_q, w_quantizer = accumulator_aware_weights(
-                node,
-                weight,
-                values[node.inputs[0]],
-                input_quantizer,
-                bits,
-                config,
-                None if last else _table_bits(config),
-            )
-        else:
-            w_quantizer = _weight_quantizer(weight, bits, config.per_channel)
-            weight_q = w_quantizer.quantize(weight)
-        linear = QuantizedLinear(node, weight_q, w_quantizer, input_quantizer)
-        output_quantizer = None
-        if not last:
-            chain_end = chain[-1].name if chain else node.name
-            output_quantizer = _activation_quantizer(
-                values[chain_end],
-                parts[index + 1][0],
-                config.n_bits_activations,
-                config.calibration,
-                config.per_channel_activations,
-            )
-            input_quantizer = output_quantizer
-        segments.append(Segment(linear, chain, output_quantizer))
-    return QuantizedGraph(graph, pre, tuple(segments), config)
+        end = chain[-1].name if chain else node.name
+        segments.append(Segment(dag.linears[node.name], chain, None if last else dag.tables[end]))
+    return tuple(segments)
+
+
+def chain_plan(pre: tuple[Node, ...], segments: tuple[Segment, ...]) -> QuantizedDag:
+    """The plan of a chain described by its segments: a table after every segment but
+    the last, producing the codes the next linear layer reads."""
+    first, last = segments[0].linear, segments[-1]
+    assert first.input_quantizer is not None
+    tables = {}
+    for segment in segments[:-1]:
+        assert segment.output_quantizer is not None
+        end = segment.chain[-1].name if segment.chain else segment.linear.node.name
+        tables[end] = segment.output_quantizer
+    return QuantizedDag(
+        first.node.inputs[0],
+        last.linear.node.name,
+        pre,
+        last.chain,
+        first.input_quantizer,
+        tables,
+        {},
+        {},
+        {segment.linear.node.name: segment.linear for segment in segments},
+    )
 
 
 # --------------------------------------------------------------------------- branching graphs
@@ -432,9 +455,8 @@ class AddOperand:
 
     ``mode="codes"``: the operand enters as codes on the add's common quantizer (produced
     by a table, the input or a max pool on that quantizer: 0 lookups at the add);
-    ``mode="acc"``: the operand is a linear layer's raw accumulator, whose weight scale
-    the lowering sets to an integer ratio of the common scale (0 lookups, see
-    :func:`fhe_quant.lower.lower`).
+    ``mode="acc"``: the operand is a linear layer's raw accumulator, whose weight scales
+    are integer ratios of the common scale (0 lookups, see :class:`AddScaling`).
     """
 
     node: str
@@ -444,8 +466,9 @@ class AddOperand:
 
 @dataclass(frozen=True, eq=False)
 class QuantizedDag:
-    """The quantization plan of a branching graph (residual adds, concatenations, max
-    pooling): which tensors tables produce, and on which quantizers.
+    """The quantization plan of a graph, chain or branching (residual adds,
+    concatenations, max pooling): which tensors tables produce, on which quantizers, and
+    the integer weights of every linear layer. It is all the lowering reads.
 
     Attributes:
         input_name: the node whose value the client quantizes (the graph input, or the
@@ -461,6 +484,7 @@ class QuantizedDag:
             table's output quantizer. Tensors added together share one quantizer.
         adds: for every add node, how each operand enters.
         add_quantizers: for every add node, the common quantizer of its codes operands.
+        linears: for every linear layer, its integer weights and their scales.
     """
 
     input_name: str
@@ -471,6 +495,7 @@ class QuantizedDag:
     tables: Mapping[str, UniformQuantizer]
     adds: Mapping[str, tuple[AddOperand, ...]]
     add_quantizers: Mapping[str, UniformQuantizer]
+    linears: Mapping[str, QuantizedLinear] = field(default_factory=dict)
 
 
 def is_chain(graph: Graph) -> bool:
@@ -491,9 +516,10 @@ def _where(node: Node) -> str:
 class _DagPlanner:
     """Decides, from the output backwards, which values the program materializes."""
 
-    def __init__(self, graph: Graph, input_name: str) -> None:
+    def __init__(self, graph: Graph, input_name: str, accumulate: bool = True) -> None:
         self.graph = graph
         self.input_name = input_name
+        self.accumulate = accumulate  # may a linear layer's accumulator enter an add?
         self.visited: set[str] = set()
         self.axes: dict[str, set[int]] = {}  # codes producer -> channel axes its users need
         self.tables: list[str] = []
@@ -605,7 +631,8 @@ class _DagPlanner:
     def _accumulator_fits(self, operand: str, add: Node) -> bool:
         node = self.graph.node(operand)
         return (
-            node.kind == "linear"
+            self.accumulate
+            and node.kind == "linear"
             and not OPS[node.op].unit_weights
             and [u.name for u in self.graph.users(operand)] == [add.name]
             and OPS[node.op].channel_axis % self.ndim[operand] == 1
@@ -665,13 +692,17 @@ def _observe(method: str, axis: int | None, arrays: list[np.ndarray]) -> Any:
 def quantize_dag(
     graph: Graph, values: Mapping[str, np.ndarray], config: QuantConfig
 ) -> QuantizedDag:
-    """Plan the quantization of a branching graph (see :class:`QuantizedDag`).
+    """Plan the quantization of a graph (see :class:`QuantizedDag`).
 
     Every tensor read as codes gets an unsigned quantizer calibrated on the float model's
     values there, per channel (axis 1, or the last axis for a dense layer) by default;
     the operands of an add share one quantizer, calibrated on all of them, so that the
-    add needs no lookup. Weights are quantized by :func:`fhe_quant.lower.lower`, which
-    knows the integer scales of each linear layer's input.
+    add needs no lookup. Then every linear layer gets its integer weights
+    (:func:`quantize_linears`), with its input's scales folded in.
+
+    With ``config.accumulator_bits``, no linear layer's accumulator enters an add as it
+    is (its weight scales would have to be integer ratios of the add's scale, which the
+    accumulator-aware weights choose themselves): every operand of an add is codes.
     """
     if not any(n.kind == "linear" for n in graph.nodes):
         raise UnsupportedOpError(
@@ -680,15 +711,35 @@ def quantize_dag(
             "fhe_quant compiles models with at least one Linear layer.",
         )
     pre, input_name, post, output_name = _dag_pre_post(graph)
-    planner = _DagPlanner(graph, input_name)
+    planner = _DagPlanner(graph, input_name, accumulate=config.accumulator_bits is None)
     planner.raw(output_name)
+    quantizers = _plan_quantizers(planner, values, config)
+    dag = QuantizedDag(
+        input_name,
+        output_name,
+        tuple(pre),
+        tuple(post),
+        quantizers[input_name],
+        {name: quantizers[name] for name in planner.tables},
+        dict(planner.adds),
+        {add: quantizers[planner.find(add)] for add in planner.adds},
+    )
+    used = [n for n in graph.nodes if n.kind == "linear" and n.name in planner.visited]
+    return dataclasses.replace(dag, linears=quantize_linears(graph, dag, used, values, config))
+
+
+def _plan_quantizers(
+    planner: _DagPlanner, values: Mapping[str, np.ndarray], config: QuantConfig
+) -> dict[str, UniformQuantizer]:
+    """The quantizer of every codes producer (the input, the tables), and of every root
+    of a group of tensors added together."""
     per_channel = config.per_channel_activations
 
     def axis_of(name: str) -> int | None:
         axes = planner.axes.get(name, {1})
         return next(iter(axes)) if per_channel and len(axes) == 1 else None
 
-    producers = [input_name, *planner.tables]
+    producers = [planner.input_name, *planner.tables]
     components: dict[str, list[str]] = {}
     for name in producers:
         components.setdefault(planner.find(name), []).append(name)
@@ -701,21 +752,235 @@ def quantize_dag(
         else:
             (name,) = members
             axis = axis_of(name)
-        bits = config.n_bits_inputs if input_name in members else config.n_bits_activations
+        inputs = planner.input_name in members
+        bits = config.n_bits_inputs if inputs else config.n_bits_activations
         observer = _observe(config.calibration, axis, [values[m] for m in members])
         quantizer = observer.quantizer(bits, signed=False, symmetric=False)
         quantizer = _silence_dead_features(quantizer, *(values[m] for m in members))
         for member in members:
             quantizers[member] = quantizer
         quantizers[root] = quantizer
-    add_quantizers = {add: quantizers[planner.find(add)] for add in planner.adds}
-    return QuantizedDag(
-        input_name,
-        output_name,
-        tuple(pre),
-        tuple(post),
-        quantizers[input_name],
-        {name: quantizers[name] for name in planner.tables},
-        dict(planner.adds),
-        add_quantizers,
+    return quantizers
+
+
+# --------------------------------------------------------------------------- linear layers
+
+
+def channel_vector(array: np.ndarray, axis: int, node: Node, what: str) -> np.ndarray:
+    """The per-channel values of a ``(1, *shape)`` array along ``axis``; refuses arrays
+    that vary along the other axes (they would not fold into the weights).
+
+    Raises:
+        UnsupportedOpError: the values vary within a channel (names ``node``).
+    """
+    moved = np.moveaxis(array[0], axis - 1, 0).reshape(array.shape[axis], -1)
+    if not np.all(moved == moved[:, :1]):
+        raise UnsupportedOpError(
+            f"a {node.op} whose input {what} varies within a channel",
+            _where(node),
+            "Its input mixes tensors quantized per channel along another axis (a "
+            "concatenation or reshape); add an activation before it.",
+        )
+    return moved[:, 0]
+
+
+class _Codes:
+    """The scale and zero point of every element of the codes the program computes
+    (arrays shaped ``(1, *shape)``), as the lowering will derive them: from the input's
+    and the tables' quantizers, through reshapes, max pools and concatenations; a sum of
+    codes (an add) is on the add's common scale, its zero point is the lowering's."""
+
+    def __init__(self, graph: Graph, dag: QuantizedDag, values: Mapping[str, np.ndarray]):
+        self.graph, self.dag = graph, dag
+        self.shapes = {name: (1,) + tuple(v.shape[1:]) for name, v in values.items()}
+        self.memo: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+
+    def quantizer(self, name: str) -> UniformQuantizer | None:
+        """The quantizer of the codes ``name`` when one quantizer produced them."""
+        node = self.graph.node(name)
+        if name == self.dag.input_name:
+            return self.dag.input_quantizer
+        if name in self.dag.tables:
+            return self.dag.tables[name]
+        if node.kind == "max_pool":
+            return self.quantizer(node.inputs[0])
+        return None
+
+    def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(scale, zero)`` of the codes ``name``; ``zero`` is ``None`` for a sum."""
+        if name not in self.memo:
+            self.memo[name] = self._arrays(name)
+        return self.memo[name]
+
+    def _arrays(self, name: str) -> tuple[np.ndarray, np.ndarray | None]:
+        node, shape = self.graph.node(name), self.shapes[name]
+        quantizer = self.quantizer(name) if node.kind != "max_pool" else None
+        if quantizer is not None:
+            ndim = len(shape)
+            zero = np.broadcast_to(quantizer.zero_point_array(ndim), shape)
+            return np.broadcast_to(quantizer.scale_array(ndim), shape), zero
+        if node.kind == "reshape":
+            source, _ = chain_source(self.graph, name, self.dag.input_name)
+            scale, zero = self.arrays(source)
+            return scale.reshape(shape), None if zero is None else zero.reshape(shape)
+        if node.kind == "max_pool":
+            scale, zero = self.arrays(node.inputs[0])
+            channel = (1, -1) + (1,) * (len(shape) - 2)
+            scale = np.broadcast_to(channel_vector(scale, 1, node, "scale").reshape(channel), shape)
+            if zero is not None:
+                zero = channel_vector(zero, 1, node, "zero point").reshape(channel)
+                zero = np.broadcast_to(zero, shape)
+            return scale, zero
+        if node.kind == "concat":
+            parts = [self.arrays(operand) for operand in node.inputs]
+            axis = int(node.attrs["axis"])
+            zeros = [zero for _, zero in parts]
+            zero = None if any(z is None for z in zeros) else np.concatenate(zeros, axis=axis)
+            return np.concatenate([scale for scale, _ in parts], axis=axis), zero
+        common = self.dag.add_quantizers[name]  # a sum of codes
+        return np.broadcast_to(common.scale_array(len(shape)), shape), None
+
+    def layer_input(self, node: Node, values: Mapping[str, np.ndarray]) -> LayerInput | None:
+        """What ``node`` reads on the calibration data: the codes of its input quantizer,
+        or a sum of codes (a residual add of codes only, all on the add's quantizer);
+        ``None`` for other sums (a max pool of a sum)."""
+        source = node.inputs[0]
+        quantizer = self.input_quantizer(node)
+        if quantizer is not None:
+            return LayerInput.of(values[source], quantizer)
+        if source not in self.dag.adds:
+            return None
+        common = self.dag.add_quantizers[source]
+        operands = self.dag.adds[source]
+        ndim = values[source].ndim
+        z = common.zero_point_array(ndim)
+        x_q = sum(o.sign * (common.quantize(values[o.node]) - z) for o in operands)
+        x = values[source] / common.scale_array(ndim)
+        return LayerInput(x, np.asarray(x_q, dtype=np.float64), len(operands) * common.qmax)
+
+    def input_quantizer(self, node: Node) -> UniformQuantizer | None:
+        """The quantizer of the codes a linear layer reads: the producer's, or one scale
+        and zero point per input feature (a concatenation or reshape of codes)."""
+        source = node.inputs[0]
+        quantizer = self.quantizer(source)
+        if quantizer is not None:
+            return quantizer
+        scale, zero = self.arrays(source)
+        if zero is None:
+            return None
+        axis = OPS[node.op].channel_axis % scale.ndim
+        scales = channel_vector(scale, axis, node, "scale")
+        zeros = channel_vector(zero, axis, node, "zero point")
+        bits = max(q.bits for q in [self.dag.input_quantizer, *self.dag.tables.values()])
+        return UniformQuantizer(
+            bits=bits,
+            scale=tuple(float(v) for v in scales),
+            zero_point=tuple(int(v) for v in zeros),
+            axis=axis,
+        )
+
+
+def quantize_linears(
+    graph: Graph,
+    dag: QuantizedDag,
+    nodes: list[Node],
+    values: Mapping[str, np.ndarray],
+    config: QuantConfig,
+) -> dict[str, QuantizedLinear]:
+    """The integer weights of the linear layers ``nodes`` of a planned graph, their input
+    scales folded in (see the module docstring)."""
+    codes = _Codes(graph, dag, values)
+    output = graph.node(dag.output_name)
+    if output.kind == "linear":
+        last = {output.name}
+    else:
+        last = {o.node for o in dag.adds[output.name] if o.mode == "acc"}
+    into_add = {o.node: add for add, ops in dag.adds.items() for o in ops if o.mode == "acc"}
+    linears = {}
+    for node in nodes:
+        scale, _ = codes.arrays(node.inputs[0])
+        s_in = channel_vector(scale, OPS[node.op].channel_axis % scale.ndim, node, "scale")
+        folded = fold_input_scale(node, s_in)
+        bits = config.n_bits_outputs if node.name in last else config.n_bits_weights
+        input_quantizer = codes.input_quantizer(node)
+        scaling = None
+        if node.name in into_add:
+            common = dag.add_quantizers[into_add[node.name]]
+            w_quantizer, scaling = _add_scaled_weights(folded, bits, common)
+            weight_q = w_quantizer.quantize(folded)
+        else:
+            table = None if node.name in last else _table_after(graph, dag, node, config)
+            layer = None if config.accumulator_bits is None else codes.layer_input(node, values)
+            weight_q, w_quantizer = _linear_weights(node, folded, layer, bits, config, table)
+        linears[node.name] = QuantizedLinear(node, weight_q, w_quantizer, input_quantizer, scaling)
+    return linears
+
+
+def _table_after(graph: Graph, dag: QuantizedDag, node: Node, config: QuantConfig) -> int | None:
+    """The narrowest input width of the tables that read ``node``'s accumulator."""
+    widths = [
+        table_bits(config.rounding_bits, quantizer.qmax)
+        for name, quantizer in dag.tables.items()
+        if chain_source(graph, name, dag.input_name)[0] == node.name
+    ]
+    return min(widths, default=None)
+
+
+def _linear_weights(
+    node: Node,
+    folded: np.ndarray,
+    layer: LayerInput | None,
+    bits: int,
+    config: QuantConfig,
+    table: int | None,
+) -> tuple[np.ndarray, UniformQuantizer]:
+    """Integer weights and their quantizer: exact for pooling, accumulator-aware with
+    ``config.accumulator_bits`` (``layer``: what the layer reads), else from the weights'
+    own range."""
+    if config.accumulator_bits is not None and layer is None:
+        raise UnsupportedOpError(
+            "accumulator_bits on a layer that reads a max pool of a residual sum",
+            _where(node),
+            "Accumulator-aware quantization needs the codes a layer reads; apply an "
+            "activation after the add, or use accumulator_bits=None.",
+        )
+    if OPS[node.op].unit_weights:
+        w_quantizer = unit_weight_quantizer(folded, _where(node))
+        weight_q = w_quantizer.quantize(folded)
+        if layer is not None:
+            _check_fixed_accumulator(node, weight_q, layer.code_range, config)
+        return weight_q, w_quantizer
+    if layer is not None:
+        return budgeted_weights(node, folded, layer, bits, config, table)
+    w_quantizer = weight_quantizer(folded, bits, config.per_channel)
+    return w_quantizer.quantize(folded), w_quantizer
+
+
+def _add_scaled_weights(
+    folded: np.ndarray, bits: int, common: UniformQuantizer
+) -> tuple[UniformQuantizer, AddScaling]:
+    """Per-channel weight scales that are integer ratios of the add's common scale
+    ``s``: ``s / m`` (``m = floor(s / s_w)``, at most ``(m + 1) / m`` coarser than the
+    natural ``s_w``) when ``s >= s_w``, else ``k * s`` (``k = ceil(s_w / s)``); the add
+    then multiplies the codes by ``m`` or the accumulator by ``k`` (free)."""
+    natural = np.asarray(weight_quantizer(folded, bits, True).scale)
+    n_out = folded.shape[0]
+    s = np.broadcast_to(np.asarray(common.scale, dtype=np.float64), (n_out,))
+    m = np.floor(s / natural)
+    k = np.ceil(natural / s)
+    finer = m >= 1
+    scale = np.where(finer, s / np.maximum(m, 1), k * s)
+    scaling = AddScaling(
+        np.where(finer, 1, k).astype(np.int64),
+        np.where(finer, m, 1).astype(np.int64),
+        np.where(finer, scale, s),
     )
+    quantizer = UniformQuantizer(
+        bits=bits,
+        scale=tuple(float(v) for v in scale),
+        zero_point=(0,) * n_out,
+        signed=True,
+        narrow_range=True,
+        axis=0,
+    )
+    return quantizer, scaling

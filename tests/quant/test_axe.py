@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fhe_quant.errors import RangeError, UnsupportedOpError
+from fhe_quant.errors import RangeError
 from fhe_quant.ir import OPS, ConvGeometry, linear_bounds
 from fhe_quant.lower import NUMPY, LinearStep, TableStep
 from fhe_quant.quant import axe
@@ -208,7 +208,10 @@ def test_budgeted_cnn_execute_equals_simulate_equals_disable() -> None:
     np.testing.assert_array_equal(qm.forward_integers(x_test[:1], fhe="execute"), clear[:1])
 
 
-def test_branching_model_refuses_accumulator_bits_by_name() -> None:
+def test_branching_model_takes_accumulator_bits() -> None:
+    """Refused until issue 13 part 1 (weights were quantized inside the DAG lowering);
+    tests/quant/test_axe_branching.py covers residual, concatenating and pooling CNNs."""
+
     class Residual(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -219,5 +222,6 @@ def test_branching_model_refuses_accumulator_bits_by_name() -> None:
 
     torch.manual_seed(0)
     x = np.random.default_rng(0).normal(size=(20, 3))
-    with pytest.raises(UnsupportedOpError, match="accumulator_bits on a branching model"):
-        compile_torch_model(Residual().eval(), x, accumulator_bits=10, compile=False)
+    qm = compile_torch_model(Residual().eval(), x, accumulator_bits=10, compile=False)
+    _assert_accumulators_fit(qm, 10)
+    assert not qm.program.is_chain
