@@ -333,36 +333,23 @@ def _check_manifest(
 
 
 def _node_to_json(node: Node, arrays: dict[str, np.ndarray], prefix: str) -> dict[str, Any]:
-    params = {}
-    for key, value in node.params.items():
+    """:meth:`Node.to_dict`, its constants moved to ``arrays`` (``model.npz``) and named."""
+    data = node.to_dict()
+    for key, value in data["params"].items():
         array_name = f"{prefix}.{node.name}.{key}"
-        arrays[array_name] = np.asarray(value)
-        params[key] = array_name
-    attrs = {k: list(v) if isinstance(v, tuple) else v for k, v in node.attrs.items()}
-    return {
-        "name": node.name,
-        "op": node.op,
-        "inputs": list(node.inputs),
-        "attrs": attrs,
-        "params": params,
-        "source": node.source,
-    }
+        arrays[array_name] = value
+        data["params"][key] = array_name
+    return data
 
 
-def _node_from_json(data: dict[str, Any], arrays: Any) -> Node:
-    if not isinstance(data, dict) or not isinstance(data["params"], dict):
+def _node_from_json(data: Any, arrays: dict[str, np.ndarray]) -> Node:
+    """:meth:`Node.from_dict` of a node whose constants are named in ``arrays``."""
+    if not isinstance(data, dict) or not isinstance(data.get("params"), dict):
         raise TypeError(f"a node must be a JSON object with 'params'; got {data!r:.80}")
-    params = {key: arrays[name] for key, name in data["params"].items()}
-    if not isinstance(data["attrs"], dict):
-        raise TypeError(f"the 'attrs' of node {data['name']!r:.40} must be a JSON object")
-    return Node(
-        data["name"],
-        data["op"],
-        tuple(_list(data["inputs"], "inputs")),
-        data["attrs"],
-        params,
-        data["source"],
-    )
+    names = data["params"]
+    if not all(isinstance(name, str) for name in names.values()):
+        raise TypeError(f"the 'params' of a node must name arrays; got {names!r:.80}")
+    return Node.from_dict({**data, "params": {key: arrays[name] for key, name in names.items()}})
 
 
 def _list(value: Any, key: str) -> list[Any]:

@@ -14,7 +14,9 @@ import contextlib
 import os
 import sys
 import tempfile
+import threading
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -195,37 +197,95 @@ def _wire_compression(circuit: Any) -> dict[str, bool]:
     return {name: bool(getattr(configuration, name, False)) for name in WIRE_COMPRESSION}
 
 
-class FHECircuit:
-    """A compiled Concrete circuit for an :class:`IntegerProgram`, with its statistics."""
+@dataclass(frozen=True)
+class _Compiled:
+    """What Concrete made of an :class:`FHECircuit`: the circuit (its keys inside) and
+    its statistics (key generation fills in its time and key sizes)."""
 
-    def __init__(self, program: IntegerProgram, circuit: Any, compile_seconds: float) -> None:
-        self.program = program
-        self.circuit = circuit
-        stats = circuit.statistics
-        self.statistics = CircuitStatistics(
-            pbs_count=int(circuit.programmable_bootstrap_count),
-            max_bit_width=int(circuit.graph.maximum_integer_bit_width()),
-            pbs_per_precision=program.lookups_by_width(),
-            compile_seconds=compile_seconds,
-            complexity=float(stats.get("complexity", 0.0)),
-            compression=_wire_compression(circuit),
-        )
+    circuit: Any
+    statistics: CircuitStatistics
+
+
+#: The Concrete circuit of each live :class:`FHECircuit`, by identity. NOTE: a Concrete
+#: circuit holds native objects that neither pickle nor deep-copy, so it is kept here and
+#: not in the FHECircuit's state: a pickled or copied FHECircuit carries what defines the
+#: circuit (program, inputset, settings) and compiles again on first use.
+_COMPILED: weakref.WeakKeyDictionary[FHECircuit, _Compiled] = weakref.WeakKeyDictionary()
+_COMPILED_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True, eq=False)
+class FHECircuit:
+    """A Concrete circuit for an :class:`IntegerProgram`, as plain data: the program, the
+    integer samples Concrete traces it with, and the compile settings.
+
+    The compiled circuit itself (:attr:`circuit`, with its keys) is created from them,
+    by :func:`compile_program` or, for a pickled or deep-copied FHECircuit, on first use;
+    the same program, samples and settings give the same circuit, so a copy simulates
+    the same integers. A copy has no keys: ``execute`` generates new ones.
+
+    Attributes:
+        program: the integer program (anything with its call, ``input_shape`` and
+            ``lookups_by_width``: tree and k-NN programs too).
+        inputset: int64 samples ``(N, *program.input_shape)`` traced by Concrete (bit
+            widths come from the program's proven bounds, not from them).
+        p_error: error probability of each table lookup (``None``: Concrete's default).
+        global_p_error: error probability for the whole circuit.
+        compress: :data:`WIRE_COMPRESSION` on.
+    """
+
+    program: IntegerProgram
+    inputset: np.ndarray
+    p_error: float | None = None
+    global_p_error: float | None = None
+    compress: bool = True
+
+    def __post_init__(self) -> None:
+        shape = (-1, *self.program.input_shape)
+        inputset = np.array(self.inputset, dtype=np.int64).reshape(shape)
+        inputset.setflags(write=False)
+        object.__setattr__(self, "inputset", inputset)
+
+    @property
+    def is_compiled(self) -> bool:
+        """Whether the Concrete circuit exists (else the next use compiles it)."""
+        return self in _COMPILED
+
+    @property
+    def circuit(self) -> Any:
+        """The ``concrete.fhe.Circuit`` (compiled now if this FHECircuit is a copy)."""
+        return self._compiled().circuit
+
+    @property
+    def statistics(self) -> CircuitStatistics:
+        """What the circuit costs (compiled now if this FHECircuit is a copy)."""
+        return self._compiled().statistics
+
+    def _compiled(self, verbose: bool = False) -> _Compiled:
+        compiled = _COMPILED.get(self)
+        if compiled is None:
+            compiled = _compile(self, verbose)
+            with _COMPILED_LOCK:
+                compiled = _COMPILED.setdefault(self, compiled)
+        return compiled
 
     def keygen(self, force: bool = False) -> float:
         """Generate the keys (once); returns the seconds it took."""
-        if self.statistics.keygen_seconds is not None and not force:
-            return self.statistics.keygen_seconds
+        compiled = self._compiled()
+        statistics = compiled.statistics
+        if statistics.keygen_seconds is not None and not force:
+            return statistics.keygen_seconds
         start = time.perf_counter()
         with native_output():
-            self.circuit.keygen(force=force)
-        self.statistics.keygen_seconds = time.perf_counter() - start
-        stats = self.circuit.statistics
-        self.statistics.key_bytes = {
+            compiled.circuit.keygen(force=force)
+        statistics.keygen_seconds = time.perf_counter() - start
+        stats = compiled.circuit.statistics
+        statistics.key_bytes = {
             "secret": int(stats.get("size_of_secret_keys", 0)),
             "bootstrap": int(stats.get("size_of_bootstrap_keys", 0)),
             "keyswitch": int(stats.get("size_of_keyswitch_keys", 0)),
         }
-        return self.statistics.keygen_seconds
+        return statistics.keygen_seconds
 
     def run(self, q: np.ndarray, mode: str, verbose: bool = False) -> np.ndarray:
         """Run the circuit on an integer batch, sample by sample."""
@@ -234,13 +294,14 @@ class FHECircuit:
             return np.asarray(self.program(q, NUMPY), dtype=np.int64)
         if mode == "execute":
             self.keygen()
+        circuit = self.circuit
         outputs = []
         for i in tqdm(range(q.shape[0]), desc=f"FHE {mode}", disable=not verbose, leave=False):
             sample = q[i : i + 1]
             if mode == "simulate":
-                outputs.append(self.circuit.simulate(sample))
+                outputs.append(circuit.simulate(sample))
             else:
-                outputs.append(self.circuit.decrypt(self.circuit.run(self.circuit.encrypt(sample))))
+                outputs.append(circuit.decrypt(circuit.run(circuit.encrypt(sample))))
         return np.concatenate(
             [np.asarray(o, dtype=np.int64).reshape(1, *o.shape[1:]) for o in outputs]
         )
@@ -285,6 +346,10 @@ def compile_program(
         compress: turn on :data:`WIRE_COMPRESSION` (smaller evaluation keys and input
             ciphertexts; same circuit and results). ``False`` only to measure the
             difference.
+
+    Raises:
+        ParameterError: a probability outside ``(0, 1)``.
+        CompilationError: Concrete found no parameters for the circuit.
     """
     if p_error is not None and not 0 < p_error < 1:
         raise ParameterError(f"The 'p_error' parameter must be in (0, 1). Got {p_error!r}.")
@@ -292,26 +357,48 @@ def compile_program(
         raise ParameterError(
             f"The 'global_p_error' parameter must be in (0, 1). Got {global_p_error!r}."
         )
-    configuration = _configuration(p_error, global_p_error, verbose, compress)
+    circuit = FHECircuit(program, inputset, p_error, global_p_error, bool(compress))
+    circuit._compiled(verbose)
+    return circuit
+
+
+def _compile(target: FHECircuit, verbose: bool) -> _Compiled:
+    """Compile ``target``'s program with Concrete (see :func:`compile_program`)."""
+    program = target.program
+    configuration = _configuration(target.p_error, target.global_p_error, verbose, target.compress)
 
     def circuit_fn(q: Any) -> Any:
         return program(q, CONCRETE)
 
     compiler = fhe.Compiler(circuit_fn, {"q": "encrypted"})
-    samples = [np.asarray(s, dtype=np.int64).reshape((1,) + program.input_shape) for s in inputset]
+    samples = [np.array(sample[None]) for sample in target.inputset]  # writable copies
     start = time.perf_counter()
     try:
         circuit = compiler.compile(samples, configuration=configuration)
     except RuntimeError as exc:
         if "NoParametersFound" not in str(exc):
             raise
-        lookups = program.lookups_by_width()
-        widest = max((w for w in lookups if w > 1), default=0)
-        raise CompilationError(
-            "Concrete found no cryptographic parameters for this circuit: "
-            f"{sum(lookups.values())} bootstraps, tables reading up to {widest} bits, "
-            f"accumulators up to {max(s.acc_bits for s in program.steps if hasattr(s, 'acc_bits'))}"
-            " bits. Narrower tables (rounding_bits), fewer bits (n_bits), or a larger "
-            "global_p_error make it feasible."
-        ) from exc
-    return FHECircuit(program, circuit, time.perf_counter() - start)
+        raise _no_parameters(program) from exc
+    seconds = time.perf_counter() - start
+    stats = circuit.statistics
+    statistics = CircuitStatistics(
+        pbs_count=int(circuit.programmable_bootstrap_count),
+        max_bit_width=int(circuit.graph.maximum_integer_bit_width()),
+        pbs_per_precision=program.lookups_by_width(),
+        compile_seconds=seconds,
+        complexity=float(stats.get("complexity", 0.0)),
+        compression=_wire_compression(circuit),
+    )
+    return _Compiled(circuit, statistics)
+
+
+def _no_parameters(program: IntegerProgram) -> CompilationError:
+    lookups = program.lookups_by_width()
+    widest = max((w for w in lookups if w > 1), default=0)
+    return CompilationError(
+        "Concrete found no cryptographic parameters for this circuit: "
+        f"{sum(lookups.values())} bootstraps, tables reading up to {widest} bits, "
+        f"accumulators up to {max(s.acc_bits for s in program.steps if hasattr(s, 'acc_bits'))}"
+        " bits. Narrower tables (rounding_bits), fewer bits (n_bits), or a larger "
+        "global_p_error make it feasible."
+    )

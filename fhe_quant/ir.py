@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
@@ -67,6 +67,8 @@ __all__ = [
     "max_pool_geometry",
     "chain_source",
     "gather_index",
+    "plain_data",
+    "attrs_from_data",
 ]
 
 Kind = Literal[
@@ -129,6 +131,39 @@ class Node:
     def evaluate(self, *args: np.ndarray) -> np.ndarray:
         """Evaluate the node in float on its input values."""
         return OPS[self.op].evaluate(self, *args)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The node as data: JSON values (tuples as lists) and its constants as NumPy
+        arrays (a deployment artifact stores those in its ``.npz``).
+
+        Examples:
+            >>> Node("r", "leaky_relu", ("x",), {"negative_slope": 0.1}).to_dict()["attrs"]
+            {'negative_slope': 0.1}
+        """
+        return plain_data(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Node:
+        """Rebuild a node from :meth:`to_dict` output, checking every field's type.
+
+        Raises:
+            ValueError: unknown or missing keys, a value of the wrong type, or a node the
+                constructor refuses (bad attributes, non-finite constants).
+            UnsupportedOpError: an unknown ``op``.
+        """
+        data = _fields_of(cls, data)
+        params = _mapping(data["params"], "params")
+        for key, value in params.items():
+            if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+                raise ValueError(f"The constant {key!r} of a Node must be a numeric array.")
+        return cls(
+            _text(data["name"], "name"),
+            _text(data["op"], "op"),
+            tuple(_text(name, "inputs") for name in _sequence(data["inputs"], "inputs")),
+            attrs_from_data(data["attrs"]),
+            params,
+            _text(data["source"], "source"),
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -194,6 +229,119 @@ class Graph:
         return Graph(
             tuple(nodes), self.input_name, output_name or self.output_name, self.input_shape
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The graph as data (see :meth:`Node.to_dict`); :meth:`from_dict` inverts it.
+
+        Examples:
+            >>> g = Graph((Node("x", "input"), Node("r", "relu", ("x",))), "x", "r", (2,))
+            >>> Graph.from_dict(g.to_dict())(np.array([[-1.0, 2.0]]))
+            array([[0., 2.]])
+        """
+        return plain_data(asdict(self))
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Graph:
+        """Rebuild a graph from :meth:`to_dict` output, checking every field.
+
+        Raises:
+            ValueError: unknown or missing keys, values of the wrong type, or a graph the
+                constructor refuses (names read before they are defined, duplicates).
+            UnsupportedOpError: a node with an unknown ``op``.
+        """
+        data = _fields_of(cls, data)
+        shape = _sequence(data["input_shape"], "input_shape")
+        if not all(_is_int(d) and d > 0 for d in shape):
+            raise ValueError(f"The 'input_shape' of a Graph must hold positive ints. Got {shape}.")
+        return cls(
+            tuple(Node.from_dict(node) for node in _sequence(data["nodes"], "nodes")),
+            _text(data["input_name"], "input_name"),
+            _text(data["output_name"], "output_name"),
+            tuple(shape),
+        )
+
+
+# --------------------------------------------------------------------------- as data
+
+
+def plain_data(value: Any) -> Any:
+    """``value`` (the ``asdict`` of a node, a graph, a step) with tuples as lists and
+    NumPy scalars as Python numbers; arrays stay arrays.
+
+    Examples:
+        >>> plain_data({"shape": (2, np.int64(3))})
+        {'shape': [2, 3]}
+    """
+    if isinstance(value, dict):
+        return {key: plain_data(item) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return [plain_data(item) for item in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def attrs_from_data(data: Any) -> dict[str, Any]:
+    """Node attributes (:attr:`Node.attrs`) from their data form: a dict of numbers,
+    strings, booleans, ``None`` and lists of them (lists become tuples).
+
+    Raises:
+        ValueError: not a dict with str keys, or a value of another type.
+
+    Examples:
+        >>> attrs_from_data({"stride": [1, 2], "groups": 1})
+        {'stride': (1, 2), 'groups': 1}
+    """
+    return {key: _attr(value, key) for key, value in _mapping(data, "attrs").items()}
+
+
+def _fields_of(cls: type, data: Any) -> dict[str, Any]:
+    """``data`` checked to be a dict with exactly the fields of the dataclass ``cls``."""
+    if not isinstance(data, dict):
+        raise ValueError(f"A {cls.__name__} must be a dict. Got {type(data).__name__}.")
+    names = [f.name for f in fields(cls)]
+    unknown = sorted(str(key) for key in data if key not in names)
+    missing = [name for name in names if name not in data]
+    if unknown or missing:
+        raise ValueError(
+            f"A {cls.__name__} has the keys {names}; got unknown keys {unknown} and "
+            f"missing keys {missing}."
+        )
+    return data
+
+
+def _text(value: Any, key: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{key!r} must be a str. Got {type(value).__name__}.")
+    return value
+
+
+def _sequence(value: Any, key: str) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{key!r} must be a list. Got {type(value).__name__}.")
+    return list(value)
+
+
+def _mapping(value: Any, key: str) -> dict[str, Any]:
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"{key!r} must be a dict with str keys. Got {type(value).__name__}.")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _attr(value: Any, key: str) -> Any:
+    """A node attribute from its JSON form: lists become tuples, scalars stay."""
+    if isinstance(value, (list, tuple)):
+        return tuple(_attr(item, key) for item in value)
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(
+        f"The attribute {key!r} of a Node must hold numbers, strings, booleans or lists of "
+        f"them. Got {type(value).__name__}."
+    )
 
 
 def chain_source(graph: Graph, name: str, stop: str) -> tuple[str, tuple[Node, ...]]:

@@ -44,8 +44,8 @@ overflow of a value wider than the compile-time inputset showed.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Protocol
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
+from typing import Any, ClassVar, Protocol, get_args
 
 import numpy as np
 
@@ -55,10 +55,12 @@ from fhe_quant.ir import (
     ConvGeometry,
     Graph,
     Node,
+    attrs_from_data,
     chain_source,
     conv_numpy,
     linear_bounds,
     max_pool_geometry,
+    plain_data,
 )
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.ptq import QuantizedDag, QuantizedGraph, channel_vector
@@ -173,6 +175,15 @@ class LinearStep:
         acc = apply(q, self.weight, self.attrs, backend) + self.offset
         return backend.hint(acc, self.acc_bits)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields as data (JSON values and NumPy arrays); :meth:`from_dict` inverts it."""
+        return _step_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> LinearStep:
+        """Rebuild it from :meth:`to_dict` output, each field read back by its type."""
+        return _step_from_dict(cls, data)
+
 
 @dataclass(frozen=True, eq=False)
 class TableFunction:
@@ -194,6 +205,15 @@ class TableFunction:
         real = self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
         out = self.output.quantize(_chain(self.chain, real))
         return out.reshape(out.shape[0], -1).reshape(np.shape(acc))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields as data (JSON values and NumPy arrays); :meth:`from_dict` inverts it."""
+        return _step_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TableFunction:
+        """Rebuild it from :meth:`to_dict` output, each field read back by its type."""
+        return _step_from_dict(cls, data)
 
 
 @dataclass(frozen=True, eq=False)
@@ -249,6 +269,15 @@ class TableStep:
             acc = backend.hint(backend.round(acc, self.lsbs, self.exact_rounding), self.round_bits)
         out = backend.hint(backend.lookup(self.lookup, acc), self.out_bits)
         return out.reshape((out.shape[0],) + self.out_shape)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields as data (JSON values and NumPy arrays); :meth:`from_dict` inverts it."""
+        return _step_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> TableStep:
+        """Rebuild it from :meth:`to_dict` output, each field read back by its type."""
+        return _step_from_dict(cls, data)
 
 
 def _positive_first(multipliers: tuple[np.ndarray, ...]) -> list[int]:
@@ -311,6 +340,15 @@ class AddStep:
             f"{terms} + offset_{self.name}  # residual add, 0 lookups, 0 <= acc <= "
             f"{int(self.acc_max.max())} ({self.acc_bits} bits, proven)"
         )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields as data (JSON values and NumPy arrays); :meth:`from_dict` inverts it."""
+        return _step_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> AddStep:
+        """Rebuild it from :meth:`to_dict` output, each field read back by its type."""
+        return _step_from_dict(cls, data)
 
 
 def _identity(x: np.ndarray) -> np.ndarray:
@@ -426,6 +464,15 @@ class MaxPoolStep:
             f"(max(a, b) = b + relu(a - b)) -> uint{self.bits}{list(self.out_shape)}"
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields as data (JSON values and NumPy arrays); :meth:`from_dict` inverts it."""
+        return _step_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> MaxPoolStep:
+        """Rebuild it from :meth:`to_dict` output, each field read back by its type."""
+        return _step_from_dict(cls, data)
+
 
 @dataclass(frozen=True, eq=False)
 class ConcatStep:
@@ -445,6 +492,15 @@ class ConcatStep:
         parts = ", ".join(names[i] for i in self.inputs)
         return f"concatenate([{parts}], axis={self.axis})  # 0 lookups, uint{self.bits}"
 
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields as data (JSON values and NumPy arrays); :meth:`from_dict` inverts it."""
+        return _step_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ConcatStep:
+        """Rebuild it from :meth:`to_dict` output, each field read back by its type."""
+        return _step_from_dict(cls, data)
+
 
 @dataclass(frozen=True, eq=False)
 class ReshapeStep:
@@ -459,6 +515,15 @@ class ReshapeStep:
 
     def describe(self, names: list[str]) -> str:
         return f"{names[self.inputs[0]]}.reshape({list(self.shape)})  # 0 lookups"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields as data (JSON values and NumPy arrays); :meth:`from_dict` inverts it."""
+        return _step_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> ReshapeStep:
+        """Rebuild it from :meth:`to_dict` output, each field read back by its type."""
+        return _step_from_dict(cls, data)
 
 
 @dataclass(frozen=True, eq=False)
@@ -722,6 +787,43 @@ class IntegerProgram:
             lines.append(f"    {names[k + 1]} = {text}")
         lines.append(f"    return {names[-1]}  # decrypted and dequantized by the client")
         return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The program as data: its input quantizer, input shape and steps, each step's
+        fields (:meth:`LinearStep.to_dict`, ...) under its type's name.
+
+        Raises:
+            TypeError: a step holds something that is not data (a closure).
+        """
+        return {
+            "input_quantizer": plain_data(self.input_quantizer.to_dict()),
+            "input_shape": list(self.input_shape),
+            "steps": [{"step_type": type(step).__name__, **step.to_dict()} for step in self.steps],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> IntegerProgram:
+        """Rebuild a program from :meth:`to_dict` output, checking every field's type.
+
+        Raises:
+            ValueError: unknown or missing keys, an unknown step type, or a value of the
+                wrong type.
+        """
+        data = _exact_keys(cls, data, [f.name for f in fields(cls)])
+        steps = []
+        for item in _data_list(data["steps"], "IntegerProgram.steps"):
+            if not isinstance(item, dict) or item.get("step_type") not in _STEP_TYPES:
+                raise ValueError(
+                    f"Every step of an IntegerProgram needs a 'step_type' among "
+                    f"{sorted(_STEP_TYPES)}. Got {str(item)[:80]}."
+                )
+            fields_only = {k: v for k, v in item.items() if k != "step_type"}
+            steps.append(_STEP_TYPES[item["step_type"]].from_dict(fields_only))
+        return cls(
+            _decode("UniformQuantizer", data["input_quantizer"], "IntegerProgram.input_quantizer"),
+            _decode("tuple[int, ...]", data["input_shape"], "IntegerProgram.input_shape"),
+            tuple(steps),
+        )
 
 
 def _linear_text(step: LinearStep, source: str) -> str:
@@ -1237,3 +1339,125 @@ _DagLowering.RAW = {
     "gather": _DagLowering.gather,
     "mul": _DagLowering.product,
 }
+
+
+# --------------------------------------------------------------------------- as data
+# NOTE: every step is a frozen dataclass of arrays, ints, tuples, nodes and quantizers:
+# its data form is its fields (``asdict``), and a field is read back by its declared
+# type (the table below), so a new field of a known type needs nothing here.
+
+
+def _step_to_dict(step: Any) -> dict[str, Any]:
+    """A step's fields as data (``asdict``: tuples as lists, arrays kept).
+
+    Raises:
+        TypeError: a field holds something that is not data (a closure).
+    """
+    for f in fields(step):
+        value = getattr(step, f.name)
+        if is_dataclass(value) and not isinstance(value, (TableFunction, UniformQuantizer)):
+            raise TypeError(
+                f"{type(step).__name__}.{f.name} is a {type(value).__name__}, which "
+                "from_dict cannot read back: it has no data form here."
+            )
+    data = plain_data(asdict(step))
+    for name, value in data.items():
+        _check_data(value, f"{type(step).__name__}.{name}")
+    return data
+
+
+def _step_from_dict(cls: type, data: Any) -> Any:
+    """The step of type ``cls`` whose :func:`_step_to_dict` is ``data``.
+
+    Raises:
+        ValueError: unknown or missing keys, or a value of the wrong type.
+    """
+    data = _exact_keys(cls, data, [f.name for f in fields(cls)])
+    return cls(
+        **{f.name: _decode(f.type, data[f.name], f"{cls.__name__}.{f.name}") for f in fields(cls)}
+    )
+
+
+def _check_data(value: Any, where: str) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_data(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_data(item, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (bool, int, float, str, np.ndarray))):
+        raise TypeError(f"{where} is a {type(value).__name__}, not data: it has no data form.")
+
+
+def _exact_keys(cls: type, data: Any, names: list[str]) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ValueError(f"A {cls.__name__} must be a dict. Got {type(data).__name__}.")
+    unknown = sorted(str(key) for key in data if key not in names)
+    missing = [name for name in names if name not in data]
+    if unknown or missing:
+        raise ValueError(
+            f"A {cls.__name__} has the keys {names}; got unknown keys {unknown} and missing "
+            f"keys {missing}."
+        )
+    return data
+
+
+def _data_list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where} must be a list. Got {type(value).__name__}.")
+    return list(value)
+
+
+def _data_int(value: Any, where: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ValueError(f"{where} must be an int. Got {value!r:.40}.")
+    return value
+
+
+def _data_array(value: Any, where: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+        raise ValueError(f"{where} must be a numeric array. Got {type(value).__name__}.")
+    return value
+
+
+def _data_of(kind: type) -> Callable[[Any, str], Any]:
+    def check(value: Any, where: str) -> Any:
+        if type(value) is not kind:
+            raise ValueError(f"{where} must be a {kind.__name__}. Got {value!r:.40}.")
+        return value
+
+    return check
+
+
+def _table_function(value: Any, where: str) -> TableFunction:
+    return TableFunction.from_dict(value)
+
+
+#: How a field is read back, by its declared type.
+_DECODERS: dict[str, Callable[[Any, str], Any]] = {
+    "str": _data_of(str),
+    "bool": _data_of(bool),
+    "int": _data_int,
+    "np.ndarray": _data_array,
+    "tuple[int, ...]": lambda v, w: tuple(_data_int(i, w) for i in _data_list(v, w)),
+    "tuple[tuple[int, int], ...]": lambda v, w: tuple(
+        _decode("tuple[int, ...]", pair, w) for pair in _data_list(v, w)
+    ),
+    "tuple[np.ndarray, ...]": lambda v, w: tuple(_data_array(a, w) for a in _data_list(v, w)),
+    "tuple[Node, ...]": lambda v, w: tuple(Node.from_dict(n) for n in _data_list(v, w)),
+    "Mapping[str, Any]": lambda v, w: attrs_from_data(v),
+    "UniformQuantizer": lambda v, w: UniformQuantizer.from_dict(v),
+    "TableFunction": _table_function,
+    "TableFunction | Callable[[np.ndarray], np.ndarray]": _table_function,
+}
+
+
+def _decode(kind: Any, value: Any, where: str) -> Any:
+    decoder = _DECODERS.get(str(kind))
+    if decoder is None:
+        raise TypeError(f"{where}: a field of type {kind} has no data form (see _DECODERS).")
+    return decoder(value, where)
+
+
+#: The step types an :class:`IntegerProgram` holds, by name.
+_STEP_TYPES: dict[str, type] = {cls.__name__: cls for cls in get_args(Step)}

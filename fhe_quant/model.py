@@ -110,6 +110,11 @@ class QuantizedModule:
     the client quantizes (clipping to the calibrated range), the integer program runs
     in clear, in Concrete's simulator, or encrypted, and the client dequantizes the last
     layer's accumulator and applies any elementwise operations after it.
+
+    A module is plain data (graph, quantized graph, program and an
+    :class:`~fhe_quant.fhe.FHECircuit` that holds the compile settings): it pickles and
+    deep-copies as it stands, and a copy of a compiled module compiles its Concrete circuit
+    again on first use (with no keys: ``execute`` generates them).
     """
 
     def __init__(

@@ -68,11 +68,9 @@ from fhe_quant.frontends.sklearn import (
 from fhe_quant.frontends.sklearn import boosting as _boosting
 from fhe_quant.frontends.sklearn import neighbors as _neighbors
 from fhe_quant.frontends.sklearn import tree as _trees
-from fhe_quant.lower import bits_for, lower
+from fhe_quant.lower import bits_for
 from fhe_quant.model import QuantizedModule, build_quantized_module, make_config
-from fhe_quant.passes import simplify
 from fhe_quant.quant.config import MAX_ACCUMULATOR_BITS, MAX_ROUNDING_BITS, QuantConfig
-from fhe_quant.quant.ptq import QuantizedGraph, QuantizedLinear, Segment
 from fhe_quant.quant.quantizer import MAX_BITS
 from fhe_quant.report import Report
 
@@ -136,56 +134,6 @@ def _check_fitted(estimator: Any, attribute: str | None = "quantized_module_") -
         check_is_fitted(estimator, attribute)
     except sklearn.exceptions.NotFittedError as exc:
         raise EstimatorNotFittedError(str(exc)) from None
-
-
-# --------------------------------------------------------------------------- pickling
-# NOTE: a QuantizedModule holds read-only mappings and closures that pickle refuses, and
-# its Concrete circuit cannot be pickled at all. A pickled estimator keeps what defines
-# the integer program (the quantizers and integer weights, all plain data) and rebuilds
-# the rest from the pickled scikit-learn model. After unpickling, call compile() again.
-
-
-def _module_state(module: QuantizedModule) -> dict[str, Any]:
-    quantized = module.quantized
-    return {
-        "config": quantized.config.to_dict(),
-        "pre": [node.name for node in quantized.pre],
-        "segments": [
-            {
-                "linear": segment.linear.node.name,
-                "weight_q": segment.linear.weight_q,
-                "weight_quantizer": segment.linear.weight_quantizer,
-                "input_quantizer": segment.linear.input_quantizer,
-                "chain": [node.name for node in segment.chain],
-                "output_quantizer": segment.output_quantizer,
-            }
-            for segment in quantized.segments
-        ],
-    }
-
-
-def _module_from_state(sklearn_model: Any, state: dict[str, Any]) -> QuantizedModule:
-    graph = simplify(sklearn_to_graph(sklearn_model).graph)
-    segments = tuple(
-        Segment(
-            QuantizedLinear(
-                graph.node(s["linear"]),
-                s["weight_q"],
-                s["weight_quantizer"],
-                s["input_quantizer"],
-            ),
-            tuple(graph.node(name) for name in s["chain"]),
-            s["output_quantizer"],
-        )
-        for s in state["segments"]
-    )
-    quantized = QuantizedGraph(
-        graph,
-        tuple(graph.node(name) for name in state["pre"]),
-        segments,
-        QuantConfig.from_dict(state["config"]),
-    )
-    return QuantizedModule(graph, quantized, lower(quantized))
 
 
 # --------------------------------------------------------------------------- base classes
@@ -416,20 +364,6 @@ class _FHEEstimator(BaseEstimator):
             tags.regressor_tags.poor_score = inner.regressor_tags.poor_score
         return tags
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(super().__getstate__())
-        module = state.pop("quantized_module_", None)
-        if module is not None:
-            state["_quantized_state"] = _module_state(module)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        quantized = state.pop("_quantized_state", None)
-        super().__setstate__(state)
-        if quantized is not None:
-            self.quantized_module_ = _module_from_state(self.sklearn_model_, quantized)
-
 
 def _has_decision_function(estimator: _FHEEstimator) -> bool:
     return hasattr(estimator._sklearn_class, "decision_function")
@@ -584,41 +518,77 @@ def _make_estimator(
     ``accumulator_bits`` parameter (perceptrons: accumulator-aware quantization);
     ``sk_signature`` replaces the class's own (XGBoost's takes ``**kwargs``).
     """
-    sk_signature = sk_signature or inspect.signature(sklearn_class.__init__)
-    if defaults:
-        sk_signature = sk_signature.replace(
-            parameters=[
-                p.replace(default=defaults[p.name]) if p.name in defaults else p
-                for p in sk_signature.parameters.values()
-            ]
-        )
-    fhe_params = [
-        inspect.Parameter("n_bits", inspect.Parameter.KEYWORD_ONLY, default=default_n_bits),
-        inspect.Parameter("rounding_bits", inspect.Parameter.KEYWORD_ONLY, default=None),
-        inspect.Parameter("p_error", inspect.Parameter.KEYWORD_ONLY, default=None),
-    ]
-    if accumulator:
-        fhe_params.append(
-            inspect.Parameter("accumulator_bits", inspect.Parameter.KEYWORD_ONLY, default=None)
-        )
+    sk_signature = _with_defaults(
+        sk_signature or inspect.signature(sklearn_class.__init__), defaults or {}
+    )
     has_verbose = "verbose" in sk_signature.parameters
+    signature = sk_signature.replace(
+        parameters=[
+            *sk_signature.parameters.values(),
+            *_fhe_parameters(default_n_bits, accumulator, has_verbose),
+        ]
+    )
+    name = sklearn_class.__name__
+    doc = _class_doc(doc, sklearn_class, base, default_n_bits, defaults or {}, has_verbose)
+    if accumulator:
+        doc = doc.replace("    p_error:", _ACCUMULATOR_DOC + "    p_error:", 1)
+    return type(
+        name,
+        (base,),
+        {
+            "__init__": _storing_init(signature, name),
+            "__doc__": doc,
+            "__module__": __name__,
+            "__qualname__": name,
+            "_sklearn_class": sklearn_class,
+            "_sklearn_params": tuple(p for p in sk_signature.parameters if p != "self"),
+            "_parameter_constraints": _constraints(sklearn_class, accumulator, has_verbose),
+        },
+    )
+
+
+def _with_defaults(signature: inspect.Signature, defaults: dict[str, Any]) -> inspect.Signature:
+    """``signature`` with some of its defaults replaced."""
+    return signature.replace(
+        parameters=[
+            p.replace(default=defaults[p.name]) if p.name in defaults else p
+            for p in signature.parameters.values()
+        ]
+    )
+
+
+def _fhe_parameters(
+    default_n_bits: int, accumulator: bool, has_verbose: bool
+) -> list[inspect.Parameter]:
+    """The keyword-only parameters every estimator adds to the wrapped class's."""
+    names = {"n_bits": default_n_bits, "rounding_bits": None, "p_error": None}
+    if accumulator:
+        names["accumulator_bits"] = None
     if not has_verbose:
-        fhe_params.append(
-            inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=False)
-        )
-    signature = sk_signature.replace(parameters=[*sk_signature.parameters.values(), *fhe_params])
-    sklearn_params = tuple(name for name in sk_signature.parameters if name != "self")
+        names["verbose"] = False
+    return [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default)
+        for name, default in names.items()
+    ]
+
+
+def _storing_init(signature: inspect.Signature, name: str) -> Callable[..., None]:
+    """An ``__init__`` that binds its arguments against ``signature`` and stores them."""
 
     def init(self: Any, *args: Any, **kwargs: Any) -> None:
         bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
-        for name, value in list(bound.arguments.items())[1:]:
-            setattr(self, name, value)
+        for key, value in list(bound.arguments.items())[1:]:
+            setattr(self, key, value)
 
     init.__signature__ = signature  # type: ignore[attr-defined]
-    name = sklearn_class.__name__
     init.__name__ = "__init__"
     init.__qualname__ = f"{name}.__init__"
+    return init
+
+
+def _constraints(sklearn_class: type, accumulator: bool, has_verbose: bool) -> dict[str, list[Any]]:
+    """The wrapped class's parameter constraints plus ours."""
     constraints = {
         **getattr(sklearn_class, "_parameter_constraints", {}),
         **_FHE_PARAMETER_CONSTRAINTS,
@@ -630,11 +600,23 @@ def _make_estimator(
         ]
     if has_verbose:
         constraints["verbose"] = sklearn_class._parameter_constraints["verbose"]  # type: ignore[attr-defined]
-    path = f"{sklearn_class.__module__.split('._')[0]}.{name}"
-    doc = doc.format(
+    return constraints
+
+
+def _class_doc(
+    doc: str,
+    sklearn_class: type,
+    base: type,
+    default_n_bits: int,
+    defaults: dict[str, Any],
+    has_verbose: bool,
+) -> str:
+    """The class docstring: ``doc`` filled in for ``sklearn_class``."""
+    name = sklearn_class.__name__
+    return doc.format(
         name=name,
-        defaults=", ".join(f"``{k}={v!r}``" for k, v in (defaults or {}).items()),
-        path=path,
+        defaults=", ".join(f"``{k}={v!r}``" for k, v in defaults.items()),
+        path=f"{sklearn_class.__module__.split('._')[0]}.{name}",
         n_bits=default_n_bits,
         verbose_note=(
             " (scikit-learn's own ``verbose``, also used for fhe_quant's progress bars)"
@@ -642,21 +624,6 @@ def _make_estimator(
             else ""
         ),
         classes=("\n    classes_: the class labels." if issubclass(base, _FHEClassifier) else ""),
-    )
-    if accumulator:
-        doc = doc.replace("    p_error:", _ACCUMULATOR_DOC + "    p_error:", 1)
-    return type(
-        name,
-        (base,),
-        {
-            "__init__": init,
-            "__doc__": doc,
-            "__module__": __name__,
-            "__qualname__": name,
-            "_sklearn_class": sklearn_class,
-            "_sklearn_params": sklearn_params,
-            "_parameter_constraints": constraints,
-        },
     )
 
 
@@ -838,11 +805,6 @@ class _FHETreeEstimator(_FHEEstimator):
         if tags.classifier_tags is not None:
             tags.target_tags.multi_output = False  # multi-output classifiers: unsupported
         return tags
-
-    # NOTE: a tree module is plain data (arrays, frozen dataclasses): scikit-learn's own
-    # pickling, not the graph estimators' rebuild from the quantized graph.
-    __getstate__ = BaseEstimator.__getstate__
-    __setstate__ = BaseEstimator.__setstate__
 
 
 class _FHETreeClassifier(_FHETreeEstimator, _FHEClassifier):
@@ -1314,23 +1276,6 @@ class _KNNMixin:
         tags = super().__sklearn_tags__()  # type: ignore[misc]
         tags.target_tags.multi_output = False  # one label per sample (see check_knn_options)
         return tags
-
-    def __getstate__(self) -> dict[str, Any]:
-        # NOTE: the graph-based estimators' __getstate__ is skipped: it serializes
-        # quantized graphs, and a _neighbors.KNNModule has none. Its program is plain data.
-        state = dict(BaseEstimator.__getstate__(self))  # type: ignore[arg-type]
-        module = state.pop("quantized_module_", None)
-        if module is not None:
-            state["_knn_state"] = (module.program, module.low, module.span)
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        state = dict(state)
-        knn = state.pop("_knn_state", None)
-        super().__setstate__(state)  # type: ignore[misc]
-        if knn is not None:
-            program, low, span = knn
-            self.quantized_module_ = _neighbors.KNNModule(self.sklearn_model_, program, low, span)
 
 
 _KNN_DOC = """KNeighborsClassifier for encrypted inference: scikit-learn's

@@ -18,11 +18,7 @@ import fhe_quant
 LIMIT = 60
 
 #: (module path relative to the package, qualified function name) -> why it is still long.
-KNOWN_LONG: dict[tuple[str, str], str] = {
-    ("sklearn.py", "_make_estimator"): "issue 13 part 2 (estimator pickling) splits it",
-    ("frontends/sklearn/tree.py", "_steps"): "the tree lowering by cost (issue 14 part 4)",
-    ("frontends/sklearn/tree.py", "_build_program"): "as above",
-}
+KNOWN_LONG: dict[tuple[str, str], str] = {}
 
 ROOT = pathlib.Path(fhe_quant.__file__).parent
 

@@ -16,7 +16,6 @@ from sklearn.model_selection import GridSearchCV
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import fhe_quant.sklearn as fs
-from fhe_quant import errors
 
 #: Per-lookup error probability for exactness tests: any mismatch is then a real bug.
 TINY_P_ERROR = 1e-12
@@ -26,7 +25,7 @@ def _expected_failures(estimator: Any) -> dict[str, str]:
     """Checks these estimators cannot pass, with the reason of each.
 
     None today. The ones that needed work: ``check_estimators_pickle`` (the quantized
-    module is rebuilt from plain data, see ``__getstate__``),
+    module is plain data; its Concrete circuit is compiled again on first use),
     ``check_sample_weight_equivalence_on_dense_data`` (samples of weight zero do not
     calibrate), ``check_non_transformer_estimators_n_iter`` (``n_iter_`` is mirrored),
     ``check_classifiers_one_label`` (a one-class MLPClassifier predicts its class).
@@ -80,14 +79,13 @@ def test_pickle_keeps_the_integer_program(iris: Any) -> None:
             model.quantized_module_.forward_integers(x_test),
         )
         np.testing.assert_array_equal(restored.predict_proba(x_test), model.predict_proba(x_test))
-        # The Concrete circuit is not pickled: compile again before simulating.
-        with pytest.raises(errors.NotCompiledError):
-            restored.predict(x_test[:1], fhe="simulate")
-        restored.compile(x_train)
+        # The Concrete circuit is not pickled: the copy compiles it again on first use.
+        circuit = restored.quantized_module_.fhe_circuit
+        assert not circuit.is_compiled and model.quantized_module_.fhe_circuit.is_compiled
         np.testing.assert_array_equal(
             restored.predict(x_test[:5], fhe="simulate"), model.predict(x_test[:5])
         )
-        assert model.quantized_module_._circuit is not None  # the original keeps its circuit
+        assert circuit.is_compiled and restored.quantized_module_.fhe_circuit is circuit
 
 
 SKLEARN_MODELS = [

@@ -1212,11 +1212,6 @@ class TreeModule(QuantizedModule):
         """The float tree model's raw outputs on ``x``."""
         return self.ensemble.evaluate(self.check_input(x))
 
-    def __getstate__(self) -> dict[str, Any]:
-        # NOTE: everything is plain data except Concrete's compiled circuit, a live
-        # native object: copies are uncompiled (compile again), like every estimator's.
-        return {**vars(self), "_circuit": None}
-
 
 def build_tree_module(
     model: Any,
