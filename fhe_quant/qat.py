@@ -56,12 +56,18 @@ from fhe_quant.fhe import check_fhe_mode
 from fhe_quant.frontends.sklearn import OUTPUT_FUNCTIONS
 from fhe_quant.frontends.torch import trace_module
 from fhe_quant.ir import ELEMENTWISE
-from fhe_quant.lower import lower
+from fhe_quant.lower import auto_table_bits, lower
 from fhe_quant.model import QuantizedModule, make_config
 from fhe_quant.passes import simplify
-from fhe_quant.quant.config import MAX_ROUNDING_BITS
+from fhe_quant.quant.config import MAX_ROUNDING_BITS, QuantConfig
 from fhe_quant.quant.ptq import check_calibration_data
-from fhe_quant.quant.qat import ACTIVATION_SCALES, WEIGHT_MODES, QATConfig, QATModule
+from fhe_quant.quant.qat import (
+    ACTIVATION_SCALES,
+    WEIGHT_MODES,
+    QATConfig,
+    QATModule,
+    default_table_bits,
+)
 from fhe_quant.quant.quantizer import MAX_BITS
 from fhe_quant.training import fit
 
@@ -109,6 +115,14 @@ def _sample(module: nn.Module, X_sample: Any) -> np.ndarray:
     return np.zeros((2, first.in_features))
 
 
+def _quant_config(n_bits: Any, rounding_bits: Any) -> QuantConfig:
+    """The bit widths, with QAT's default table width when ``rounding_bits`` is None."""
+    quant = make_config(n_bits, rounding_bits=rounding_bits)
+    if rounding_bits is not None:
+        return quant
+    return make_config(n_bits, rounding_bits=default_table_bits(quant.n_bits_activations))
+
+
 def prepare_qat(
     module: Any,
     n_bits: int | dict[str, int] = 3,
@@ -117,7 +131,7 @@ def prepare_qat(
     activation_scale: str = "lsq",
     weight_mode: str = "uniform",
     rounding_bits: int | None = None,
-    accumulator_bits: int | None = None,
+    accumulator_bits: int | str | None = "auto",
     weight_scale: str = "mse",
     seed: int | None = None,
 ) -> QATModule:
@@ -146,9 +160,16 @@ def prepare_qat(
             (moving average of the min/max seen in training, frozen in eval mode).
         weight_mode: ``"uniform"``, ``"binary"`` or ``"binary_stochastic"`` (BinaryConnect;
             binary modes keep the last layer at ``outputs`` bits).
-        rounding_bits: width of every table's input (``None``: automatic).
+        rounding_bits: width of every table's input (``None``: QAT's default, one bit
+            more than the activations and at least 4, see
+            :func:`~fhe_quant.quant.qat.default_table_bits`).
         accumulator_bits: bound every proven accumulator to this many bits (uniform
-            weights only; ``None``: no bound).
+            weights only); ``"auto"`` (the default): for activations of up to 4 bits,
+            the table width plus 2, plus 3 in the first layer (at 2-3 bits: 7 bits,
+            then 6, with 4-bit tables; the fast path of ``benchmarks/qat.py``), no
+            bound above 4 bits nor for binary weights
+            (:func:`~fhe_quant.quant.qat.default_accumulator_bits`); ``None``: no
+            bound.
         weight_scale: uniform weight scales per channel, recomputed at every step:
             ``"mse"`` (least squared error) or ``"max"`` (``max |w| / qmax``).
         seed: seed of the stochastic binarization.
@@ -181,7 +202,7 @@ def prepare_qat(
         fhe_quant.errors.ParameterError: The 'n_bits' parameter must be an int in [1, 8] \
 or a dict with keys {'inputs', 'weights', 'activations', 'outputs'}. Got 9 instead.
     """
-    quant = make_config(n_bits, rounding_bits=rounding_bits)
+    quant = _quant_config(n_bits, rounding_bits)
     try:
         config = QATConfig(
             quant,
@@ -308,7 +329,11 @@ class _QATEstimator(BaseEstimator):
         "weight_mode": [StrOptions(set(WEIGHT_MODES))],
         "activation_scale": [StrOptions(set(ACTIVATION_SCALES))],
         "rounding_bits": [Interval(Integral, 1, MAX_ROUNDING_BITS, closed="both"), None],
-        "accumulator_bits": [Interval(Integral, 2, MAX_ROUNDING_BITS, closed="both"), None],
+        "accumulator_bits": [
+            Interval(Integral, 2, MAX_ROUNDING_BITS, closed="both"),
+            StrOptions({"auto"}),
+            None,
+        ],
         "p_error": [Interval(Real, 0, 1, closed="neither"), None],
         "random_state": ["random_state"],
         "verbose": ["verbose"],
@@ -327,7 +352,7 @@ class _QATEstimator(BaseEstimator):
         weight_mode: str = "uniform",
         activation_scale: str = "lsq",
         rounding_bits: int | None = None,
-        accumulator_bits: int | None = None,
+        accumulator_bits: int | str | None = None,
         p_error: float | None = None,
         random_state: Any = None,
         verbose: bool = False,
@@ -369,6 +394,11 @@ class _QATEstimator(BaseEstimator):
                 layers.append(_ACTIVATIONS[self.activation]())
         return nn.Sequential(*layers)
 
+    def _table_bits(self) -> int:
+        if self.rounding_bits is not None:
+            return int(self.rounding_bits)
+        return auto_table_bits(make_config(self.n_bits).n_bits_activations)
+
     def _fit_qat(
         self, X: np.ndarray, targets: np.ndarray, n_outputs: int
     ) -> tuple[QATModule, dict[str, list[float]], QuantizedModule]:
@@ -381,7 +411,7 @@ class _QATEstimator(BaseEstimator):
             X_sample=X,
             activation_scale=self.activation_scale,
             weight_mode=self.weight_mode,
-            rounding_bits=self.rounding_bits,
+            rounding_bits=self._table_bits(),
             accumulator_bits=self.accumulator_bits,
             seed=seed,
         )
@@ -464,8 +494,12 @@ _ESTIMATOR_DOC = """
         batch_size: minibatch size.
         weight_mode: ``"uniform"``, ``"binary"`` or ``"binary_stochastic"``.
         activation_scale: ``"lsq"`` or ``"ema"``.
-        rounding_bits: input width of every table lookup (``None``: automatic).
-        accumulator_bits: bound on every proven accumulator (``None``: none).
+        rounding_bits: input width of every table lookup (``None``: post-training
+            quantization's automatic width, :func:`fhe_quant.lower.auto_table_bits`,
+            5 bits at 2-4 bit activations; ``prepare_qat``'s 4-bit default cost a
+            regressor its R² > 0.5 in scikit-learn's checks).
+        accumulator_bits: bound on every proven accumulator (``None``: none;
+            ``"auto"``: :func:`~fhe_quant.qat.prepare_qat`'s default budget).
         p_error: error probability of each table lookup in FHE.
         random_state: seed of the initialisation, shuffling and binarization.
         verbose: progress bars.

@@ -88,7 +88,14 @@ from torch import Tensor, nn
 
 from fhe_quant.errors import InputError, NotFittedError, ParameterError, UnsupportedOpError
 from fhe_quant.ir import ELEMENTWISE, OPS, ConvGeometry, Graph, Node, weight_input_channels
-from fhe_quant.lower import NUMPY, IntegerProgram, TableStep, lower
+from fhe_quant.lower import (
+    MAX_AUTO_TABLE_BITS,
+    NUMPY,
+    IntegerProgram,
+    TableStep,
+    auto_table_bits,
+    lower,
+)
 from fhe_quant.quant.calibrate import MSEObserver
 from fhe_quant.quant.config import MAX_ROUNDING_BITS, QuantConfig
 from fhe_quant.quant.ptq import (
@@ -105,6 +112,11 @@ __all__ = [
     "WEIGHT_SCALES",
     "DEAD_FEATURE_SCALE",
     "QATConfig",
+    "AUTO_BUDGET_MAX_BITS",
+    "AUTO_DROPPED_BITS",
+    "AUTO_MIN_TABLE_BITS",
+    "default_table_bits",
+    "default_accumulator_bits",
     "TORCH_ELEMENTWISE",
     "torch_elementwise",
     "round_ste",
@@ -133,6 +145,9 @@ DEAD_FEATURE_SCALE = 1e-6
 #: Number of clipping ratios tried by the least-squares weight scale.
 _SCALE_GRID = 41
 
+#: Bisection steps of the accumulator-budget scale (relative precision ~1e-9).
+_BUDGET_STEPS = 32
+
 #: Elements computed at once by the scale search (bounds its memory).
 _SCALE_CHUNK = 1 << 20
 
@@ -144,8 +159,51 @@ _MIN_STEP = 1e-8
 
 _OWNER = "QATConfig"
 
+#: Activations up to this many bits get QAT's default accumulator budget (``"auto"``).
+AUTO_BUDGET_MAX_BITS = 4
+
+#: Accumulator bits the ``"auto"`` budget leaves above the table input (one more in the
+#: first layer): the low bits dropped exactly before each table, one small bootstrap each.
+AUTO_DROPPED_BITS = 2
+
+#: Narrowest table input of QAT's default (``rounding_bits=None``): measured on the
+#: digits MLP (docs/DESIGN-NOTES.md §16), a 4-bit lookup costs Concrete about a third of
+#: a 5-bit one, and 3-bit tables lost 5-8 points of accuracy at 2-bit activations.
+AUTO_MIN_TABLE_BITS = 4
+
 
 # --------------------------------------------------------------------------- config
+
+
+def default_table_bits(activation_bits: int) -> int:
+    """QAT's table input width when ``rounding_bits`` is not given: one bit more than
+    the activations, at least :data:`AUTO_MIN_TABLE_BITS`, at most
+    :data:`fhe_quant.lower.MAX_AUTO_TABLE_BITS` (as post-training quantization's).
+
+    Examples:
+        >>> [default_table_bits(b) for b in range(1, 9)]
+        [4, 4, 4, 5, 6, 7, 7, 7]
+    """
+    return min(max(AUTO_MIN_TABLE_BITS, activation_bits + 1), MAX_AUTO_TABLE_BITS)
+
+
+def default_accumulator_bits(activation_bits: int, table_bits: int, first: bool) -> int | None:
+    """QAT's accumulator budget of a layer for ``accumulator_bits="auto"``: the table
+    width plus 2 (2 low bits dropped exactly before each table), plus 3 for the first
+    layer, which reads the client's inputs (the usual practice of a finer first layer:
+    on the digits MLP, 2 bits there cost 1-2 points, 3 bits cost ~10% more than 2);
+    ``None`` (no budget) for activations of more than :data:`AUTO_BUDGET_MAX_BITS` bits,
+    where a fan-in of 64 codes leaves too few weight codes in so narrow an accumulator.
+
+    Examples:
+        >>> [default_accumulator_bits(3, 4, first) for first in (True, False)]
+        [7, 6]
+        >>> default_accumulator_bits(6, 7, first=False) is None
+        True
+    """
+    if activation_bits > AUTO_BUDGET_MAX_BITS:
+        return None
+    return table_bits + (AUTO_DROPPED_BITS + 1 if first else AUTO_DROPPED_BITS)
 
 
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
@@ -171,7 +229,10 @@ class QATConfig:
             ``quant.n_bits_outputs`` bits (uniform), as is usual for binary networks.
         weight_scale: how uniform weight scales follow the weights at every step:
             ``"mse"`` (least squared error per channel, the default) or ``"max"``.
-        accumulator_bits: when set (2 to 16), every layer's proven accumulator range fits
+        accumulator_bits: ``"auto"``: QAT's default budget per layer
+            (:func:`default_accumulator_bits`, uniform weights only; average poolings
+            keep their fixed accumulator). When set to an int (2 to 16), every layer's
+            proven accumulator range fits
             in this many bits (uniform weights only; an average pooling, whose weights are
             fixed, is refused when its ``qmax * k`` does not fit); ``None``: no
             constraint.
@@ -192,7 +253,7 @@ class QATConfig:
     activation_scale: str = "lsq"
     weight_mode: str = "uniform"
     weight_scale: str = "mse"
-    accumulator_bits: int | None = None
+    accumulator_bits: int | str | None = None
     ema_momentum: float = 0.1
     seed: int | None = None
 
@@ -217,7 +278,7 @@ class QATConfig:
                 "The last layer's weights ('outputs' in n_bits) need at least 2 bits. "
                 f"Got {quant.n_bits_outputs} instead."
             )
-        if self.accumulator_bits is not None:
+        if self.accumulator_bits is not None and self.accumulator_bits != "auto":
             value = self.accumulator_bits
             if (
                 isinstance(value, bool | np.bool_)
@@ -225,8 +286,8 @@ class QATConfig:
                 or not 2 <= int(value) <= MAX_ROUNDING_BITS
             ):
                 raise ValueError(
-                    f"The 'accumulator_bits' parameter of {_OWNER} must be None or an int "
-                    f"in [2, {MAX_ROUNDING_BITS}]. Got {value!r} instead."
+                    f"The 'accumulator_bits' parameter of {_OWNER} must be 'auto', None or "
+                    f"an int in [2, {MAX_ROUNDING_BITS}]. Got {value!r} instead."
                 )
             if self.weight_mode != "uniform":
                 raise ValueError(
@@ -253,6 +314,15 @@ class QATConfig:
                 f"The 'seed' parameter of {_OWNER} must be None or an int. "
                 f"Got {self.seed!r} instead."
             )
+
+    def layer_accumulator_bits(self, index: int, table_bits: int) -> int | None:
+        """The accumulator budget of linear layer ``index`` (``None``: no budget), its
+        table reading ``table_bits`` bits."""
+        if self.accumulator_bits != "auto":
+            return self.accumulator_bits  # type: ignore[return-value]
+        if self.weight_mode != "uniform":
+            return None
+        return default_accumulator_bits(self.input_bits(index), table_bits, index == 0)
 
     def is_binary(self, last: bool) -> bool:
         """Whether a layer's weights are binary (never the last layer's)."""
@@ -394,6 +464,25 @@ def _budget_fixup(codes: np.ndarray, ratio: np.ndarray, budget: int) -> np.ndarr
     return codes - np.sign(codes) * lower
 
 
+def _budget_scale(magnitude: np.ndarray, top: np.ndarray, qmax: int, budget: int) -> np.ndarray:
+    """Per row, (nearly) the smallest scale whose codes ``clip(rint(|w| / s), 0, qmax)``
+    sum to at most ``budget``: the budget goes to the largest weights. The old bound
+    ``sum |w| / budget`` rounds every weight of a wide row to 0 when the budget is smaller
+    than the fan-in (64 inputs, budget 9: all codes 0, a dead layer)."""
+    # NOTE: the code sum only falls as the scale grows: bisect (in log scale) between
+    # max|w| / qmax (no clipping) and 2 max|w| (all codes 0, always within budget).
+    safe = np.where(top > 0, top, 1.0)
+    low, high = np.log(safe / qmax), np.log(2.0 * safe)
+    for _ in range(_BUDGET_STEPS):
+        middle = (low + high) / 2
+        codes = np.minimum(np.rint(magnitude / np.exp(middle)[:, None]), qmax)
+        fits = codes.sum(axis=1) <= budget
+        high = np.where(fits, middle, high)
+        low = np.where(fits, low, middle)
+    within = np.minimum(np.rint(magnitude / (safe / qmax)[:, None]), qmax).sum(axis=1) <= budget
+    return np.where(within, safe / qmax, np.exp(high))
+
+
 def _least_squares_scale(folded: np.ndarray, top: np.ndarray, qmax: int) -> np.ndarray:
     """Per row, the scale ``r * max|w| / qmax`` (``r`` on a grid in ``[0.2, 1]``) whose
     quantized weights are closest to ``w`` in squared error (ties: the larger ``r``)."""
@@ -479,7 +568,7 @@ def quantize_weight(
         qmax = 2 ** (bits - 1) - 1
         scale = _least_squares_scale(folded, top, qmax) if method == "mse" else top / qmax
         if l1_budget is not None:
-            scale = np.maximum(scale, magnitude.sum(axis=1) / l1_budget)
+            scale = np.maximum(scale, _budget_scale(magnitude, top, qmax, l1_budget))
     scale = np.where(scale > 0, scale, 1.0)
     if not binary:
         ratio = folded / scale[:, None]
@@ -900,7 +989,7 @@ class QATModule(nn.Module):
     # ------------------------------------------------------------------ structure
     def _check_pooling_budget(self, node: Node, layer: QATLinear) -> None:
         bits = self.config.accumulator_bits
-        if bits is None or layer.trainable:
+        if bits is None or bits == "auto" or layer.trainable:
             return
         # NOTE: a pooling's weights are fixed (all 1 once quantized): its accumulator
         # reaches qmax * k, whatever is trained.
@@ -983,12 +1072,25 @@ class QATModule(nn.Module):
         self._cache = None
 
     def _budget(self, index: int) -> int | None:
-        bits = self.config.accumulator_bits
-        if bits is None or not self.layers[index].trainable:
+        if not self.layers[index].trainable:
+            return None
+        bits = self.config.layer_accumulator_bits(index, self._table_bits(index))
+        if bits is None:
             return None
         # NOTE: every input code lies in [0, qmax], so the proven accumulator range is at
-        # most qmax * sum |W_j| <= 2**bits - 1 (lower.py proves a tighter one).
-        return max(1, (2**bits - 1) // self.layers[index].input_quantizer.qmax)
+        # most qmax * sum |W_j| (lower.py proves a tighter one). It must also leave room
+        # for the half added before the table drops its low bits, or the rounding carries
+        # into a new bit and one more bit is dropped (lower._table).
+        dropped = bits - self._table_bits(index)
+        half = 2 ** (dropped - 1) if dropped > 0 else 0
+        return max(1, (2**bits - 1 - half) // self.layers[index].input_quantizer.qmax)
+
+    def _table_bits(self, index: int) -> int:
+        """Input width of the table after linear layer ``index`` (as ``lower`` picks it)."""
+        configured = self.config.quant.rounding_bits
+        if configured is not None or index + 1 == len(self.layers):
+            return configured or MAX_ROUNDING_BITS
+        return auto_table_bits(self.layers[index + 1].input_quantizer.bits)
 
     def _cache_key(self) -> tuple[Any, ...]:
         # NOTE: torch bumps a tensor's _version on every in-place change (optimizer steps,
