@@ -307,6 +307,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="run names to (re)run")
     parser.add_argument("--out", default=str(RESULTS / "qat.json"))
     args = parser.parse_args()
+    # NOTE: one torch thread, as fhe_quant.training.fit uses (two threads on the shared
+    # 2-core machines made the plain loop's epochs many times slower).
+    torch.set_num_threads(1)
     names = args.only or ORDER
     unknown = sorted(set(names) - set(ORDER))
     if unknown:

@@ -14,8 +14,9 @@ from hypothesis.extra.numpy import arrays
 
 from fhe_quant.errors import NotFittedError
 from fhe_quant.lower import LinearStep, TableStep
-from fhe_quant.qat import compile_qat_model, prepare_qat
+from fhe_quant.qat_module import INIT_SAMPLES
 from fhe_quant.quant.qat import DEAD_FEATURE_SCALE, quantize_weight
+from fhe_quant.torch import compile_qat_model, prepare_qat
 from fhe_quant.training import fit
 
 
@@ -177,12 +178,14 @@ def test_weight_budget_holds_and_codes_stay_in_range(weights, bits, budget, meth
     assert np.all(np.sign(codes) * np.sign(weights) >= 0)
 
 
-def test_quantizers_initialise_on_the_first_training_batch(make_mlp, digits) -> None:
+def test_quantizers_initialise_by_an_explicit_step_only(make_mlp, digits) -> None:
     x = digits[0][:64]
     qat = prepare_qat(make_mlp(), n_bits=3)
-    with pytest.raises(NotFittedError, match="initialize"):
-        qat.eval()(x)
-    qat.train()(x)
+    for mode in (qat.eval, qat.train):  # no training batch initialises them on the side
+        with pytest.raises(NotFittedError, match="initialize"):
+            mode()(x)
+    assert not qat.is_initialized
+    qat.initialize(x)
     assert qat.is_initialized
     # a constant input pixel (always 0 after standardization) costs nothing
     dead = np.all(x == 0, axis=0)
@@ -191,6 +194,29 @@ def test_quantizers_initialise_on_the_first_training_batch(make_mlp, digits) -> 
     np.testing.assert_array_equal(scales[dead], DEAD_FEATURE_SCALE)
     weight_q = qat.to_quantized_graph().segments[0].linear.weight_q
     assert not weight_q[:, dead].any()
+    # prepare_qat initialises on X_sample, fit on its training data, the same way
+    sampled = prepare_qat(make_mlp(), n_bits=3, X_sample=x)
+    fitted = prepare_qat(make_mlp(), n_bits=3)
+    fit(fitted, x, digits[2][:64], epochs=1, lr=1e-12, verbose=False)
+    np.testing.assert_array_equal(sampled.layers[0].input_quantizer.scale.detach(), scales)
+    # (fit took one step of lr 1e-12 since)
+    np.testing.assert_allclose(fitted.layers[0].input_quantizer.scale.detach(), scales, rtol=1e-6)
+
+
+def test_initialisation_reads_one_batch_of_a_large_set(make_mlp, digits) -> None:
+    x = digits[0]
+    qat = prepare_qat(make_mlp(), n_bits=3, X_sample=x)
+    rows = np.sort(np.random.default_rng(0).choice(len(x), INIT_SAMPLES, replace=False))
+    reference = prepare_qat(make_mlp(), n_bits=3)
+    reference.initialize(x[rows], max_samples=None)
+    assert torch.equal(
+        qat.layers[1].input_quantizer.scale, reference.layers[1].input_quantizer.scale
+    )
+    everything = prepare_qat(make_mlp(), n_bits=3)
+    everything.initialize(x, max_samples=None)
+    assert not torch.equal(
+        qat.layers[1].input_quantizer.scale, everything.layers[1].input_quantizer.scale
+    )
 
 
 def test_state_dict_copy_and_pickle_give_the_same_program(trained_qat, make_mlp, digits) -> None:
