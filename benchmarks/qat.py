@@ -276,10 +276,10 @@ def ptq_run(
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| model | float | full tables | disable | simulate | acc bits | table in "
-        "| PBS | est. s | latency s | full-width tables: in / PBS / est. s | train s "
-        "| max table in w/o rounding |"
+        "| PBS | complexity | est. s | latency s | full-width tables: in / PBS / est. s "
+        "| train s | max table in w/o rounding |"
     )
-    lines = [head, "|---" * 13 + "|"]
+    lines = [head, "|---" * 14 + "|"]
     for r in rows:
         wide = r.get("full_width")
         wide_text = (
@@ -293,7 +293,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['name']} | {r['float_accuracy']:.4f} | {r['full_tables_accuracy']:.4f} "
             f"| {r['disable_accuracy']:.4f} | {r['simulate_accuracy']:.4f} "
             f"| {r['accumulator_bits']} | {r['table_input_bits'][:-1]} | {r['pbs_count']} "
-            f"| {r['estimated_latency_seconds']:.2f} "
+            f"| {r.get('complexity', float('nan')):.3g} | {r['estimated_latency_seconds']:.2f} "
             f"| {r.get('execute_seconds_per_sample', float('nan')):.2f} | {wide_text} | {train} "
             f"| {r.get('max_table_input_bits_without_rounding', '-')} |"
         )
@@ -338,6 +338,7 @@ def main() -> None:
     merged = [r for r in previous if r["name"] not in names] + rows
     merged.sort(key=lambda r: ORDER.index(r["name"]) if r["name"] in ORDER else len(ORDER))
     write_results(out, merged)
+    out.with_suffix(".md").write_text(table(merged) + "\n")
     print(table(merged))
 
 
