@@ -18,6 +18,14 @@ training or fine-tuned quantization-aware at 3 bits (30 epochs, Adam 1e-3, cosin
 also report the widest table input without rounding (the widest accumulator that feeds a
 table), which the issue bounds by 8 bits.
 
+The plain-loop rows (``plain-*``) are the recipe users write, with nothing of
+fhe_quant's training helper: the same MLP trained in float by a plain torch loop (Adam
+``lr=1e-3``, batch 64, 30 epochs, ``CrossEntropyLoss``, no schedule), then
+``prepare_qat(net, n_bits=..., X_sample=x_train)`` at its *default* settings, the same
+plain loop for 30 epochs, and ``compile_qat_model``. ``plain-*-before`` rows pin the
+defaults of before issue 14 part 6 (no accumulator budget, 5-bit tables) for comparison.
+Concrete's ``complexity`` is read from the compiled circuit (no key needed).
+
 Writes ``benchmarks/results/qat.json`` and prints a Markdown table.
 
 Run: python benchmarks/qat.py [--execute-samples 2] [--epochs 30] [--only NAME ...]
@@ -64,8 +72,16 @@ CNN_QAT_RUNS: dict[str, dict[str, Any]] = {
     "cnn-qat-2bit-in3": {"n_bits": {"inputs": 3, "weights": 2, "activations": 2, "outputs": 3}},
 }
 
+#: The plain-loop variants: name -> prepare_qat keyword arguments (defaults otherwise).
+PLAIN_RUNS: dict[str, dict[str, Any]] = {
+    "plain-qat-3bit": {"n_bits": 3},
+    "plain-qat-2bit": {"n_bits": 2},
+    "plain-qat-3bit-before": {"n_bits": 3, "accumulator_bits": None, "rounding_bits": 5},
+    "plain-qat-2bit-before": {"n_bits": 2, "accumulator_bits": None, "rounding_bits": 5},
+}
+
 #: Every row, in the order of the table.
-ORDER = ["ptq-6bit", *QAT_RUNS, "cnn-ptq-6bit", *CNN_QAT_RUNS]
+ORDER = ["ptq-6bit", *QAT_RUNS, "cnn-ptq-6bit", *CNN_QAT_RUNS, *PLAIN_RUNS]
 
 
 def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -90,6 +106,58 @@ def float_mlp(x: np.ndarray, y: np.ndarray) -> tuple[torch.nn.Module, float]:
     start = time.perf_counter()
     fit(model, x, y, epochs=40, lr=1e-2, seed=0, verbose=False)
     return model, (time.perf_counter() - start) / (40 * -(-len(x) // 64))
+
+
+def plain_loop(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int = 30) -> None:
+    """The loop users write: Adam 1e-3, batch 64, cross-entropy, no schedule."""
+    torch.manual_seed(0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loss = torch.nn.CrossEntropyLoss()
+    x_all, y_all = torch.tensor(x, dtype=torch.float32), torch.tensor(y)
+    for _ in range(epochs):
+        model.train()
+        for batch in torch.randperm(len(x_all)).split(64):
+            optimizer.zero_grad()
+            loss(model(x_all[batch]), y_all[batch]).backward()
+            optimizer.step()
+    model.eval()
+
+
+def plain_mlp(x: np.ndarray, y: np.ndarray) -> tuple[torch.nn.Module, float]:
+    """The digits MLP trained in float by :func:`plain_loop` (30 epochs)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 10),
+    )
+    start = time.perf_counter()
+    plain_loop(model, x, y)
+    return model, (time.perf_counter() - start) / (30 * -(-len(x) // 64))
+
+
+def plain_run(
+    name: str, model: torch.nn.Module, data: tuple[np.ndarray, ...], epochs: int, samples: int
+) -> dict[str, Any]:
+    """The user recipe: ``prepare_qat`` at its defaults, :func:`plain_loop`, compile."""
+    x_train, x_test, y_train, y_test = data
+    options = PLAIN_RUNS[name]
+    qat = prepare_qat(model, **options, X_sample=x_train)
+    start = time.perf_counter()
+    plain_loop(qat, x_train, y_train, epochs)
+    train_seconds = time.perf_counter() - start
+    qm = compile_qat_model(qat, x_train)
+    eval_forward = qat.eval()(x_test).detach().numpy()
+    return {
+        "name": name,
+        "options": options,
+        "epochs": epochs,
+        "train_seconds": train_seconds,
+        "qat_forward_equals_disable": bool(np.array_equal(eval_forward, qm.forward(x_test))),
+        **measure(qm, x_test, y_test, samples),
+    }
 
 
 def float_cnn(x: np.ndarray, y: np.ndarray) -> tuple[torch.nn.Module, float]:
@@ -208,10 +276,10 @@ def ptq_run(
 def table(rows: list[dict[str, Any]]) -> str:
     head = (
         "| model | float | full tables | disable | simulate | acc bits | table in "
-        "| PBS | est. s | latency s | full-width tables: in / PBS / est. s | train s "
-        "| max table in w/o rounding |"
+        "| PBS | complexity | est. s | latency s | full-width tables: in / PBS / est. s "
+        "| train s | max table in w/o rounding |"
     )
-    lines = [head, "|---" * 13 + "|"]
+    lines = [head, "|---" * 14 + "|"]
     for r in rows:
         wide = r.get("full_width")
         wide_text = (
@@ -225,7 +293,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['name']} | {r['float_accuracy']:.4f} | {r['full_tables_accuracy']:.4f} "
             f"| {r['disable_accuracy']:.4f} | {r['simulate_accuracy']:.4f} "
             f"| {r['accumulator_bits']} | {r['table_input_bits'][:-1]} | {r['pbs_count']} "
-            f"| {r['estimated_latency_seconds']:.2f} "
+            f"| {r.get('complexity', float('nan')):.3g} | {r['estimated_latency_seconds']:.2f} "
             f"| {r.get('execute_seconds_per_sample', float('nan')):.2f} | {wide_text} | {train} "
             f"| {r.get('max_table_input_bits_without_rounding', '-')} |"
         )
@@ -239,6 +307,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="+", default=None, help="run names to (re)run")
     parser.add_argument("--out", default=str(RESULTS / "qat.json"))
     args = parser.parse_args()
+    # NOTE: one torch thread, as fhe_quant.training.fit uses (two threads on the shared
+    # 2-core machines made the plain loop's epochs many times slower).
+    torch.set_num_threads(1)
     names = args.only or ORDER
     unknown = sorted(set(names) - set(ORDER))
     if unknown:
@@ -246,14 +317,16 @@ def main() -> None:
     rows = []
     trained: dict[str, tuple[torch.nn.Module, float, tuple[np.ndarray, ...]]] = {}
     for name in names:
-        family = "cnn" if name.startswith("cnn-") else "mlp"
+        family = name.split("-")[0] if name.startswith(("cnn-", "plain-")) else "mlp"
         if family not in trained:
             data = digit_images() if family == "cnn" else digits()
-            train = float_cnn if family == "cnn" else float_mlp
+            train = {"cnn": float_cnn, "plain": plain_mlp}.get(family, float_mlp)
             trained[family] = (*train(data[0], data[2]), data)  # seconds per training step
         model, float_seconds, data = trained[family]
         if name in ("ptq-6bit", "cnn-ptq-6bit"):
             row = ptq_run(model, data, args.execute_samples, name)
+        elif family == "plain":
+            row = plain_run(name, model, data, args.epochs, args.execute_samples)
         else:
             row = qat_run(name, model, data, args.epochs, args.execute_samples)
         row["float_train_seconds_per_step"] = float_seconds
@@ -265,6 +338,7 @@ def main() -> None:
     merged = [r for r in previous if r["name"] not in names] + rows
     merged.sort(key=lambda r: ORDER.index(r["name"]) if r["name"] in ORDER else len(ORDER))
     write_results(out, merged)
+    out.with_suffix(".md").write_text(table(merged) + "\n")
     print(table(merged))
 
 

@@ -113,9 +113,9 @@ def __getattr__(name: str) -> Any:
     # NOTE: the quantization-aware estimators train with torch; importing them lazily keeps
     # `import fhe_quant.sklearn` free of torch for the linear models.
     if name in ("NeuralNetClassifier", "NeuralNetRegressor"):
-        from fhe_quant import qat
+        from fhe_quant import qat_estimators
 
-        return getattr(qat, name)
+        return getattr(qat_estimators, name)
     if name in _BOOSTING:
         return _boosting_wrapper(name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -25,10 +25,18 @@ from fhe_quant.model import (
     post_training_module,
     rounding_exact,
 )
-from fhe_quant.qat import compile_qat_model, prepare_qat
+from fhe_quant.qat_module import QATModule
+from fhe_quant.qat_prepare import NotAQATModuleError, compile_qat_model, prepare_qat
 from fhe_quant.quant.ptq import check_calibration_data
 
-__all__ = ["compile_torch_model", "prepare_qat", "compile_qat_model", "QuantizedModule"]
+__all__ = [
+    "compile_torch_model",
+    "prepare_qat",
+    "compile_qat_model",
+    "QATModule",
+    "NotAQATModuleError",
+    "QuantizedModule",
+]
 
 
 def compile_torch_model(

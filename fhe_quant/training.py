@@ -26,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fhe_quant.errors import InputError, ParameterError
+from fhe_quant.qat_module import QATModule
 
 __all__ = ["LOSSES", "OPTIMIZERS", "SCHEDULES", "fit"]
 
@@ -45,6 +46,12 @@ def _check_int(value: Any, name: str, low: int) -> int:
             f"The {name!r} parameter of fit must be an int >= {low}. Got {value!r} instead."
         )
     return int(value)
+
+
+def _check_lr(lr: Any) -> float:
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
+        raise ParameterError(f"The 'lr' parameter of fit must be a float > 0. Got {lr!r}.")
+    return float(lr)
 
 
 def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
@@ -118,7 +125,9 @@ def fit(
     eval mode.
 
     Args:
-        model: any ``torch.nn.Module`` (a :class:`~fhe_quant.quant.qat.QATModule` too).
+        model: any ``torch.nn.Module``; a :class:`~fhe_quant.qat_module.QATModule`
+            whose quantizers were never initialised is initialised on ``X`` first
+            (:meth:`~fhe_quant.qat_module.QATModule.initialize`).
         X: inputs ``(N, ...)``, NumPy or torch.
         y: class indices ``(N,)`` for ``"cross_entropy"``, targets for ``"mse"``.
         epochs: passes over the data.
@@ -153,34 +162,20 @@ def fit(
     loss = _check_choice(loss, "loss", LOSSES)
     optimizer = _check_choice(optimizer, "optimizer", OPTIMIZERS)
     schedule = _check_choice(schedule, "schedule", SCHEDULES)
-    if num_threads is not None:
-        num_threads = _check_int(num_threads, "num_threads", 1)
-    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not lr > 0:
-        raise ParameterError(f"The 'lr' parameter of fit must be a float > 0. Got {lr!r}.")
+    num_threads = None if num_threads is None else _check_int(num_threads, "num_threads", 1)
+    lr = _check_lr(lr)
     dtype = _dtype(model)
     x_all = torch.tensor(_as_array(X, "X"), dtype=dtype)
     y_all = _targets(_as_array(y, "y"), loss, dtype)
     if len(x_all) != len(y_all) or len(x_all) == 0:
         raise InputError(f"X has {len(x_all)} samples and y has {len(y_all)}; they must match.")
-    val = None
-    if validation is not None:
-        x_val, y_val = validation
-        val = (
-            torch.tensor(_as_array(x_val, "validation X"), dtype=dtype),
-            _targets(_as_array(y_val, "validation y"), loss, dtype),
-        )
-    history: dict[str, list[float]] = {"loss": [], "seconds": []}
-    if val is not None:
-        history["val_loss"] = []
-        if loss == "cross_entropy":
-            history["val_accuracy"] = []
-    opt = _optimizer(optimizer, model, float(lr))
-    steps_per_epoch = -(-len(x_all) // batch_size)
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs * steps_per_epoch)
-        if schedule == "cosine"
-        else None
-    )
+    val = _validation(validation, loss, dtype)
+    if isinstance(model, QATModule) and not model.is_initialized:
+        # NOTE: the explicit initialisation step, on the whole training set.
+        model.initialize(x_all.numpy())
+    history = _history(val is not None, loss)
+    opt = _optimizer(optimizer, model, lr)
+    scheduler = _scheduler(schedule, opt, epochs * -(-len(x_all) // batch_size))
     with _torch_threads(num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
@@ -199,6 +194,33 @@ def fit(
                 postfix.update(scores)
             bar.set_postfix({key: f"{value:.4f}" for key, value in postfix.items()})
     model.eval()
+    return history
+
+
+def _scheduler(schedule: str, opt: torch.optim.Optimizer, steps: int) -> Any:
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    return None
+
+
+def _validation(
+    validation: tuple[Any, Any] | None, loss: str, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    if validation is None:
+        return None
+    x_val, y_val = validation
+    return (
+        torch.tensor(_as_array(x_val, "validation X"), dtype=dtype),
+        _targets(_as_array(y_val, "validation y"), loss, dtype),
+    )
+
+
+def _history(validation: bool, loss: str) -> dict[str, list[float]]:
+    history: dict[str, list[float]] = {"loss": [], "seconds": []}
+    if validation:
+        history["val_loss"] = []
+        if loss == "cross_entropy":
+            history["val_accuracy"] = []
     return history
 
 

@@ -22,9 +22,7 @@ from fhe_quant.errors import UnsupportedOpError
 from fhe_quant.fhe import FHECircuit
 from fhe_quant.ir import Graph, Node
 from fhe_quant.lower import IntegerProgram, TableFunction, TableStep
-from fhe_quant.qat import compile_qat_model, prepare_qat
-from fhe_quant.quant.qat import QATModule
-from fhe_quant.torch import compile_torch_model
+from fhe_quant.torch import QATModule, compile_qat_model, compile_torch_model, prepare_qat
 
 
 def _round_trips(value):

@@ -9,8 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fhe_quant.qat import prepare_qat
-from fhe_quant.quant.qat import QATModule
+from fhe_quant.torch import QATModule, prepare_qat
 from fhe_quant.training import fit
 
 MLPFactory = Callable[..., nn.Module]
@@ -73,6 +72,6 @@ def trained_cnn(digit_images: tuple[np.ndarray, ...]) -> QATModule:
     """A 3-bit QAT CNN (conv 1->4 3x3, ReLU, avg pool 2, linear 36->10) trained 3 epochs
     on digits, in eval mode."""
     x_train, _, y_train, _ = digit_images
-    qat = prepare_qat(_cnn(), n_bits=3, X_sample=x_train[:2])
+    qat = prepare_qat(_cnn(), n_bits=3, X_sample=x_train)
     fit(qat, x_train, y_train, epochs=3, lr=1e-2, verbose=False)
     return qat.eval()

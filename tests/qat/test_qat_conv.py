@@ -13,8 +13,8 @@ from torch import nn
 
 from fhe_quant.ir import OPS, ConvGeometry, Node
 from fhe_quant.lower import LinearStep, TableStep
-from fhe_quant.qat import compile_qat_model, prepare_qat
 from fhe_quant.quant.qat import torch_linear
+from fhe_quant.torch import compile_qat_model, prepare_qat
 from fhe_quant.training import fit
 
 #: Per-lookup error probability for exactness tests: any mismatch is then a real bug.
@@ -67,7 +67,7 @@ def test_disable_equals_simulate_exactly(trained_cnn, digit_images) -> None:
 
 def test_step_sizes_and_weights_change_in_training(make_cnn, digit_images) -> None:
     x_train, _, y_train, _ = digit_images
-    qat = prepare_qat(make_cnn(), n_bits=3, X_sample=x_train[:2])
+    qat = prepare_qat(make_cnn(), n_bits=3, X_sample=x_train)
     qat.initialize(x_train[:64])
     before = copy.deepcopy(qat.state_dict())
     fit(qat, x_train[:256], y_train[:256], epochs=2, lr=1e-2, verbose=False)
@@ -82,7 +82,7 @@ def test_state_dict_copy_and_pickle_give_the_same_program(
     trained_cnn, make_cnn, digit_images
 ) -> None:
     x_train, x_test, _, _ = digit_images
-    fresh = prepare_qat(make_cnn(), n_bits=3, X_sample=x_train[:2])
+    fresh = prepare_qat(make_cnn(), n_bits=3, X_sample=x_train)
     fresh.load_state_dict(trained_cnn.state_dict())
     expected = trained_cnn(x_test).detach().numpy()
     np.testing.assert_array_equal(fresh.eval()(x_test).detach().numpy(), expected)
@@ -92,7 +92,7 @@ def test_state_dict_copy_and_pickle_give_the_same_program(
 
 def test_gradients_reach_conv_weights_and_every_step_size(make_cnn, digit_images) -> None:
     x_train, _, y_train, _ = digit_images
-    qat = prepare_qat(make_cnn(), n_bits=3, X_sample=x_train[:2])
+    qat = prepare_qat(make_cnn(), n_bits=3, X_sample=x_train)
     loss = nn.functional.cross_entropy(qat(x_train[:128]), torch.as_tensor(y_train[:128]))
     loss.backward()
     for name, parameter in qat.named_parameters():
@@ -171,9 +171,7 @@ def test_every_geometry_stays_exact(name, scale, mode) -> None:
     rng = np.random.default_rng(1)
     x = rng.normal(size=(64,) + shape)
     y = (x.reshape(64, -1).mean(axis=1) > 0).astype(int)
-    qat = prepare_qat(
-        model, n_bits=3, X_sample=x[:2], activation_scale=scale, weight_mode=mode, seed=0
-    )
+    qat = prepare_qat(model, n_bits=3, X_sample=x, activation_scale=scale, weight_mode=mode, seed=0)
     fit(qat, x, y, epochs=2, batch_size=16, verbose=False)
     x_test = np.concatenate([rng.normal(size=(10,) + shape), rng.normal(size=(3,) + shape) * 30])
     qm = compile_qat_model(qat, x, compile=False)
@@ -217,7 +215,7 @@ def test_batch_norm_folds_into_the_convolution_from_its_running_statistics() -> 
 
 def test_accumulator_budget_bounds_every_conv_accumulator(make_cnn, digit_images) -> None:
     x_train, _, y_train, _ = digit_images
-    qat = prepare_qat(make_cnn(), n_bits=3, accumulator_bits=7, X_sample=x_train[:2])
+    qat = prepare_qat(make_cnn(), n_bits=3, accumulator_bits=7, X_sample=x_train)
     fit(qat, x_train[:256], y_train[:256], epochs=1, verbose=False)
     program = qat.integer_program()
     widths = [step.acc_bits for step in program.steps if isinstance(step, LinearStep)]
@@ -239,7 +237,7 @@ def test_execute_equals_the_qat_module() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(64, 1, 6, 6))
     y = (x[:, 0, 2:4, 2:4].mean(axis=(1, 2)) > 0).astype(int)
-    qat = prepare_qat(model, n_bits=3, X_sample=x[:2])
+    qat = prepare_qat(model, n_bits=3, X_sample=x)
     fit(qat, x, y, epochs=2, batch_size=16, verbose=False)
     qat.eval()
     qm = compile_qat_model(qat, x, p_error=TINY_P_ERROR)

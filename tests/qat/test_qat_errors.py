@@ -14,9 +14,9 @@ from fhe_quant.errors import (
     UnsupportedOpError,
 )
 from fhe_quant.ir import Graph, Node
-from fhe_quant.qat import NotAQATModuleError, compile_qat_model, prepare_qat
 from fhe_quant.quant.config import QuantConfig
-from fhe_quant.quant.qat import QATConfig, QATModule
+from fhe_quant.quant.qat import QATConfig
+from fhe_quant.torch import NotAQATModuleError, QATModule, compile_qat_model, prepare_qat
 from fhe_quant.training import fit
 
 

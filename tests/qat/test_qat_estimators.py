@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import pickle
 
 import numpy as np
@@ -11,13 +12,19 @@ from sklearn.exceptions import NotFittedError as SklearnNotFittedError
 from sklearn.utils._param_validation import InvalidParameterError
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from fhe_quant.errors import NotCompiledError, NotFittedError, ParameterError
-from fhe_quant.qat import (
-    NeuralNetClassifier,
-    NeuralNetRegressor,
-    QATNotFittedError,
-    QATParameterError,
+from fhe_quant import qat as deprecated_qat
+from fhe_quant import qat_estimators
+from fhe_quant import torch as public_torch
+from fhe_quant.errors import (
+    EstimatorNotFittedError,
+    EstimatorParameterError,
+    NotCompiledError,
+    NotFittedError,
+    ParameterError,
 )
+from fhe_quant.sklearn import NeuralNetClassifier, NeuralNetRegressor
+
+QATNotFittedError, QATParameterError = EstimatorNotFittedError, EstimatorParameterError
 
 TINY_P_ERROR = 1e-12
 
@@ -106,10 +113,32 @@ def test_clone_and_params(classifier) -> None:
     assert fresh.set_params(n_bits={"weights": 2, "activations": 3}).n_bits["weights"] == 2
 
 
-def test_pickle_round_trip_keeps_predictions(classifier, digits) -> None:
+def test_pickle_deepcopy_and_clone_with_no_custom_code(classifier, digits) -> None:
+    for cls in NeuralNetClassifier.__mro__ + NeuralNetRegressor.__mro__:
+        if cls.__module__.startswith("fhe_quant"):
+            for name in ("__getstate__", "__setstate__", "__reduce__", "__deepcopy__"):
+                assert name not in vars(cls), (cls, name)
     x = digits[1][:20]
-    restored = pickle.loads(pickle.dumps(classifier))
-    np.testing.assert_array_equal(restored.predict(x), classifier.predict(x))
+    expected = classifier.predict(x)
+    for restored in (pickle.loads(pickle.dumps(classifier)), copy.deepcopy(classifier)):
+        np.testing.assert_array_equal(restored.predict(x), expected)
+        np.testing.assert_array_equal(
+            restored.qat_module_.eval()(x).detach().numpy(),
+            classifier.qat_module_.eval()(x).detach().numpy(),
+        )
+        assert restored.get_params() == classifier.get_params()
+    fresh = clone(classifier)
+    assert not hasattr(fresh, "qat_module_") and fresh.get_params() == classifier.get_params()
+
+
+def test_public_faces_and_the_deprecated_alias_are_the_same_objects() -> None:
+    assert NeuralNetClassifier is qat_estimators.NeuralNetClassifier
+    for name in ("prepare_qat", "compile_qat_model", "QATModule", "NotAQATModuleError"):
+        assert getattr(deprecated_qat, name) is getattr(public_torch, name), name
+    for name in ("NeuralNetClassifier", "NeuralNetRegressor"):
+        assert getattr(deprecated_qat, name) is getattr(qat_estimators, name), name
+    assert deprecated_qat.QATParameterError is EstimatorParameterError
+    assert deprecated_qat.QATNotFittedError is EstimatorNotFittedError
 
 
 def test_errors() -> None:

@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 from torch import nn
 
 from fhe_quant.ir import OPS, Node
-from fhe_quant.qat import compile_qat_model, prepare_qat
 from fhe_quant.quant.qat import TORCH_ELEMENTWISE, torch_elementwise
+from fhe_quant.torch import compile_qat_model, prepare_qat
 from fhe_quant.training import fit
 
 #: A node of every elementwise op, with the attributes and constants it needs.

@@ -10,7 +10,7 @@ import torch
 
 from fhe_quant.lower import NUMPY, TableStep
 from fhe_quant.model import QuantizedModule
-from fhe_quant.qat import compile_qat_model, prepare_qat
+from fhe_quant.torch import compile_qat_model, prepare_qat
 
 #: Per-lookup error probability for exactness tests: any mismatch is then a real bug.
 TINY_P_ERROR = 1e-12
@@ -58,7 +58,7 @@ def test_every_code_between_layers_is_the_program_s(trained_qat, digits) -> None
 
 def test_gradients_reach_weights_biases_and_step_sizes(make_mlp, digits) -> None:
     x, y = digits[0][:128], digits[2][:128]
-    qat = prepare_qat(make_mlp(), n_bits=3)
+    qat = prepare_qat(make_mlp(), n_bits=3, X_sample=x)
     loss = torch.nn.functional.cross_entropy(qat(x), torch.as_tensor(y))
     loss.backward()
     for name, parameter in qat.named_parameters():

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from fhe_quant.errors import NotFittedError
-from fhe_quant.lower import LinearStep
-from fhe_quant.qat import compile_qat_model, prepare_qat
+from fhe_quant.lower import LinearStep, TableStep
+from fhe_quant.qat_module import INIT_SAMPLES
 from fhe_quant.quant.qat import DEAD_FEATURE_SCALE, quantize_weight
+from fhe_quant.torch import compile_qat_model, prepare_qat
 from fhe_quant.training import fit
 
 
@@ -94,7 +95,9 @@ def test_binary_weights_are_plus_or_minus_one_except_the_last_layer(make_mlp, di
 
 def test_two_epoch_qat_beats_random(make_mlp, digits) -> None:
     x_train, x_test, y_train, y_test = digits
-    qat = prepare_qat(make_mlp(), n_bits=2)
+    # NOTE: from scratch, without the default accumulator budget (which slows the first
+    # epochs of a randomly initialised model: 25% after these 2 epochs).
+    qat = prepare_qat(make_mlp(), n_bits=2, accumulator_bits=None)
     fit(qat, x_train, y_train, epochs=2, lr=1e-2, verbose=False)
     assert _accuracy(qat, x_test, y_test) > 0.3
 
@@ -105,10 +108,63 @@ def test_accumulator_budget_bounds_every_proven_accumulator(make_mlp, digits) ->
     fit(qat, x_train[:256], y_train[:256], epochs=1, verbose=False)
     widths = [s.acc_bits for s in qat.integer_program().steps if isinstance(s, LinearStep)]
     assert max(widths) <= 7
-    unbounded = prepare_qat(make_mlp(), n_bits=3)
+    unbounded = prepare_qat(make_mlp(), n_bits=3, accumulator_bits=None)
     unbounded.initialize(x_train)
     steps = unbounded.integer_program().steps
     assert max(s.acc_bits for s in steps if isinstance(s, LinearStep)) > 7
+
+
+@pytest.mark.parametrize("bits", [3])
+def test_default_is_the_fast_path_budget_and_tables(make_mlp, digits, bits) -> None:
+    """The defaults (issue 14 part 6): 4-bit tables, accumulators proven within 7 bits in
+    the first layer and 6 after it, so at most 3 and 2 bits are dropped before a table."""
+    x_train, x_test, y_train, _ = digits
+    qat = prepare_qat(make_mlp(), n_bits=bits, X_sample=x_train)
+    qat.initialize(x_train)
+    assert qat.config.accumulator_bits == "auto" and qat.config.quant.rounding_bits == 4
+    fit(qat, x_train[:256], y_train[:256], epochs=1, lr=1e-3, verbose=False)
+    steps = qat.integer_program().steps
+    linear = [s for s in steps if isinstance(s, LinearStep)]
+    assert [s.acc_bits <= bound for s, bound in zip(linear, [7, 6, 6], strict=True)] == [True] * 3
+    tables = [s for s in steps if isinstance(s, TableStep)]
+    assert [t.index_bits <= 4 for t in tables] == [True, True]
+    assert [t.lsbs <= dropped for t, dropped in zip(tables, [3, 2], strict=True)] == [True] * 2
+    np.testing.assert_array_equal(
+        compile_qat_model(qat, x_test, compile=False).forward(x_test),
+        qat.eval()(x_test).detach().numpy(),
+    )
+
+
+def test_no_default_budget_at_two_bits(make_mlp, digits) -> None:
+    """2-bit activations keep the unbudgeted default (the budget cost 3 points there):
+    no accumulator budget in any layer, 5-bit tables."""
+    x_train = digits[0]
+    qat = prepare_qat(make_mlp(), n_bits=2, X_sample=x_train)
+    qat.initialize(x_train)
+    assert qat.config.quant.rounding_bits == 5
+    assert [qat.config.layer_accumulator_bits(i, 5) for i in range(3)] == [None] * 3
+    steps = qat.integer_program().steps
+    assert all(t.index_bits <= 5 for t in steps if isinstance(t, TableStep))
+
+
+def test_no_default_budget_above_four_bits(make_mlp, digits) -> None:
+    x_train = digits[0]
+    qat = prepare_qat(make_mlp(), n_bits=6, X_sample=x_train)
+    qat.initialize(x_train)
+    steps = qat.integer_program().steps
+    assert max(s.acc_bits for s in steps if isinstance(s, LinearStep)) > 10
+    binary = prepare_qat(make_mlp(), n_bits=3, weight_mode="binary", X_sample=x_train)
+    binary.initialize(x_train)
+    assert binary.config.layer_accumulator_bits(0, 4) is None
+
+
+def test_budget_goes_to_the_largest_weights() -> None:
+    # 64 weights of similar size and a budget of 9: the old scale sum|w| / 9 rounded
+    # every one of them to 0 (a dead layer); the budget now buys the 9 largest.
+    weights = np.linspace(0.5, 1.0, 64)[None, :] * np.where(np.arange(64) % 2, 1, -1)
+    codes, _ = quantize_weight(weights, bits=3, binary=False, l1_budget=9)
+    assert np.abs(codes).sum() == 9
+    assert set(np.flatnonzero(codes)) == set(range(55, 64))
 
 
 @settings(max_examples=40, deadline=None)
@@ -134,12 +190,14 @@ def test_weight_budget_holds_and_codes_stay_in_range(weights, bits, budget, meth
     assert np.all(np.sign(codes) * np.sign(weights) >= 0)
 
 
-def test_quantizers_initialise_on_the_first_training_batch(make_mlp, digits) -> None:
+def test_quantizers_initialise_by_an_explicit_step_only(make_mlp, digits) -> None:
     x = digits[0][:64]
     qat = prepare_qat(make_mlp(), n_bits=3)
-    with pytest.raises(NotFittedError, match="initialize"):
-        qat.eval()(x)
-    qat.train()(x)
+    for mode in (qat.eval, qat.train):  # no training batch initialises them on the side
+        with pytest.raises(NotFittedError, match="initialize"):
+            mode()(x)
+    assert not qat.is_initialized
+    qat.initialize(x)
     assert qat.is_initialized
     # a constant input pixel (always 0 after standardization) costs nothing
     dead = np.all(x == 0, axis=0)
@@ -148,6 +206,29 @@ def test_quantizers_initialise_on_the_first_training_batch(make_mlp, digits) -> 
     np.testing.assert_array_equal(scales[dead], DEAD_FEATURE_SCALE)
     weight_q = qat.to_quantized_graph().segments[0].linear.weight_q
     assert not weight_q[:, dead].any()
+    # prepare_qat initialises on X_sample, fit on its training data, the same way
+    sampled = prepare_qat(make_mlp(), n_bits=3, X_sample=x)
+    fitted = prepare_qat(make_mlp(), n_bits=3)
+    fit(fitted, x, digits[2][:64], epochs=1, lr=1e-12, verbose=False)
+    np.testing.assert_array_equal(sampled.layers[0].input_quantizer.scale.detach(), scales)
+    # (fit took one step of lr 1e-12 since)
+    np.testing.assert_allclose(fitted.layers[0].input_quantizer.scale.detach(), scales, rtol=1e-6)
+
+
+def test_initialisation_reads_one_batch_of_a_large_set(make_mlp, digits) -> None:
+    x = digits[0]
+    qat = prepare_qat(make_mlp(), n_bits=3, X_sample=x)
+    rows = np.sort(np.random.default_rng(0).choice(len(x), INIT_SAMPLES, replace=False))
+    reference = prepare_qat(make_mlp(), n_bits=3)
+    reference.initialize(x[rows], max_samples=None)
+    assert torch.equal(
+        qat.layers[1].input_quantizer.scale, reference.layers[1].input_quantizer.scale
+    )
+    everything = prepare_qat(make_mlp(), n_bits=3)
+    everything.initialize(x, max_samples=None)
+    assert not torch.equal(
+        qat.layers[1].input_quantizer.scale, everything.layers[1].input_quantizer.scale
+    )
 
 
 def test_state_dict_copy_and_pickle_give_the_same_program(trained_qat, make_mlp, digits) -> None:
