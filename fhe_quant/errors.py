@@ -97,6 +97,8 @@ class EstimatorNotFittedError(sklearn.exceptions.NotFittedError, NotFittedError)
 class EstimatorParameterError(InvalidParameterError, ParameterError):
     """A constructor parameter of an estimator out of its allowed values: both
     scikit-learn's ``InvalidParameterError`` and fhe_quant's ``ParameterError``."""
+
+
 class ModelError(FHEQuantError, TypeError, ValueError):
     """The model given is not one fhe_quant can read: a callable that is not a
     ``torch.nn.Module``, or a fitted model whose parameters hold NaN or inf values."""

@@ -45,7 +45,12 @@ ENCRYPTED_RUN = textwrap.dedent(
 
 def _run(args: list[str], cwd: Path, **kwargs) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        args, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT, stdin=subprocess.DEVNULL,
+        args,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        stdin=subprocess.DEVNULL,
         **kwargs,
     )
 
@@ -108,8 +113,13 @@ def test_console_script_user_error_exits_2(tmp_path: Path):
     # NOTE: importing the CLI's deployment code starts Concrete's runtime already, so
     # without the fix this exits 0 too.
     result = _run(
-        [sys.executable, "-c", "from fhe_quant.cli import main; raise SystemExit(main())",
-         "info", str(tmp_path / "missing")],
+        [
+            sys.executable,
+            "-c",
+            "from fhe_quant.cli import main; raise SystemExit(main())",
+            "info",
+            str(tmp_path / "missing"),
+        ],
         tmp_path,
     )
     assert result.returncode == 2, result.stderr
@@ -176,10 +186,22 @@ def test_server_survives_clients_that_hang_up(tmp_path: Path):
     (ciphertext,) = client.quantize_encrypt_serialize(x[:1])
 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    command = [sys.executable, "-m", "fhe_quant.http", str(tmp_path / "artifact" / "server"),
-               "--port", "0"]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                            stdin=subprocess.DEVNULL, text=True)
+    command = [
+        sys.executable,
+        "-m",
+        "fhe_quant.http",
+        str(tmp_path / "artifact" / "server"),
+        "--port",
+        "0",
+    ]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         url = proc.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:"), proc.stderr.read()

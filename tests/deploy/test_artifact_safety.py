@@ -66,8 +66,10 @@ def _predict(root: Path, saved, x: np.ndarray, **kwargs) -> np.ndarray:
 @pytest.mark.parametrize("role", ["client", "server"])
 def test_an_empty_or_partial_file_list_is_refused(signed, tmp_path: Path, role: str) -> None:
     root = signed.copy(tmp_path / "a")
-    for listing in ({}, dict(list(json.loads((root / role / "manifest.json").read_text())
-                                  ["sha256"].items())[:1])):
+    for listing in (
+        {},
+        dict(list(json.loads((root / role / "manifest.json").read_text())["sha256"].items())[:1]),
+    ):
         manifest = json.loads((root / role / "manifest.json").read_text())
         manifest["sha256"] = listing
         (root / role / "manifest.json").write_text(json.dumps(manifest))
@@ -85,6 +87,7 @@ def test_names_outside_the_artifact_are_refused_without_revealing_files(
     (tmp_path / "a" / "outside.txt").write_text("secret")  # exists for the first name
     messages = []
     for listed in (name, name.replace("outside", "missing").replace("hostname", "nothere")):
+
         def edit(manifest, listed=listed):
             manifest["sha256"][listed] = "0" * 64
 
@@ -146,8 +149,21 @@ def test_a_corrupt_manifest_is_a_typed_error_naming_it(
         (lambda d: d.update(pre={"a": 1}), r"model\.json .*'pre' must be a list"),
         (lambda d: d["input_quantizer"].update(bits="x"), r"model\.json .*malformed"),
         (lambda d: d["post_processing"].update(task="evil"), r"model\.json .*'task'"),
-        (lambda d: d.update(post=[{"name": "n", "op": "linear", "inputs": [], "attrs": {},
-                                   "params": {}, "source": ""}]), r"model\.json .*malformed"),
+        (
+            lambda d: d.update(
+                post=[
+                    {
+                        "name": "n",
+                        "op": "linear",
+                        "inputs": [],
+                        "attrs": {},
+                        "params": {},
+                        "source": "",
+                    }
+                ]
+            ),
+            r"model\.json .*malformed",
+        ),
     ],
 )
 def test_a_rechecksummed_model_json_is_a_typed_error(
@@ -190,8 +206,15 @@ def test_the_cli_prints_one_line_and_exits_2_on_a_corrupt_artifact(
         ["info", str(tmp_path / "nowhere")],
         ["info", str(unsigned.root / "client"), "--verify-key", str(tmp_path / "no.pub")],
         ["keygen-signing", str(unsigned.private_key)],  # exists: never overwritten
-        ["compile", "--sklearn", str(tmp_path / "none.joblib"), "--calibration", "x.npy",
-         "--out", str(tmp_path / "o")],
+        [
+            "compile",
+            "--sklearn",
+            str(tmp_path / "none.joblib"),
+            "--calibration",
+            "x.npy",
+            "--out",
+            str(tmp_path / "o"),
+        ],
     ]
     for argv in cases:
         assert main(argv) == 2, argv
@@ -306,7 +329,7 @@ def test_a_foreign_shared_library_is_never_loaded(unsigned, tmp_path: Path) -> N
             lambda t: t.replace("module {", "module {\n  func.func private @system(i64) -> i32", 1),
             "plain definition",
         ),
-        (lambda t: t.replace("return", 'llvm.call @system() : () -> ()\n    return'), "MLIR"),
+        (lambda t: t.replace("return", "llvm.call @system() : () -> ()\n    return"), "MLIR"),
         (lambda t: t + "garbage", "not valid MLIR"),
     ],
 )

@@ -139,8 +139,12 @@ def test_corrupted_signed_artifacts_are_refused_with_the_owners_key(
 
 @pytest.mark.slow
 @pytest.mark.execute
-@settings(max_examples=8, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(corruption=corruptions())
 def test_corrupted_bootstrapped_artifacts_fail_typed_or_predict_the_same(
     bootstrapped: tuple[Saved, Saved, np.ndarray], corruption: tuple
