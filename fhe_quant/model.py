@@ -17,7 +17,15 @@ from tqdm.auto import tqdm
 from fhe_quant.errors import CompilationError, InputError, NotCompiledError, ParameterError
 from fhe_quant.fhe import FHECircuit, check_fhe_mode, compile_program
 from fhe_quant.ir import Graph, Node
-from fhe_quant.lower import AddStep, IntegerProgram, LinearStep, MaxPoolStep, TableStep, lower
+from fhe_quant.lower import (
+    AddStep,
+    IntegerProgram,
+    LinearStep,
+    MaxPoolStep,
+    ProductStep,
+    TableStep,
+    lower,
+)
 from fhe_quant.passes import simplify
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.ptq import QuantizedGraph, check_calibration_data, quantize_graph
@@ -183,6 +191,16 @@ class QuantizedModule:
                         "lookups": step.lookups(step.in_shape),
                         "lookups_per_output": step.lookups(step.in_shape)
                         / int(np.prod(step.out_shape)),
+                    }
+                )
+            elif isinstance(step, ProductStep):
+                layers.append(
+                    {
+                        "layer": step.name,
+                        "accumulator_bits": step.acc_bits,
+                        "accumulator_max": int(step.acc_max.max()),
+                        "table_input_bits": step.sum_bits,
+                        "lookups": sum(step.lookups_by_width().values()),
                     }
                 )
         stats: dict[str, Any] = {"layers": layers, "input_bits": self.program.input_bits}

@@ -282,6 +282,10 @@ def test_product_costs_two_lookups_per_element() -> None:
     lookups, plain = qm.program.lookups_by_width(), summed.program.lookups_by_width()
     extra = {w: n - plain.get(w, 0) for w, n in lookups.items() if n != plain.get(w, 0)}
     assert extra == {product.sum_bits: 2 * 2 * 4 * 4}
+    # the model's statistics (and so its report) count the product as a layer
+    (row,) = [r for r in qm.statistics["layers"] if r["layer"] == product.name]
+    assert row["lookups"] == 2 * 2 * 4 * 4 and row["table_input_bits"] == product.sum_bits
+    assert row["accumulator_bits"] == product.acc_bits
 
 
 # --------------------------------------------------------------------------- integers
