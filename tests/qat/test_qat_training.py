@@ -190,6 +190,30 @@ def test_weight_budget_holds_and_codes_stay_in_range(weights, bits, budget, meth
     assert np.all(np.sign(codes) * np.sign(weights) >= 0)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    weights=arrays(
+        np.float64,
+        st.tuples(st.integers(1, 4), st.integers(1, 12)),
+        elements=st.floats(-4, 4, allow_nan=False, width=32),
+    ),
+    bits=st.integers(2, 6),
+    spare=st.integers(0, 5),
+    method=st.sampled_from(["mse", "max"]),
+)
+def test_a_budget_that_does_not_bind_changes_nothing(weights, bits, spare, method) -> None:
+    # a row whose free codes fit the budget keeps its own (least-squares) scale and codes:
+    # raising its scale to max|w| / qmax rounded most 2-bit weights to 0 (a 2-bit MLP lost
+    # 8 points with an 8-bit budget that no row reached)
+    free, free_q = quantize_weight(weights, bits=bits, binary=False, method=method)
+    budget = int(np.abs(free).sum(axis=1).max()) + spare
+    codes, quantizer = quantize_weight(
+        weights, bits=bits, binary=False, method=method, l1_budget=max(budget, 1)
+    )
+    np.testing.assert_array_equal(codes, free)
+    assert quantizer.scale == free_q.scale
+
+
 def test_quantizers_initialise_by_an_explicit_step_only(make_mlp, digits) -> None:
     x = digits[0][:64]
     qat = prepare_qat(make_mlp(), n_bits=3)

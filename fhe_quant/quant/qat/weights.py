@@ -37,23 +37,30 @@ def _budget_fixup(codes: np.ndarray, ratio: np.ndarray, budget: int) -> np.ndarr
     return codes - np.sign(codes) * lower
 
 
-def _budget_scale(magnitude: np.ndarray, top: np.ndarray, qmax: int, budget: int) -> np.ndarray:
-    """Per row, (nearly) the smallest scale whose codes ``clip(rint(|w| / s), 0, qmax)``
-    sum to at most ``budget``: the budget goes to the largest weights. The old bound
-    ``sum |w| / budget`` rounds every weight of a wide row to 0 when the budget is smaller
-    than the fan-in (64 inputs, budget 9: all codes 0, a dead layer)."""
-    # NOTE: the code sum only falls as the scale grows: bisect (in log scale) between
-    # max|w| / qmax (no clipping) and 2 max|w| (all codes 0, always within budget).
-    safe = np.where(top > 0, top, 1.0)
-    low, high = np.log(safe / qmax), np.log(2.0 * safe)
+def _budget_scale(
+    magnitude: np.ndarray, scale: np.ndarray, top: np.ndarray, qmax: int, budget: int
+) -> np.ndarray:
+    """Per row, ``scale`` when its codes ``clip(rint(|w| / s), 0, qmax)`` already sum to at
+    most ``budget``, else (nearly) the smallest larger scale whose codes do: the budget
+    goes to the largest weights. The old bound ``sum |w| / budget`` rounds every weight of
+    a wide row to 0 when the budget is smaller than the fan-in (64 inputs, budget 9: all
+    codes 0, a dead layer); never raising a fitting scale keeps the least-squares scale
+    of a row the budget does not bind (raising it to ``max|w| / qmax`` cost a 2-bit MLP 8
+    points)."""
+
+    def fits(s: np.ndarray) -> np.ndarray:
+        return np.minimum(np.rint(magnitude / s[:, None]), qmax).sum(axis=1) <= budget
+
+    # NOTE: the code sum only falls as the scale grows: bisect (in log scale) between the
+    # scale asked for and 2 max|w| (all codes 0, always within budget).
+    safe = np.where(scale > 0, scale, 1.0)
+    low, high = np.log(safe), np.log(2.0 * np.maximum(np.where(top > 0, top, 1.0), safe))
     for _ in range(_BUDGET_STEPS):
         middle = (low + high) / 2
-        codes = np.minimum(np.rint(magnitude / np.exp(middle)[:, None]), qmax)
-        fits = codes.sum(axis=1) <= budget
-        high = np.where(fits, middle, high)
-        low = np.where(fits, low, middle)
-    within = np.minimum(np.rint(magnitude / (safe / qmax)[:, None]), qmax).sum(axis=1) <= budget
-    return np.where(within, safe / qmax, np.exp(high))
+        within = fits(np.exp(middle))
+        high = np.where(within, middle, high)
+        low = np.where(within, low, middle)
+    return np.where(fits(safe), safe, np.exp(high))
 
 
 def _least_squares_scale(folded: np.ndarray, top: np.ndarray, qmax: int) -> np.ndarray:
@@ -141,7 +148,7 @@ def quantize_weight(
         qmax = 2 ** (bits - 1) - 1
         scale = _least_squares_scale(folded, top, qmax) if method == "mse" else top / qmax
         if l1_budget is not None:
-            scale = np.maximum(scale, _budget_scale(magnitude, top, qmax, l1_budget))
+            scale = _budget_scale(magnitude, scale, top, qmax, l1_budget)
     scale = np.where(scale > 0, scale, 1.0)
     if not binary:
         ratio = folded / scale[:, None]
