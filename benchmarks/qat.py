@@ -78,6 +78,9 @@ PLAIN_RUNS: dict[str, dict[str, Any]] = {
     "plain-qat-2bit": {"n_bits": 2},
     "plain-qat-3bit-before": {"n_bits": 3, "accumulator_bits": None, "rounding_bits": 5},
     "plain-qat-2bit-before": {"n_bits": 2, "accumulator_bits": None, "rounding_bits": 5},
+    # 3-bit alternatives to the default budget (7 bits in the first layer, 6 after it)
+    "plain-qat-3bit-acc7": {"n_bits": 3, "accumulator_bits": 7},
+    "plain-qat-3bit-acc8": {"n_bits": 3, "accumulator_bits": 8},
 }
 
 #: Every row, in the order of the table.

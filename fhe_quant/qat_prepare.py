@@ -132,8 +132,8 @@ def prepare_qat(
             :func:`~fhe_quant.quant.qat.default_table_bits`).
         accumulator_bits: bound every proven accumulator to this many bits (uniform
             weights only); ``"auto"`` (the default): for activations of 3 or 4 bits,
-            the table width plus 2, plus 3 in the first layer (at 3 bits: 7 bits,
-            then 6, with 4-bit tables; the fast path of ``benchmarks/qat.py``), no
+            the table width plus 3 in every layer (at 3 bits: 7 bits with 4-bit
+            tables; the fast path of ``benchmarks/qat.py``), no
             bound at 2 bits (it cost 3 points there), above 4 bits, nor for binary
             weights
             (:func:`~fhe_quant.quant.qat.default_accumulator_bits`); ``None``: no

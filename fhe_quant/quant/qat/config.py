@@ -46,9 +46,9 @@ WEIGHT_SCALES = ("mse", "max")
 AUTO_BUDGET_MIN_BITS = 3
 AUTO_BUDGET_MAX_BITS = 4
 
-#: Accumulator bits the ``"auto"`` budget leaves above the table input (one more in the
-#: first layer): the low bits dropped exactly before each table, one small bootstrap each.
-AUTO_DROPPED_BITS = 2
+#: Accumulator bits the ``"auto"`` budget leaves above the table input, in every layer:
+#: the low bits dropped exactly before each table, one small bootstrap each.
+AUTO_DROPPED_BITS = 3
 
 #: Narrowest table input of QAT's default (``rounding_bits=None``): measured on the
 #: digits MLP (docs/DESIGN-NOTES.md §16), a 4-bit lookup costs Concrete about a third of
@@ -79,24 +79,25 @@ def default_table_bits(activation_bits: int) -> int:
     return min(max(AUTO_MIN_TABLE_BITS, activation_bits + 1), MAX_TABLE_BITS)
 
 
-def default_accumulator_bits(activation_bits: int, table_bits: int, first: bool) -> int | None:
+def default_accumulator_bits(activation_bits: int, table_bits: int) -> int | None:
     """QAT's accumulator budget of a layer for ``accumulator_bits="auto"``: the table
-    width plus 2 (2 low bits dropped exactly before each table), plus 3 for the first
-    layer, which reads the client's inputs (the usual practice of a finer first layer:
-    on the digits MLP, 2 bits there cost 1-2 points, 3 bits cost ~10% more than 2);
-    ``None`` (no budget) for activations of more than :data:`AUTO_BUDGET_MAX_BITS` bits,
-    where a fan-in of 64 codes leaves too few weight codes in so narrow an accumulator,
-    and of fewer than :data:`AUTO_BUDGET_MIN_BITS` (2-bit codes lost 3 points with it).
+    width plus 3 (3 low bits dropped exactly before each table). Measured on the digits
+    MLP with a plain training loop (docs/DESIGN-NOTES.md §18): 7 bits in every layer
+    97.1% at complexity 2.68e10, against 95.6% at 2.43e10 for 7 bits in the first layer
+    and 6 after it, and 96.9% at 6.70e10 without a budget. ``None`` (no budget) for
+    activations of more than :data:`AUTO_BUDGET_MAX_BITS` bits, where a fan-in of 64
+    codes leaves too few weight codes in so narrow an accumulator, and of fewer than
+    :data:`AUTO_BUDGET_MIN_BITS` (2-bit codes lost 3 points with it).
 
     Examples:
-        >>> [default_accumulator_bits(3, 4, first) for first in (True, False)]
-        [7, 6]
-        >>> [default_accumulator_bits(b, 5, first=False) for b in (2, 6)]
+        >>> default_accumulator_bits(3, 4)
+        7
+        >>> [default_accumulator_bits(b, 5) for b in (2, 6)]
         [None, None]
     """
     if not AUTO_BUDGET_MIN_BITS <= activation_bits <= AUTO_BUDGET_MAX_BITS:
         return None
-    return table_bits + (AUTO_DROPPED_BITS + 1 if first else AUTO_DROPPED_BITS)
+    return table_bits + AUTO_DROPPED_BITS
 
 
 def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
@@ -215,7 +216,7 @@ class QATConfig:
             return self.accumulator_bits  # type: ignore[return-value]
         if self.weight_mode != "uniform":
             return None
-        return default_accumulator_bits(self.input_bits(index), table_bits, index == 0)
+        return default_accumulator_bits(self.input_bits(index), table_bits)
 
     def is_binary(self, last: bool) -> bool:
         """Whether a layer's weights are binary (never the last layer's)."""
