@@ -113,14 +113,20 @@ def l1_budget(accumulator_bits: int, input_range: int, table_bits: int | None = 
     return (2 ** int(accumulator_bits) - 1 - headroom) // max(1, int(input_range))
 
 
-def smallest_accumulator_bits(input_range: int) -> int:
-    """The narrowest accumulator with an l1 budget of at least 1.
+def smallest_accumulator_bits(input_range: int, table_bits: int | None = None) -> int:
+    """The narrowest accumulator with an l1 budget of at least 1 (:func:`l1_budget`, with
+    the rounding room before a ``table_bits`` wide table when given).
 
     Examples:
         >>> smallest_accumulator_bits(63), smallest_accumulator_bits(64)
         (6, 7)
+        >>> smallest_accumulator_bits(63, table_bits=5)  # 6 bits leave no room to round
+        7
     """
-    return max(1, int(input_range).bit_length())
+    bits = max(1, int(input_range).bit_length())
+    while l1_budget(bits, input_range, table_bits) < 1:
+        bits += 1
+    return bits
 
 
 def proven_range(q: np.ndarray, input_range: int) -> np.ndarray:

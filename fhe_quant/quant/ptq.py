@@ -366,7 +366,7 @@ def budgeted_weights(
         raise axe.AccumulatorBudgetError(
             _where(node),
             config.accumulator_bits,
-            axe.smallest_accumulator_bits(layer.code_range),
+            axe.smallest_accumulator_bits(layer.code_range, table_bits),
         )
     qmax = 2 ** (bits - 1) - 1
     flat = weight.reshape(len(weight), -1)

@@ -121,7 +121,10 @@ def _torch(make: Callable[[], nn.Module], shape: tuple[int, ...], **kwargs: Any)
 
 
 def _qat() -> Any:
-    qat = prepare_qat(_mlp(), n_bits=3, X_sample=_x((16,)), seed=0)
+    # NOTE: the QAT defaults of the recording (issue 14 part 6 changed them since)
+    qat = prepare_qat(
+        _mlp(), n_bits=3, X_sample=_x((16,)), seed=0, accumulator_bits=None, rounding_bits=5
+    )
     with torch.no_grad():
         qat.train()(torch.as_tensor(_x((16,)), dtype=torch.float32))  # initialise the steps
     return compile_qat_model(qat.eval(), _x((16,)), compile=False)
