@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -49,3 +52,18 @@ def write_results(out: Path, rows: list[dict[str, Any]]) -> None:
     out.parent.mkdir(exist_ok=True)
     meta = {"machine": platform.platform(), "cpus": torch.get_num_threads()}
     out.write_text(json.dumps({**meta, "rows": rows}, indent=2))
+
+
+def rows_from_checkout(script: str, directory: str) -> list[dict[str, Any]]:
+    """The "before" rows of a before/after benchmark: ``script --rows before`` run by the
+    same interpreter with the fhe_quant of another checkout ``directory`` first on the
+    path (its JSON rows on stdout)."""
+    env = {**os.environ, "PYTHONPATH": directory, "PYTHONDONTWRITEBYTECODE": "1"}
+    done = subprocess.run(
+        [sys.executable, script, "--rows", "before"],
+        env=env,
+        check=True,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    return json.loads(done.stdout)

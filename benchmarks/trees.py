@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -104,15 +103,9 @@ def rows(code: str) -> list[dict[str, Any]]:
 
 
 def _before(directory: str) -> list[dict[str, Any]]:
-    env = {**os.environ, "PYTHONPATH": directory, "PYTHONDONTWRITEBYTECODE": "1"}
-    done = subprocess.run(
-        [sys.executable, __file__, "--rows", "before"],
-        env=env,
-        check=True,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    return json.loads(done.stdout)
+    from _common import rows_from_checkout
+
+    return rows_from_checkout(__file__, directory)
 
 
 def _table(all_rows: list[dict[str, Any]]) -> list[str]:

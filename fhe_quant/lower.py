@@ -142,8 +142,26 @@ class _NumpyBackend:
 NUMPY: Backend = _NumpyBackend()
 
 
+class _Accumulator:
+    """What the steps that produce an accumulator share (their dataclass fields
+    ``acc_max``, ``scale``, ``zero`` and ``bias``): its proven width, and its real value
+    ``scale * (acc - zero) + bias``."""
+
+    acc_max: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    bias: np.ndarray
+
+    @property
+    def acc_bits(self) -> int:
+        return bits_for(int(self.acc_max.max()))
+
+    def dequantize(self, acc: np.ndarray) -> np.ndarray:
+        return self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
+
+
 @dataclass(frozen=True, eq=False)
-class LinearStep:
+class LinearStep(_Accumulator):
     """``acc = apply(q, weight) + offset``, with ``0 <= acc <= acc_max`` proven.
 
     Its real value is ``scale * (acc - zero) + bias`` (all broadcast to the
@@ -161,13 +179,6 @@ class LinearStep:
     bias: np.ndarray
     attrs: Mapping[str, Any] = field(default_factory=dict)
     inputs: tuple[int, ...] = ()
-
-    @property
-    def acc_bits(self) -> int:
-        return bits_for(int(self.acc_max.max()))
-
-    def dequantize(self, acc: np.ndarray) -> np.ndarray:
-        return self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
 
     def __call__(self, q: Any, backend: Backend) -> Any:
         apply = OPS[self.op].linear_apply
@@ -288,7 +299,7 @@ def _positive_first(multipliers: tuple[np.ndarray, ...]) -> list[int]:
 
 
 @dataclass(frozen=True, eq=False)
-class AddStep:
+class AddStep(_Accumulator):
     """``acc = sum_k multipliers[k] * v[inputs[k]] + offset``, with ``0 <= acc <= acc_max``
     proven (residual connections).
 
@@ -309,13 +320,6 @@ class AddStep:
     zero: np.ndarray
     bias: np.ndarray
     multi_operand = True
-
-    @property
-    def acc_bits(self) -> int:
-        return bits_for(int(self.acc_max.max()))
-
-    def dequantize(self, acc: np.ndarray) -> np.ndarray:
-        return self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
 
     def __call__(self, operands: tuple[Any, ...], backend: Backend) -> Any:
         order = _positive_first(self.multipliers)
@@ -550,7 +554,7 @@ class GatherStep:
 
 
 @dataclass(frozen=True, eq=False)
-class ProductStep:
+class ProductStep(_Accumulator):
     """The product of two encrypted tensors of codes ``a`` and ``b`` (broadcast), by
     quarter squares: with ``a' = a - z_a`` and ``b' = b - z_b``,
     ``a' b' = ((a' + b')**2 - (a' - b')**2) / 4``, so two table lookups per element
@@ -575,13 +579,6 @@ class ProductStep:
     zero: np.ndarray
     bias: np.ndarray
     multi_operand = True
-
-    @property
-    def acc_bits(self) -> int:
-        return bits_for(int(self.acc_max.max()))
-
-    def dequantize(self, acc: np.ndarray) -> np.ndarray:
-        return self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
 
     def __call__(self, operands: tuple[Any, ...], backend: Backend) -> Any:
         a, b = operands
