@@ -81,6 +81,7 @@ __all__ = [
     "LinearStep",
     "TableStep",
     "TableFunction",
+    "TableRead",
     "IntegerProgram",
     "lower",
     "bits_for",
@@ -142,22 +143,41 @@ class _NumpyBackend:
 NUMPY: Backend = _NumpyBackend()
 
 
-class _Accumulator:
-    """What the steps that produce an accumulator share (their dataclass fields
-    ``acc_max``, ``scale``, ``zero`` and ``bias``): its proven width, and its real value
-    ``scale * (acc - zero) + bias``."""
+class _Data:
+    """The data form every step (and :class:`TableFunction`) shares: its dataclass fields
+    as JSON values and NumPy arrays, read back field by field by declared type."""
 
-    acc_max: np.ndarray
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields as data (JSON values and NumPy arrays); :meth:`from_dict` inverts it."""
+        return _step_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Any:
+        """Rebuild it from :meth:`to_dict` output, each field read back by its type."""
+        return _step_from_dict(cls, data)
+
+
+class _Dequantized:
+    """A value whose real value is ``scale * (v - zero) + bias`` (dataclass fields
+    ``scale``, ``zero``, ``bias``)."""
+
     scale: np.ndarray
     zero: np.ndarray
     bias: np.ndarray
 
+    def dequantize(self, acc: np.ndarray) -> np.ndarray:
+        return self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
+
+
+class _Accumulator(_Dequantized, _Data):
+    """What the steps that produce an accumulator share (their dataclass field
+    ``acc_max`` too): its proven width, its real value, its data form."""
+
+    acc_max: np.ndarray
+
     @property
     def acc_bits(self) -> int:
         return bits_for(int(self.acc_max.max()))
-
-    def dequantize(self, acc: np.ndarray) -> np.ndarray:
-        return self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
 
 
 @dataclass(frozen=True, eq=False)
@@ -186,18 +206,9 @@ class LinearStep(_Accumulator):
         acc = apply(q, self.weight, self.attrs, backend) + self.offset
         return backend.hint(acc, self.acc_bits)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Its fields as data (JSON values and NumPy arrays); :meth:`from_dict` inverts it."""
-        return _step_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> LinearStep:
-        """Rebuild it from :meth:`to_dict` output, each field read back by its type."""
-        return _step_from_dict(cls, data)
-
 
 @dataclass(frozen=True, eq=False)
-class TableFunction:
+class TableFunction(_Dequantized, _Data):
     """What a table computes, as data: dequantize the accumulator
     (``scale * (acc - zero) + bias``, arrays shaped ``(1, *shape)``), evaluate the float
     ``chain`` of elementwise/reshape nodes, quantize with ``output``. Called on a full
@@ -213,22 +224,25 @@ class TableFunction:
     output: UniformQuantizer
 
     def __call__(self, acc: np.ndarray) -> np.ndarray:
-        real = self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
-        out = self.output.quantize(_chain(self.chain, real))
+        out = self.output.quantize(_chain(self.chain, self.dequantize(acc)))
         return out.reshape(out.shape[0], -1).reshape(np.shape(acc))
-
-    def to_dict(self) -> dict[str, Any]:
-        """Its fields as data (JSON values and NumPy arrays); :meth:`from_dict` inverts it."""
-        return _step_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> TableFunction:
-        """Rebuild it from :meth:`to_dict` output, each field read back by its type."""
-        return _step_from_dict(cls, data)
 
 
 @dataclass(frozen=True, eq=False)
-class TableStep:
+class TableRead(_Data):
+    """The exact function of a table whose index is never rounded (a tree's tables, a
+    product's squares, an identity copy): the table itself, read at the index, as data."""
+
+    table: np.ndarray
+
+    def __call__(self, acc: np.ndarray) -> np.ndarray:
+        acc = np.asarray(acc)
+        index = np.clip(acc, 0, self.table.shape[1] - 1).reshape(acc.shape[0], -1)
+        return self.table[np.arange(index.shape[1]), index].reshape(acc.shape)
+
+
+@dataclass(frozen=True, eq=False)
+class TableStep(_Data):
     """Drop ``lsbs`` low bits of the accumulator, then look up one table per element.
 
     ``table[j, i]`` is the output for element ``j`` (flat index within one sample) when
@@ -256,7 +270,7 @@ class TableStep:
     out_shape: tuple[int, ...]
     out_min: np.ndarray
     out_max: np.ndarray
-    exact: TableFunction | Callable[[np.ndarray], np.ndarray]
+    exact: TableFunction | TableRead | Callable[[np.ndarray], np.ndarray]
     inputs: tuple[int, ...] = ()
 
     @property
@@ -280,15 +294,6 @@ class TableStep:
             acc = backend.hint(backend.round(acc, self.lsbs, self.exact_rounding), self.round_bits)
         out = backend.hint(backend.lookup(self.lookup, acc), self.out_bits)
         return out.reshape((out.shape[0],) + self.out_shape)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Its fields as data (JSON values and NumPy arrays); :meth:`from_dict` inverts it."""
-        return _step_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> TableStep:
-        """Rebuild it from :meth:`to_dict` output, each field read back by its type."""
-        return _step_from_dict(cls, data)
 
 
 def _positive_first(multipliers: tuple[np.ndarray, ...]) -> list[int]:
@@ -345,15 +350,6 @@ class AddStep(_Accumulator):
             f"{int(self.acc_max.max())} ({self.acc_bits} bits, proven)"
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """Its fields as data (JSON values and NumPy arrays); :meth:`from_dict` inverts it."""
-        return _step_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> AddStep:
-        """Rebuild it from :meth:`to_dict` output, each field read back by its type."""
-        return _step_from_dict(cls, data)
-
 
 def _identity(x: np.ndarray) -> np.ndarray:
     return np.asarray(x)
@@ -367,7 +363,7 @@ def _multiplier_text(m: np.ndarray) -> str:
 
 
 @dataclass(frozen=True, eq=False)
-class MaxPoolStep:
+class MaxPoolStep(_Data):
     """Max pooling of codes that share one scale and zero point per channel.
 
     The maximum is taken one spatial axis at a time (separably, in ``axes`` order), each
@@ -468,18 +464,9 @@ class MaxPoolStep:
             f"(max(a, b) = b + relu(a - b)) -> uint{self.bits}{list(self.out_shape)}"
         )
 
-    def to_dict(self) -> dict[str, Any]:
-        """Its fields as data (JSON values and NumPy arrays); :meth:`from_dict` inverts it."""
-        return _step_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> MaxPoolStep:
-        """Rebuild it from :meth:`to_dict` output, each field read back by its type."""
-        return _step_from_dict(cls, data)
-
 
 @dataclass(frozen=True, eq=False)
-class ConcatStep:
+class ConcatStep(_Data):
     """Concatenation of encrypted tensors along ``axis`` (batch axis included): no
     bootstrap; each part keeps its own scales (folded into the next linear layer)."""
 
@@ -496,18 +483,9 @@ class ConcatStep:
         parts = ", ".join(names[i] for i in self.inputs)
         return f"concatenate([{parts}], axis={self.axis})  # 0 lookups, uint{self.bits}"
 
-    def to_dict(self) -> dict[str, Any]:
-        """Its fields as data (JSON values and NumPy arrays); :meth:`from_dict` inverts it."""
-        return _step_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> ConcatStep:
-        """Rebuild it from :meth:`to_dict` output, each field read back by its type."""
-        return _step_from_dict(cls, data)
-
 
 @dataclass(frozen=True, eq=False)
-class ReshapeStep:
+class ReshapeStep(_Data):
     """A reshape of an encrypted tensor (row-major order kept): no bootstrap."""
 
     name: str
@@ -520,18 +498,9 @@ class ReshapeStep:
     def describe(self, names: list[str]) -> str:
         return f"{names[self.inputs[0]]}.reshape({list(self.shape)})  # 0 lookups"
 
-    def to_dict(self) -> dict[str, Any]:
-        """Its fields as data (JSON values and NumPy arrays); :meth:`from_dict` inverts it."""
-        return _step_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: Any) -> ReshapeStep:
-        """Rebuild it from :meth:`to_dict` output, each field read back by its type."""
-        return _step_from_dict(cls, data)
-
 
 @dataclass(frozen=True, eq=False)
-class GatherStep:
+class GatherStep(_Data):
     """Values moved, none computed (transpose, permute, channel shuffle, slicing,
     nearest upsampling): output element ``j`` (flat, one sample) is input element
     ``index[j]``. No bootstrap; the output keeps the input's width."""
@@ -620,7 +589,7 @@ def _square_table(name: str, centre: np.ndarray, n_index: int, c: float) -> Tabl
         shape,
         np.zeros(centre.shape, dtype=np.int64),
         np.full(centre.shape, high),
-        np.asarray,
+        TableRead(table),
     )
 
 
@@ -900,7 +869,7 @@ def _chain(nodes: tuple[Node, ...], value: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True, eq=False)
-class _Source:
+class _Source(_Dequantized):
     """What a table reads: a value in ``[0, hi]`` whose real value is
     ``scale * (v - zero) + bias`` (arrays shaped ``(1, *shape)``)."""
 
@@ -912,9 +881,6 @@ class _Source:
     @property
     def bits(self) -> int:
         return bits_for(int(self.hi.max()))
-
-    def dequantize(self, v: np.ndarray) -> np.ndarray:
-        return self.scale * (np.asarray(v, dtype=np.float64) - self.zero) + self.bias
 
 
 def _table(
@@ -1047,7 +1013,7 @@ def _identity_table(name: str, value: _Value) -> TableStep:
         shape,
         value.lo.copy(),
         value.hi.copy(),
-        np.asarray,
+        TableRead(table),
         (value.index,),
     )
 
@@ -1352,7 +1318,9 @@ def _step_to_dict(step: Any) -> dict[str, Any]:
     """
     for f in fields(step):
         value = getattr(step, f.name)
-        if is_dataclass(value) and not isinstance(value, (TableFunction, UniformQuantizer)):
+        if is_dataclass(value) and not isinstance(
+            value, (TableFunction, TableRead, UniformQuantizer)
+        ):
             raise TypeError(
                 f"{type(step).__name__}.{f.name} is a {type(value).__name__}, which "
                 "from_dict cannot read back: it has no data form here."
@@ -1426,7 +1394,11 @@ def _data_of(kind: type) -> Callable[[Any, str], Any]:
     return check
 
 
-def _table_function(value: Any, where: str) -> TableFunction:
+def _table_function(value: Any, where: str) -> TableFunction | TableRead:
+    """A table's exact function: a :class:`TableRead` (its one field, ``table``) or a
+    :class:`TableFunction`."""
+    if isinstance(value, dict) and set(value) == {"table"}:
+        return TableRead.from_dict(value)
     return TableFunction.from_dict(value)
 
 
@@ -1445,7 +1417,11 @@ _DECODERS: dict[str, Callable[[Any, str], Any]] = {
     "Mapping[str, Any]": lambda v, w: attrs_from_data(v),
     "UniformQuantizer": lambda v, w: UniformQuantizer.from_dict(v),
     "TableFunction": _table_function,
-    "TableFunction | Callable[[np.ndarray], np.ndarray]": _table_function,
+    "TableFunction | TableRead | Callable[[np.ndarray], np.ndarray]": _table_function,
+    "float": _data_of(float),
+    "tuple[TableStep, TableStep]": lambda v, w: tuple(
+        TableStep.from_dict(t) for t in _data_list(v, w)
+    ),
 }
 
 

@@ -239,7 +239,22 @@ def _concat() -> nn.Module:
     return Concat()
 
 
-@pytest.mark.parametrize("kind", ["chain", "residual", "conv", "concat"])
+def _product_and_shuffle() -> nn.Module:
+    class ProductShuffle(nn.Module):  # a ProductStep and a GatherStep
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.a(t)) * torch.sigmoid(self.b(t))
+            shuffled = h.view(-1, 2, 3).transpose(1, 2).reshape(-1, 6)
+            return self.c(torch.relu(shuffled))
+
+    torch.manual_seed(5)
+    return ProductShuffle()
+
+
+@pytest.mark.parametrize("kind", ["chain", "residual", "conv", "concat", "product"])
 def test_integer_programs_round_trip_as_json_and_arrays(kind: str, x: np.ndarray) -> None:
     images = np.random.default_rng(1).normal(size=(40, 1, 4, 4))
     model, data = {
@@ -247,6 +262,7 @@ def test_integer_programs_round_trip_as_json_and_arrays(kind: str, x: np.ndarray
         "residual": (_residual(), x),
         "conv": (_conv_model(), images),
         "concat": (_concat(), x),
+        "product": (_product_and_shuffle(), x),
     }[kind]
     qm = compile_torch_model(model, data, n_bits=4, compile=False)
     program = qm.program
@@ -254,6 +270,9 @@ def test_integer_programs_round_trip_as_json_and_arrays(kind: str, x: np.ndarray
     text = json.dumps(_to_json(program.to_dict(), arrays))
     again = IntegerProgram.from_dict(_from_json(json.loads(text), arrays))
     assert [type(s) for s in again.steps] == [type(s) for s in program.steps]
+    if kind == "product":
+        kinds = {type(s).__name__ for s in program.steps}
+        assert {"ProductStep", "GatherStep"} <= kinds
     assert again.source() == program.source()
     assert again.lookups_by_width() == program.lookups_by_width()
     q = qm.quantize_input(data)

@@ -90,7 +90,7 @@ from sklearn.base import is_classifier
 from fhe_quant.errors import InputError, ParameterError, TraceError, UnsupportedOpError
 from fhe_quant.fhe import FHECircuit
 from fhe_quant.ir import Node, describe_mismatch, linear_bounds
-from fhe_quant.lower import IntegerProgram, LinearStep, TableStep, bits_for
+from fhe_quant.lower import IntegerProgram, LinearStep, TableRead, TableStep, bits_for
 from fhe_quant.model import QuantizedModule
 from fhe_quant.quant.quantizer import MAX_BITS, ThresholdGrid
 
@@ -108,7 +108,6 @@ __all__ = [
     "check_ensemble",
     "quantize_ensemble",
     "threshold_grid",
-    "TableRead",
     "TreeModule",
     "build_tree_module",
 ]
@@ -1150,19 +1149,6 @@ def _group_steps(
     table = np.stack([np.pad(p[2], (0, width - len(p[2]))) for p in parts])
     weights = np.stack([p[3] for p in parts], axis=1)
     return (path_step, _table_step("leaf_tables", table, acc_max)), weights
-
-
-@dataclass(frozen=True, eq=False)
-class TableRead:
-    """A tree table's exact function: the table read at the (unrounded) index, as data
-    (so that tree programs pickle and deep-copy with no custom code)."""
-
-    table: np.ndarray
-
-    def __call__(self, acc: np.ndarray) -> np.ndarray:
-        acc = np.asarray(acc)
-        index = np.clip(acc, 0, self.table.shape[1] - 1).reshape(acc.shape[0], -1)
-        return self.table[np.arange(index.shape[1]), index].reshape(acc.shape)
 
 
 def _table_step(name: str, table: np.ndarray, index_max: np.ndarray) -> TableStep:
