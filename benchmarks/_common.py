@@ -67,3 +67,15 @@ def rows_from_checkout(script: str, directory: str) -> list[dict[str, Any]]:
         text=True,
     )
     return json.loads(done.stdout)
+
+
+def digits_mlp(seed: int = 0) -> torch.nn.Module:
+    """The issue's digits MLP 64-64-64-10 (ReLU), untrained, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 64),
+        torch.nn.ReLU(),
+        torch.nn.Linear(64, 10),
+    )

@@ -90,12 +90,6 @@ def rows(code: str) -> list[dict[str, Any]]:
     return [_row(code, name, data, n_bits) for name, data in CASES for n_bits in (6, "default")]
 
 
-def _before(directory: str) -> list[dict[str, Any]]:
-    from _common import rows_from_checkout
-
-    return rows_from_checkout(__file__, directory)
-
-
 def _table(all_rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| code | model | data | n_bits | grid/leaf bits | metric | library | ours | gap "
@@ -122,9 +116,9 @@ def main() -> None:
     if args.rows:
         print(json.dumps(rows(args.rows)))
         return
-    from _common import write_results
+    from _common import rows_from_checkout, write_results
 
-    all_rows = (_before(args.before) if args.before else []) + rows("after")
+    all_rows = (rows_from_checkout(__file__, args.before) if args.before else []) + rows("after")
     write_results(RESULTS / "boosting.json", all_rows)
     lines = _table(all_rows)
     (RESULTS / "boosting.md").write_text("\n".join(lines) + "\n")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from _common import digits_split, measure_execute, write_results
+from _common import digits_mlp, digits_split, measure_execute, write_results
 
 from fhe_quant.errors import CompilationError
 from fhe_quant.torch import compile_torch_model
@@ -26,14 +26,7 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def train_mlp(x: np.ndarray, y: np.ndarray, epochs: int = 40, seed: int = 0) -> torch.nn.Module:
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 10),
-    )
+    model = digits_mlp(seed)
     fit(model, x, y, epochs=epochs, seed=seed, verbose=False)
     return model.eval()
 

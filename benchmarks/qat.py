@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import digits_split, measure_execute, write_results
+from _common import digits_mlp, digits_split, measure_execute, write_results
 
 from fhe_quant.lower import lower
 from fhe_quant.model import QuantizedModule
@@ -98,14 +98,7 @@ def digit_images() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
 
 
 def float_mlp(x: np.ndarray, y: np.ndarray) -> tuple[torch.nn.Module, float]:
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 10),
-    )
+    model = digits_mlp(0)
     start = time.perf_counter()
     fit(model, x, y, epochs=40, lr=1e-2, seed=0, verbose=False)
     return model, (time.perf_counter() - start) / (40 * -(-len(x) // 64))
@@ -128,14 +121,7 @@ def plain_loop(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int
 
 def plain_mlp(x: np.ndarray, y: np.ndarray) -> tuple[torch.nn.Module, float]:
     """The digits MLP trained in float by :func:`plain_loop` (30 epochs)."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(64, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 64),
-        torch.nn.ReLU(),
-        torch.nn.Linear(64, 10),
-    )
+    model = digits_mlp(0)
     start = time.perf_counter()
     plain_loop(model, x, y)
     return model, (time.perf_counter() - start) / (30 * -(-len(x) // 64))

@@ -102,12 +102,6 @@ def rows(code: str) -> list[dict[str, Any]]:
     return out
 
 
-def _before(directory: str) -> list[dict[str, Any]]:
-    from _common import rows_from_checkout
-
-    return rows_from_checkout(__file__, directory)
-
-
 def _table(all_rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| code | model | n_bits | grid/leaf bits | float | disable | complexity (target) "
@@ -134,9 +128,9 @@ def main() -> None:
     if args.rows:  # the subprocess of --before: rows as JSON on stdout
         print(json.dumps(rows(args.rows)))
         return
-    from _common import write_results
+    from _common import rows_from_checkout, write_results
 
-    all_rows = (_before(args.before) if args.before else []) + rows("after")
+    all_rows = (rows_from_checkout(__file__, args.before) if args.before else []) + rows("after")
     write_results(RESULTS / "trees.json", all_rows)
     lines = _table(all_rows)
     (RESULTS / "trees.md").write_text("\n".join(lines) + "\n")
