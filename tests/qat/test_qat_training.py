@@ -167,13 +167,17 @@ def test_budget_goes_to_the_largest_weights() -> None:
     assert set(np.flatnonzero(codes)) == set(range(55, 64))
 
 
+#: Float weight matrices of 1-4 output channels and 1-12 inputs.
+WEIGHT_ROWS = arrays(
+    np.float64,
+    st.tuples(st.integers(1, 4), st.integers(1, 12)),
+    elements=st.floats(-4, 4, allow_nan=False, width=32),
+)
+
+
 @settings(max_examples=40, deadline=None)
 @given(
-    weights=arrays(
-        np.float64,
-        st.tuples(st.integers(1, 4), st.integers(1, 12)),
-        elements=st.floats(-4, 4, allow_nan=False, width=32),
-    ),
+    weights=WEIGHT_ROWS,
     bits=st.integers(2, 6),
     budget=st.integers(1, 40),
     method=st.sampled_from(["mse", "max"]),
@@ -192,11 +196,7 @@ def test_weight_budget_holds_and_codes_stay_in_range(weights, bits, budget, meth
 
 @settings(max_examples=60, deadline=None)
 @given(
-    weights=arrays(
-        np.float64,
-        st.tuples(st.integers(1, 4), st.integers(1, 12)),
-        elements=st.floats(-4, 4, allow_nan=False, width=32),
-    ),
+    weights=WEIGHT_ROWS,
     bits=st.integers(2, 6),
     spare=st.integers(0, 5),
     method=st.sampled_from(["mse", "max"]),
