@@ -432,3 +432,25 @@ class FunctionalLayerNorm(nn.Module):
 def test_refusals_name_the_operation(model: nn.Module, match: str) -> None:
     with pytest.raises(UnsupportedOpError, match=match):
         trace_module(model, np.zeros((2, 2, 4, 4)))
+
+
+class ProductOfASum(nn.Module):
+    """``(relu(a(x)) + relu(b(x))) * sigmoid(c(x))``: a factor that is a sum of codes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 3), nn.Linear(4, 3), nn.Linear(4, 3)
+        self.d = nn.Linear(3, 2)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        total = torch.relu(self.a(t)) + torch.relu(self.b(t))
+        return self.d(total * torch.sigmoid(self.c(t)))
+
+
+def test_a_product_of_a_sum_is_refused_when_quantized() -> None:
+    # the product's squares are planned from its factors' quantizers; a sum of codes has
+    # none of its own (the message says how to give it one)
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).normal(size=(120, 4))
+    with pytest.raises(UnsupportedOpError, match=r"a product of an encrypted add.*activation"):
+        compile_torch_model(ProductOfASum(), x, n_bits=4, compile=False)
