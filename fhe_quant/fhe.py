@@ -11,6 +11,7 @@ Only this module and :mod:`fhe_quant.deploy` use ``concrete``, imported through
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import sys
 import tempfile
@@ -36,6 +37,8 @@ __all__ = [
     "WIRE_COMPRESSION",
     "check_fhe_mode",
     "CircuitStatistics",
+    "KeyParameters",
+    "key_parameters",
     "FHECircuit",
     "compile_program",
     "native_output",
@@ -108,6 +111,120 @@ def check_fhe_mode(mode: Any) -> str:
     return mode
 
 
+#: Bytes of one torus coefficient in Concrete's keys (64-bit integers).
+_COEFFICIENT_BYTES = 8
+
+
+@dataclass(frozen=True)
+class KeyParameters:
+    """One evaluation key as Concrete's optimizer chose it, and what it weighs.
+
+    A bootstrap key holds ``input_lwe_dimension * level_count`` GGSW rows of ``k + 1``
+    GLWE ciphertexts (``k = glwe_dimension``) of ``k + 1`` polynomials of
+    ``polynomial_size`` coefficients; a keyswitch key ``input_lwe_dimension *
+    level_count`` LWE ciphertexts of ``output_lwe_dimension + 1`` coefficients. A
+    compressed key (``compress_evaluation_keys``) is sent as a seed plus the bodies
+    only: one polynomial per GLWE ciphertext, one coefficient per LWE ciphertext.
+
+    Attributes:
+        kind: ``"bootstrap"`` or ``"keyswitch"``.
+        input_lwe_dimension: LWE dimension of the ciphertexts the key reads.
+        output_lwe_dimension: LWE dimension of those it produces (a bootstrap key's:
+            ``glwe_dimension * polynomial_size``).
+        level_count, base_log: the gadget decomposition.
+        glwe_dimension, polynomial_size: a bootstrap key's GLWE (0 for a keyswitch key).
+        compressed: sent as seed and bodies.
+
+    Examples:
+        >>> key = KeyParameters("bootstrap", 736, 2048, 2, 16, 4, 512, compressed=True)
+        >>> key.serialized_bytes  # 736 * 2 rows * 5 bodies * 512 coefficients * 8 bytes
+        30146560
+        >>> key.serialized_bytes == KeyParameters(
+        ...     "bootstrap", 736, 2048, 2, 16, 4, 512, compressed=False).serialized_bytes // 5
+        True
+        >>> KeyParameters("bootstrap", 736, 2000, 2, 16, 4, 512, compressed=True)
+        Traceback (most recent call last):
+        ...
+        ValueError: The output_lwe_dimension of a bootstrap KeyParameters must be \
+glwe_dimension * polynomial_size = 2048. Got 2000 instead.
+    """
+
+    kind: str
+    input_lwe_dimension: int
+    output_lwe_dimension: int
+    level_count: int
+    base_log: int
+    glwe_dimension: int = 0
+    polynomial_size: int = 0
+    compressed: bool = False
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("bootstrap", "keyswitch"):
+            raise ValueError(
+                "The kind of a KeyParameters must be 'bootstrap' or 'keyswitch'. "
+                f"Got {self.kind!r} instead."
+            )
+        for name in ("input_lwe_dimension", "output_lwe_dimension", "level_count", "base_log"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"The {name} of a KeyParameters must be a positive int. Got {value!r}."
+                )
+        glwe = self.glwe_dimension * self.polynomial_size
+        if self.kind == "bootstrap" and glwe != self.output_lwe_dimension:
+            raise ValueError(
+                "The output_lwe_dimension of a bootstrap KeyParameters must be "
+                f"glwe_dimension * polynomial_size = {glwe}. "
+                f"Got {self.output_lwe_dimension} instead."
+            )
+
+    @property
+    def serialized_bytes(self) -> int:
+        """Bytes of the key's coefficients as serialized (a few hundred bytes of
+        header per key aside)."""
+        rows = self.input_lwe_dimension * self.level_count
+        if self.kind == "keyswitch":
+            per_row = 1 if self.compressed else self.output_lwe_dimension + 1
+        else:
+            k = self.glwe_dimension
+            per_row = (k + 1) * self.polynomial_size * (1 if self.compressed else k + 1)
+        return rows * per_row * _COEFFICIENT_BYTES
+
+
+def key_parameters(circuit: Any) -> tuple[KeyParameters, ...]:
+    """The evaluation keys of a compiled ``concrete.fhe.Circuit``, read from its program
+    description (no key needs to exist): bootstrap keys first, then keyswitch keys.
+
+    Raises:
+        CompilationError: the circuit uses packing keyswitch keys, whose size this
+            does not model.
+    """
+    keyset = json.loads(circuit.server.client_specs.program_info.serialize())["keyset"]
+    if keyset.get("packingKeyswitchKeys"):
+        raise CompilationError(
+            "The circuit uses packing keyswitch keys; key_parameters models bootstrap "
+            "and keyswitch keys only."
+        )
+    dims = {key["id"]: int(key["params"]["lweDimension"]) for key in keyset["lweSecretKeys"]}
+    keys = []
+    for kind, field_name in (("bootstrap", "lweBootstrapKeys"), ("keyswitch", "lweKeyswitchKeys")):
+        for key in keyset.get(field_name, []):
+            params = key["params"]
+            keys.append(
+                KeyParameters(
+                    kind,
+                    dims[key["inputId"]],
+                    dims[key["outputId"]],
+                    int(params["levelCount"]),
+                    int(params["baseLog"]),
+                    int(params.get("glweDimension", 0)),
+                    int(params.get("polynomialSize", 0)),
+                    compressed=key.get("compression", "none") != "none",
+                )
+            )
+    return tuple(keys)
+
+
 @dataclass
 class CircuitStatistics:
     """What a compiled circuit costs.
@@ -121,9 +238,16 @@ class CircuitStatistics:
         compile_seconds: time Concrete took to compile.
         keygen_seconds: time key generation took (``None`` until keys exist).
         complexity: Concrete's cost estimate for one run.
-        key_bytes: sizes of the keys Concrete generated (after ``keygen``).
+        key_bytes: sizes of the keys Concrete generated (after ``keygen``), as its
+            statistics report them (``bootstrap`` and ``keyswitch``: not what is
+            serialized or sent, see ``evaluation_key_bytes``).
         compression: each option of :data:`WIRE_COMPRESSION` and whether the compiled
             circuit's configuration has it on.
+        keys: the evaluation keys' parameters (:func:`key_parameters`), known at compile
+            time (``None`` for a circuit with packing keyswitch keys, not modelled).
+        evaluation_key_bytes: bytes of the serialized evaluation keys as deployed
+            (compressed when ``compress_evaluation_keys`` is on), from ``keys``; what
+            ``circuit.keys.evaluation.serialize()`` returns, headers aside.
     """
 
     pbs_count: int
@@ -134,6 +258,13 @@ class CircuitStatistics:
     keygen_seconds: float | None = None
     key_bytes: dict[str, int] = field(default_factory=dict)
     compression: dict[str, bool] = field(default_factory=dict)
+    keys: tuple[KeyParameters, ...] | None = None
+
+    @property
+    def evaluation_key_bytes(self) -> int | None:
+        if self.keys is None:
+            return None
+        return sum(key.serialized_bytes for key in self.keys)
 
 
 def _pad(x: Any, pads: tuple[tuple[int, int], ...]) -> Any:
@@ -388,8 +519,16 @@ def _compile(target: FHECircuit, verbose: bool) -> _Compiled:
         compile_seconds=seconds,
         complexity=float(stats.get("complexity", 0.0)),
         compression=_wire_compression(circuit),
+        keys=_modelled_keys(circuit),
     )
     return _Compiled(circuit, statistics)
+
+
+def _modelled_keys(circuit: Any) -> tuple[KeyParameters, ...] | None:
+    try:
+        return key_parameters(circuit)
+    except CompilationError:  # packing keyswitch keys: sizes not modelled
+        return None
 
 
 def _no_parameters(program: IntegerProgram) -> CompilationError:
