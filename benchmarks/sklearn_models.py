@@ -11,13 +11,24 @@ generation alone takes minutes there); it says so.
 Usage::
 
     python benchmarks/sklearn_models.py [--samples 2] [--only Tree]
+    python benchmarks/sklearn_models.py --linear-scaling [--samples 3]
 
 Writes ``benchmarks/results/sklearn_models.json`` and prints a markdown table.
+
+``--linear-scaling`` (issue 14: linear models at any feature count): LogisticRegression on
+``make_classification(2000, n_features, random_state=0)`` (70/30, standardized) at 10,
+100 and 500 features, at the default 8 bits and with narrower inputs and weights; each
+row: accuracy (float, ``disable``), the proven width of the encrypted sum, Concrete's
+``complexity`` and the LWE dimension it chose (no lookup: the one key's dimension is the
+cost), and the measured encrypted latency. The last rows compile circuits that only add
+0 to 8-bit (and 4-bit) encrypted inputs: the smallest LWE dimension any circuit reading
+such inputs can have. Writes ``benchmarks/results/linear_scaling.json`` and ``.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 import warnings
@@ -136,12 +147,100 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+#: Linear-scaling rows: feature counts, and the n_bits settings compared at each.
+LINEAR_FEATURES = (10, 100, 500)
+LINEAR_BITS: tuple[Any, ...] = (8, {"inputs": 6, "weights": 6}, {"inputs": 4, "weights": 4})
+
+
+def _lwe_dimension(circuit: Any) -> int:
+    from fhe_quant.fhe import key_parameters
+
+    keys = key_parameters(circuit)
+    if keys:
+        return max(key.input_lwe_dimension for key in keys)
+    info = json.loads(circuit.server.client_specs.program_info.serialize())
+    return max(int(k["params"]["lweDimension"]) for k in info["keyset"]["lweSecretKeys"])
+
+
+def _linear_row(n_features: int, n_bits: Any, samples: int) -> dict[str, Any]:
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(2000, n_features, random_state=0)
+    x_train, x_test, y_train, y_test = train_test_split(x, y, test_size=0.3, random_state=0)
+    scaler = StandardScaler().fit(x_train)
+    x_train, x_test = scaler.transform(x_train), scaler.transform(x_test)
+    model = fs.LogisticRegression(n_bits=n_bits).fit(x_train, y_train)
+    model.compile(x_train)
+    module = model.quantized_module_
+    stats = module.statistics
+    row = {
+        "n_features": n_features,
+        "n_bits": n_bits,
+        "float": float(model.sklearn_model_.score(x_test, y_test)),
+        "disable": float((model.predict(x_test) == y_test).mean()),
+        "sum_bits": max(layer["accumulator_bits"] for layer in stats["layers"]),
+        "complexity": stats["complexity"],
+        "lwe_dimension": _lwe_dimension(module.fhe_circuit.circuit),
+        **measure_execute(module, x_test, samples),
+        "load_average_1min": os.getloadavg()[0],
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def _floor_row(n_features: int, bits: int) -> dict[str, Any]:
+    from concrete import fhe
+
+    inputset = [np.full((1, n_features), v) for v in (0, 2**bits - 1)]
+    circuit = fhe.Compiler(lambda x: x + 0, {"x": "encrypted"}).compile(
+        inputset, configuration=fhe.Configuration(global_p_error=1e-5)
+    )
+    return {
+        "n_features": n_features,
+        "n_bits": f"inputs only ({bits} bits)",
+        "sum_bits": bits,
+        "complexity": float(circuit.complexity),
+        "lwe_dimension": _lwe_dimension(circuit),
+        "load_average_1min": os.getloadavg()[0],
+    }
+
+
+def _linear_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| features | n_bits | float | disable | sum bits | complexity | LWE dim | "
+        "execute s/sample (load) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        accuracy = f"{r['float']:.4f} | {r['disable']:.4f}" if "float" in r else "- | -"
+        latency = r.get("execute_seconds_per_sample")
+        latency = "-" if latency is None else f"{latency:.4f} ({r['load_average_1min']:.1f})"
+        lines.append(
+            f"| {r['n_features']} | {r['n_bits']} | {accuracy} | {r['sum_bits']} | "
+            f"{r['complexity']:.4g} | {r['lwe_dimension']} | {latency} |"
+        )
+    return "\n".join(lines)
+
+
+def linear_scaling(samples: int) -> None:
+    rows = [_linear_row(n, b, samples) for n in LINEAR_FEATURES for b in LINEAR_BITS]
+    rows += [_floor_row(100, bits) for bits in (8, 4)]
+    out = OUT.with_name("linear_scaling.json")
+    write_results(out, rows)
+    out.with_suffix(".md").write_text(_linear_table(rows) + "\n")
+    print(_linear_table(rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--linear-scaling", action="store_true", help="see the docstring")
     parser.add_argument("--samples", type=int, default=2, help="encrypted samples per model")
     parser.add_argument("--only", default="", help="run the models whose name contains this")
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    if args.linear_scaling:
+        linear_scaling(args.samples)
+        return
     data = {"breast_cancer": _split(load_breast_cancer), "diabetes": _split(load_diabetes)}
     rows = []
     for name, model in _cases():
