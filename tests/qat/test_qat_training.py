@@ -116,23 +116,47 @@ def test_accumulator_budget_bounds_every_proven_accumulator(make_mlp, digits) ->
 
 @pytest.mark.parametrize("bits", [3])
 def test_default_is_the_fast_path_budget_and_tables(make_mlp, digits, bits) -> None:
-    """The defaults (issue 14 part 6): 4-bit tables, accumulators proven within 7 bits in
-    every layer, so at most 3 bits are dropped before a table."""
+    """The defaults (issue 14 part 6): 2-bit model inputs, 4-bit tables, accumulators
+    proven within 6 bits in the first layer and 7 after it, so at most 2 then 3 bits are
+    dropped before a table."""
     x_train, x_test, y_train, _ = digits
     qat = prepare_qat(make_mlp(), n_bits=bits, X_sample=x_train)
     qat.initialize(x_train)
     assert qat.config.accumulator_bits == "auto" and qat.config.quant.rounding_bits == 4
+    assert [layer.input_quantizer.bits for layer in qat.layers] == [2, 3, 3]
     fit(qat, x_train[:256], y_train[:256], epochs=1, lr=1e-3, verbose=False)
     steps = qat.integer_program().steps
     linear = [s for s in steps if isinstance(s, LinearStep)]
-    assert [s.acc_bits <= bound for s, bound in zip(linear, [7, 7, 7], strict=True)] == [True] * 3
+    assert [s.acc_bits <= bound for s, bound in zip(linear, [6, 7, 7], strict=True)] == [True] * 3
     tables = [s for s in steps if isinstance(s, TableStep)]
     assert [t.index_bits <= 4 for t in tables] == [True, True]
-    assert [t.lsbs <= dropped for t, dropped in zip(tables, [3, 3], strict=True)] == [True] * 2
+    assert [t.lsbs <= dropped for t, dropped in zip(tables, [2, 3], strict=True)] == [True] * 2
     np.testing.assert_array_equal(
         compile_qat_model(qat, x_test, compile=False).forward(x_test),
         qat.eval()(x_test).detach().numpy(),
     )
+
+
+@pytest.mark.parametrize(
+    "n_bits, accumulator_bits, inputs, budgets",
+    [
+        (3, "auto", 2, [6, 7, 7]),  # the default: 2-bit inputs, one dropped bit fewer
+        ({"inputs": 1, "weights": 3, "activations": 3, "outputs": 3}, "auto", 1, [5, 7, 7]),
+        ({"inputs": 3, "weights": 3, "activations": 3, "outputs": 3}, "auto", 3, [7, 7, 7]),
+        (3, 7, 3, [7, 7, 7]),  # an explicit budget keeps n_bits for the inputs
+        (4, "auto", 4, [8, 8, 8]),
+    ],
+)
+def test_narrower_inputs_narrow_the_first_budget(
+    make_mlp, n_bits, accumulator_bits, inputs, budgets
+) -> None:
+    """An int n_bits of 3 with the default budget gives the model inputs 2 bits; a first
+    layer reading inputs narrower than the activations gets a budget one bit narrower per
+    input bit (same weight budget per input code), explicit settings are kept."""
+    qat = prepare_qat(make_mlp(), n_bits=n_bits, accumulator_bits=accumulator_bits)
+    assert qat.layers[0].input_quantizer.bits == inputs
+    tables = [qat._table_bits(i) for i in range(len(qat.layers))]
+    assert [qat.config.layer_accumulator_bits(i, t) for i, t in enumerate(tables)] == budgets
 
 
 def test_no_default_budget_at_two_bits(make_mlp, digits) -> None:

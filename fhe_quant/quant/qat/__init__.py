@@ -27,6 +27,7 @@ from fhe_quant.quant.qat.config import (
     WEIGHT_SCALES,
     QATConfig,
     default_accumulator_bits,
+    default_input_bits,
     default_table_bits,
 )
 from fhe_quant.quant.qat.ops import (
@@ -51,6 +52,7 @@ __all__ = [
     "QATConfig",
     "default_table_bits",
     "default_accumulator_bits",
+    "default_input_bits",
     "TORCH_ELEMENTWISE",
     "torch_elementwise",
     "round_ste",

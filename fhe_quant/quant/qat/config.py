@@ -29,6 +29,7 @@ __all__ = [
     "check_choice",
     "default_table_bits",
     "default_accumulator_bits",
+    "default_input_bits",
 ]
 
 #: Ways the activation step sizes are set: learned (LSQ) or moving-average min/max.
@@ -49,6 +50,15 @@ AUTO_BUDGET_MAX_BITS = 4
 #: Accumulator bits the ``"auto"`` budget leaves above the table input, in every layer:
 #: the low bits dropped exactly before each table, one small bootstrap each.
 AUTO_DROPPED_BITS = 3
+
+#: Bits of the activations whose int ``n_bits`` gives the model inputs one bit fewer under
+#: the ``"auto"`` budget (:func:`default_input_bits`): the first layer then drops one bit
+#: fewer at the same weight budget per input code. Measured on the digits MLP with the
+#: plain loop of ``benchmarks/qat.py`` (loop seeds 0, 1, 2): 2-bit inputs and a 6-bit
+#: first accumulator gave 96.9 / 95.6 / 96.7% at complexity 2.43e10 (448 bootstraps),
+#: 3-bit inputs and 7 bits 97.1 / 96.4 / 96.0% at 2.68e10 (512); a 6-bit first
+#: accumulator on 3-bit inputs 94.4%, 1-bit inputs and 5 bits 92.0%.
+AUTO_NARROW_INPUT_BITS = (3,)
 
 #: Narrowest table input of QAT's default (``rounding_bits=None``): measured on the
 #: digits MLP (docs/DESIGN-NOTES.md §16), a 4-bit lookup costs Concrete about a third of
@@ -77,6 +87,17 @@ def default_table_bits(activation_bits: int) -> int:
     if not AUTO_BUDGET_MIN_BITS <= activation_bits <= AUTO_BUDGET_MAX_BITS:
         return min(auto_table_bits(activation_bits), MAX_TABLE_BITS)
     return min(max(AUTO_MIN_TABLE_BITS, activation_bits + 1), MAX_TABLE_BITS)
+
+
+def default_input_bits(n_bits: int) -> int:
+    """Bits of the model inputs for an int ``n_bits`` with the ``"auto"`` budget: one
+    fewer at :data:`AUTO_NARROW_INPUT_BITS`, else ``n_bits``.
+
+    Examples:
+        >>> [default_input_bits(b) for b in (2, 3, 4)]
+        [2, 2, 4]
+    """
+    return n_bits - 1 if n_bits in AUTO_NARROW_INPUT_BITS else n_bits
 
 
 def default_accumulator_bits(activation_bits: int, table_bits: int) -> int | None:
@@ -216,7 +237,14 @@ class QATConfig:
             return self.accumulator_bits  # type: ignore[return-value]
         if self.weight_mode != "uniform":
             return None
-        return default_accumulator_bits(self.input_bits(index), table_bits)
+        activations, inputs = self.quant.n_bits_activations, self.input_bits(index)
+        if index == 0 and inputs < activations:
+            # NOTE: narrower input codes leave the same weight budget per code in an
+            # accumulator one bit narrower per input bit: fewer low bits to drop.
+            budget = default_accumulator_bits(activations, table_bits)
+            if budget is not None:
+                return max(table_bits, budget - (activations - inputs))
+        return default_accumulator_bits(inputs, table_bits)
 
     def is_binary(self, last: bool) -> bool:
         """Whether a layer's weights are binary (never the last layer's)."""
