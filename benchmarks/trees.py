@@ -6,7 +6,9 @@ DecisionTree on wine (70/30 split, ``random_state=0``), at the estimators' defau
 ``n_bits``, at input grids of 6, 5 and 4 bits, and ``n_bits="auto"``
 (``max_accuracy_drop=0.005``, validated on the test split). Each row: accuracy (float and
 the exact integer program, which the tests prove equal to ``simulate``), Concrete's
-complexity, PBS by table width, evaluation key sizes read from the circuit, the cost
+complexity, PBS by table width, evaluation key sizes read from the circuit (Concrete's
+size statistic, which the cost model reads, and the keys as sent: serialized with
+compression, ``CircuitStatistics.evaluation_key_bytes``), the cost
 model's estimated latency and key generation time, and for the defaults the measured key
 generation time.
 
@@ -52,6 +54,13 @@ def _estimator(name: str, n_bits: Any) -> Any:
     return fs.DecisionTreeClassifier(max_depth=5, random_state=0, **kwargs)
 
 
+def _sent_key_gb(module: Any) -> float | None:
+    """The evaluation keys as deployed (compressed, serialized), from the circuit's key
+    parameters (``None`` with a checkout older than ``CircuitStatistics.keys``)."""
+    sent = getattr(module.fhe_circuit.statistics, "evaluation_key_bytes", None)
+    return None if sent is None else sent / 1e9
+
+
 def _row(code: str, name: str, n_bits: Any) -> dict[str, Any]:
     from fhe_quant.cost import estimate_cost
 
@@ -83,6 +92,7 @@ def _row(code: str, name: str, n_bits: Any) -> dict[str, Any]:
         "pbs_count": estimate.pbs_count,
         "lookups_by_width": {str(k): v for k, v in module.program.lookups_by_width().items()},
         "key_gb": (estimate.bootstrap_key_bytes + estimate.keyswitch_key_bytes) / 1e9,
+        "sent_key_gb": _sent_key_gb(module),
         "estimated_seconds": estimate.seconds_per_sample,
         "estimated_keygen_seconds": estimate.keygen_seconds,
         "keygen_seconds": module.keygen() if n_bits == "default" else None,
@@ -105,15 +115,18 @@ def rows(code: str) -> list[dict[str, Any]]:
 def _table(all_rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         "| code | model | n_bits | grid/leaf bits | float | disable | complexity (target) "
-        "| lookups by width | keys GB | est. s | est. keygen s | keygen s | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| lookups by width | keys GB (stat) | keys GB (sent) | est. s | est. keygen s "
+        "| keygen s | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in all_rows:
         keygen = "" if r["keygen_seconds"] is None else f"{r['keygen_seconds']:.1f}"
+        sent = "" if r.get("sent_key_gb") is None else f"{r['sent_key_gb']:.3f}"
         lines.append(
             f"| {r['code']} | {r['model']} | {r['n_bits']} | {r['grid_bits']}/{r['leaf_bits']} "
             f"| {r['float']:.4f} | {r['disable']:.4f} | {r['complexity']:.3g} "
             f"({r['target_complexity']:.2g}) | {r['lookups_by_width']} | {r['key_gb']:.2f} | "
+            f"{sent} | "
             f"{r['estimated_seconds']:.2f} | {r['estimated_keygen_seconds']:.1f} | {keygen} | "
             f"{r['load_average_1min']:.1f} |"
         )
