@@ -78,7 +78,9 @@ PLAIN_RUNS: dict[str, dict[str, Any]] = {
     "plain-qat-2bit": {"n_bits": 2},
     "plain-qat-3bit-before": {"n_bits": 3, "accumulator_bits": None, "rounding_bits": 5},
     "plain-qat-2bit-before": {"n_bits": 2, "accumulator_bits": None, "rounding_bits": 5},
-    # 3-bit alternatives to the default budget (7 bits in the first layer, 6 after it)
+    # 3-bit alternatives to the default (2-bit inputs, budgets 6 / 7 / 7 bits): an
+    # explicit budget keeps 3-bit inputs, so acc7 is the default of before the narrower
+    # inputs (3-bit inputs, 7 bits in every layer)
     "plain-qat-3bit-acc7": {"n_bits": 3, "accumulator_bits": 7},
     "plain-qat-3bit-acc8": {"n_bits": 3, "accumulator_bits": 8},
 }
