@@ -23,6 +23,12 @@ row: accuracy (float, ``disable``), the proven width of the encrypted sum, Concr
 cost), and the measured encrypted latency. The last rows compile circuits that only add
 0 to 8-bit (and 4-bit) encrypted inputs: the smallest LWE dimension any circuit reading
 such inputs can have. Writes ``benchmarks/results/linear_scaling.json`` and ``.md``.
+
+Measured beside it (LogisticRegression, 8 bits, load average 29, median of 3 runs):
+without lookups the server's time is mostly expanding the compressed input ciphertexts
+(``compress_input_ciphertexts``, on by default): at 10 / 100 / 500 features the run took
+0.010 / 0.114 / 0.155 s compressed against 0.0016 / 0.062 / 0.065 s without, for inputs
+of 2.7 KB against 1.0 MB at 100 features; encryption (~0.08 s at 100) is the same.
 """
 
 from __future__ import annotations
