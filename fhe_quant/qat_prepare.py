@@ -29,6 +29,7 @@ Examples:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -123,10 +124,11 @@ def prepare_qat(
         n_bits: bits for every role, or a dict with keys ``inputs``, ``weights``,
             ``activations``, ``outputs`` (the last layer's weights). With the default
             budget (``accumulator_bits="auto"``, uniform weights), an int ``n_bits`` of
-            3 gives the model inputs 2 bits and the first layer an accumulator one bit
-            narrower (:func:`~fhe_quant.quant.qat.default_input_bits`: 9% less
-            complexity on the digits MLP at the same accuracy); a dict sets the inputs
-            as given.
+            3 gives the inputs of a first ``Linear`` layer (one step per feature) 2
+            bits and its accumulator one bit less
+            (:func:`~fhe_quant.quant.qat.default_input_bits`: 9% less complexity on
+            the digits MLP at the same accuracy); a first convolution or pooling (one
+            step per channel) keeps ``n_bits``; a dict sets the inputs as given.
         X_sample: representative inputs (the training set, say): they give the input
             shape and initialise the quantizers (:meth:`QATModule.initialize
             <fhe_quant.qat_module.QATModule.initialize>`, the explicit step that sets
@@ -182,9 +184,8 @@ def prepare_qat(
         fhe_quant.errors.ParameterError: The 'n_bits' parameter must be an int in [1, 8] \
 or a dict with keys {'inputs', 'weights', 'activations', 'outputs'}. Got 9 instead.
     """
-    quant = _quant_config(
-        n_bits, rounding_bits, accumulator_bits == "auto" and weight_mode == "uniform"
-    )
+    narrow = accumulator_bits == "auto" and weight_mode == "uniform"
+    quant = _quant_config(n_bits, rounding_bits, narrow)
     try:
         config = QATConfig(
             quant,
@@ -210,7 +211,12 @@ or a dict with keys {'inputs', 'weights', 'activations', 'outputs'}. Got 9 inste
             f"{exc} The input shape was guessed from the first Linear layer "
             f"({sample.shape[1:]}); pass X_sample=<a batch of inputs>."
         ) from exc
-    qat = QATModule(simplify(graph), config)
+    graph = simplify(graph)
+    qat = QATModule(graph, config)
+    if narrow and qat.layers and qat.layers[0].op != "linear":
+        # NOTE: a convolution or pooling quantizes its input with one step per channel:
+        # 2 bits cannot tell standardized pixels apart (benchmarks/qat.py, cnn-qat-2bit).
+        qat = QATModule(graph, replace(config, quant=_quant_config(n_bits, rounding_bits, False)))
     if X_sample is not None:
         qat.initialize(sample)
     return qat.train()

@@ -159,6 +159,14 @@ def test_narrower_inputs_narrow_the_first_budget(
     assert [qat.config.layer_accumulator_bits(i, t) for i, t in enumerate(tables)] == budgets
 
 
+def test_a_first_convolution_keeps_its_input_bits(make_cnn) -> None:
+    """A convolution's input has one step per channel: the default keeps 3-bit inputs
+    and the 7-bit budget there (2-bit pixels lost 17 points on digits)."""
+    qat = prepare_qat(make_cnn(), n_bits=3, X_sample=np.zeros((2, 1, 8, 8)))
+    assert qat.layers[0].op == "conv" and qat.layers[0].input_quantizer.bits == 3
+    assert qat.config.layer_accumulator_bits(0, qat._table_bits(0)) == 7
+
+
 def test_no_default_budget_at_two_bits(make_mlp, digits) -> None:
     """2-bit activations keep the unbudgeted default (the budget cost 3 points there):
     no accumulator budget in any layer, 5-bit tables."""
