@@ -232,7 +232,17 @@ class QATConfig:
 
     def layer_accumulator_bits(self, index: int, table_bits: int) -> int | None:
         """The accumulator budget of linear layer ``index`` (``None``: no budget), its
-        table reading ``table_bits`` bits."""
+        table reading ``table_bits`` bits. Under ``"auto"``, a first layer whose input
+        codes are narrower than the activations gets :func:`default_accumulator_bits`
+        of the activations less one bit per missing input bit (at least the table).
+
+        Examples:
+            >>> from fhe_quant.quant.config import QuantConfig
+            >>> quant = QuantConfig(2, 3, 3, 3, rounding_bits=4)
+            >>> config = QATConfig(quant, accumulator_bits="auto")
+            >>> [config.layer_accumulator_bits(i, 4) for i in (0, 1)]
+            [6, 7]
+        """
         if self.accumulator_bits != "auto":
             return self.accumulator_bits  # type: ignore[return-value]
         if self.weight_mode != "uniform":
