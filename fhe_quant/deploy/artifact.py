@@ -1,4 +1,8 @@
-"""Client/server deployment of a compiled model.
+"""Client/server deployment of a compiled model: the artifacts and both sides.
+
+:mod:`fhe_quant.deploy` re-exports everything public here; its
+:class:`~fhe_quant.deploy.FHEModelServer` adds ``run_batch`` (Dask batches, in
+:mod:`fhe_quant.batch`, which builds on this module's server).
 
 The model owner compiles once and saves two directories with :class:`FHEModelDev`:
 
@@ -1524,21 +1528,3 @@ class FHEModelServer:
         except Exception as exc:
             raise DeploymentError(f"The server could not run this input: {exc}") from None
         return _seal(key_id, result.serialize())
-
-    def run_batch(self, ciphertexts: list[bytes], keys: bytes, client: Any = None) -> list[bytes]:
-        """Run a batch of one client's serialized samples on a ``dask.distributed``
-        cluster; the results come back in input order (see :mod:`fhe_quant.batch`).
-
-        Args:
-            ciphertexts: serialized encrypted samples (``quantize_encrypt_serialize``).
-            keys: the client's evaluation-key message.
-            client: a :class:`distributed.Client`; ``None`` starts (once) an embedded
-                :class:`distributed.LocalCluster`, one single-threaded worker per core.
-
-        Raises:
-            DeploymentError: a bad batch (refused before any work) or a sample that
-                cannot be run.
-        """
-        from fhe_quant.batch import run_batch
-
-        return run_batch(self, ciphertexts, keys, client)
