@@ -382,7 +382,7 @@ def _encoding_to_json(
     ``model.npz`` as ``input.values`` and ``input.counts``."""
     if isinstance(encoding, ThresholdGrid):
         arrays.update({f"input.{k}": v for k, v in encoding.arrays().items()})
-    return dict(encoding.to_dict())
+    return {k: v for k, v in encoding.to_dict().items() if k not in ("values", "counts")}
 
 
 def _encoding_from_json(data: Any, arrays: dict[str, np.ndarray]) -> Any:
