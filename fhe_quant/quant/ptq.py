@@ -1203,4 +1203,3 @@ _LEAVES: dict[str, Any] = {
         for cls in (QuantizedLinear, AddScaling, Segment, AddOperand, QuantizedDag, ProductPlan)
     },
 }
-

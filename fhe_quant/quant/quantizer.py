@@ -613,7 +613,11 @@ class ThresholdGrid:
             >>> ThresholdGrid.from_dict(grid.to_dict()).thresholds(0).tolist()
             [0.5, 1.5]
         """
-        fields = {"kind": "threshold_grid", "bits": self.bits, "float32_inputs": self.float32_inputs}
+        fields = {
+            "kind": "threshold_grid",
+            "bits": self.bits,
+            "float32_inputs": self.float32_inputs,
+        }
         return {**fields, **self.arrays()}
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -634,7 +638,9 @@ class ThresholdGrid:
         """
         if not isinstance(data, Mapping) or data.get("kind") != "threshold_grid":
             raise ValueError(f"{_GRID}.from_dict needs a dict of kind 'threshold_grid'.")
-        names = ("kind", "bits", "float32_inputs") + (("values", "counts") if arrays is None else ())
+        names = ("kind", "bits", "float32_inputs") + (
+            ("values", "counts") if arrays is None else ()
+        )
         if sorted(str(k) for k in data) != sorted(names):
             raise ValueError(
                 f"{_GRID}.from_dict needs exactly the keys {list(names)}; got "

@@ -28,7 +28,9 @@ def _build(seed: int) -> object:
 
 
 def _files(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
 
 
 def test_two_builds_of_one_model_save_identical_signed_files(tmp_path: Path) -> None:
