@@ -4,11 +4,11 @@ decision tree, forest or boosted ensemble computes the identical integers."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 import pytest
+from shared_helpers import through_json
 from sklearn.datasets import load_breast_cancer, load_diabetes
 
 import fhe_quant.sklearn as fs
@@ -25,32 +25,6 @@ def _estimator(name: str) -> Any:
     if name not in ("DecisionTreeClassifier", "DecisionTreeRegressor"):
         options["n_estimators"] = 4
     return getattr(fs, name)(max_depth=3, **options)
-
-
-def _via_json(data: Any) -> Any:
-    """``data`` through JSON text, its arrays kept aside (as an artifact would)."""
-    arrays: list[np.ndarray] = []
-
-    def out(value: Any) -> Any:
-        if isinstance(value, np.ndarray):
-            arrays.append(value.copy())
-            return {"__array__": len(arrays) - 1}
-        if isinstance(value, dict):
-            return {k: out(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [out(v) for v in value]
-        return value
-
-    def back(value: Any) -> Any:
-        if isinstance(value, dict) and set(value) == {"__array__"}:
-            return arrays[value["__array__"]]
-        if isinstance(value, dict):
-            return {k: back(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [back(v) for v in value]
-        return value
-
-    return back(json.loads(json.dumps(out(data))))
 
 
 NAMES = [
@@ -75,7 +49,7 @@ def test_tree_programs_round_trip_to_identical_integers(name: str) -> None:
     model = _estimator(name).fit(x_train, y_train)
     program = model.quantized_module_.program
     assert isinstance(program.input_quantizer, ThresholdGrid)
-    again = IntegerProgram.from_dict(_via_json(program.to_dict()))
+    again = IntegerProgram.from_dict(through_json(program.to_dict()))
     grid = again.input_quantizer
     assert isinstance(grid, ThresholdGrid)
     assert grid.bits == program.input_quantizer.bits

@@ -4,7 +4,6 @@ the copy gives the identical integer program (``IntegerProgram.to_dict`` equal).
 
 from __future__ import annotations
 
-import json
 import warnings
 from typing import Any
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shared_helpers import assert_same_data, through_json
 from torch import nn
 
 from fhe_quant.errors import InputError, UnsupportedOpError
@@ -59,7 +59,9 @@ def _model(kind: str) -> tuple[nn.Module, np.ndarray]:
     pool = nn.Sequential(
         nn.Conv2d(1, 2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(8, 2)
     )
-    avg = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2, 2))
+    avg = nn.Sequential(
+        nn.Conv2d(1, 2, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(2, 2)
+    )
     return {
         "chain": (nn.Sequential(nn.Linear(4, 5), nn.Mish(), nn.Linear(5, 2), nn.Sigmoid()), x),
         "residual": (_Residual(), x),
@@ -77,50 +79,6 @@ def _quantized(kind: str, **options: Any) -> QuantizedGraph:
         return compile_torch_model(model, x, compile=False, **{"n_bits": 4, **options}).quantized
 
 
-def assert_same_data(a: Any, b: Any, where: str = "") -> None:
-    """Equal data: same keys, lists, scalars (and their types), arrays (and dtypes)."""
-    assert type(a) is type(b), (where, type(a), type(b))
-    if isinstance(a, dict):
-        assert list(a) == list(b), where
-        for key in a:
-            assert_same_data(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_same_data(x, y, f"{where}[{i}]")
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and a.shape == b.shape, where
-        np.testing.assert_array_equal(a, b, err_msg=where)
-    else:
-        assert a == b, (where, a, b)
-
-
-def _via_json(data: Any) -> Any:
-    """``data`` through JSON text, its arrays kept aside (as an artifact would)."""
-    arrays: list[np.ndarray] = []
-
-    def out(value: Any) -> Any:
-        if isinstance(value, np.ndarray):
-            arrays.append(value.copy())
-            return {"__array__": len(arrays) - 1}
-        if isinstance(value, dict):
-            return {k: out(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [out(v) for v in value]
-        return value
-
-    def back(value: Any) -> Any:
-        if isinstance(value, dict) and set(value) == {"__array__"}:
-            return arrays[value["__array__"]]
-        if isinstance(value, dict):
-            return {k: back(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [back(v) for v in value]
-        return value
-
-    return back(json.loads(json.dumps(out(data))))
-
-
 KINDS = ["chain", "residual", "concat", "maxpool", "avgpool", "product"]
 
 
@@ -130,7 +88,7 @@ def test_quantized_graphs_round_trip_to_the_identical_program(kind: str) -> None
     assert (qg.dag is None) == (kind in ("chain", "avgpool"))
     if kind == "product":
         assert qg.plan.products and isinstance(next(iter(qg.plan.products.values())), ProductPlan)
-    again = QuantizedGraph.from_dict(_via_json(qg.to_dict()))
+    again = QuantizedGraph.from_dict(through_json(qg.to_dict()))
     assert_same_data(again.to_dict(), qg.to_dict())
     program, copy = lower(qg), lower(again)
     assert_same_data(copy.to_dict(), program.to_dict())
@@ -182,13 +140,13 @@ def test_lowering_a_round_tripped_graph_gives_the_identical_program(
             qg = compile_torch_model(
                 model, x, n_bits=bits, compile=False, per_channel=per_channel
             ).quantized
-    again = QuantizedGraph.from_dict(_via_json(qg.to_dict()))
+    again = QuantizedGraph.from_dict(through_json(qg.to_dict()))
     assert_same_data(lower(again).to_dict(), lower(qg).to_dict())
 
 
 def _edit(data: dict[str, Any], path: tuple[Any, ...], value: Any) -> dict[str, Any]:
     """A deep copy of ``data`` with the item at ``path`` replaced (``...``: removed)."""
-    copy = _via_json(data)
+    copy = through_json(data)
     target = copy
     for key in path[:-1]:
         target = target[key]
