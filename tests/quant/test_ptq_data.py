@@ -196,3 +196,20 @@ def test_a_chain_from_segments_round_trips_with_its_segments() -> None:
     assert again.dag is None and len(again.segments) == len(qg.segments)
     assert again.segments[-1].output_quantizer is None
     assert_same_data(lower(again).to_dict(), lower(qg).to_dict())
+
+
+def test_a_qat_built_graph_round_trips_to_the_identical_program() -> None:
+    from fhe_quant.torch import compile_qat_model, prepare_qat
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    x = np.random.default_rng(0).normal(size=(64, 4)).astype(np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qm = compile_qat_model(prepare_qat(net, n_bits=3, X_sample=x), x, compile=False)
+    qg = qm.quantized  # built from QAT's segments, not by quantize_graph
+    assert qg.dag is None and len(qg.segments) == 2
+    again = QuantizedGraph.from_dict(through_json(qg.to_dict()))
+    assert_same_data(lower(again).to_dict(), lower(qg).to_dict())
+    q = qm.quantize_input(x)
+    np.testing.assert_array_equal(lower(again)(q), qm.program(q))
