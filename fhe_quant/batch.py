@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fhe_quant.deploy import MESSAGE_MAGIC, FHEModelServer, is_fhe_quant_message
+from fhe_quant.deploy.artifact import MESSAGE_MAGIC, FHEModelServer, is_fhe_quant_message
 from fhe_quant.errors import DeploymentError, ParameterError
 
 __all__ = [

@@ -64,7 +64,7 @@ from fhe_quant.ir import (
 )
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.ptq import QuantizedDag, QuantizedGraph, channel_vector
-from fhe_quant.quant.quantizer import UniformQuantizer
+from fhe_quant.quant.quantizer import ThresholdGrid, UniformQuantizer
 from fhe_quant.quant.widths import (
     MAX_AUTO_TABLE_BITS,
     MAX_TABLE_BITS,
@@ -786,7 +786,7 @@ class IntegerProgram:
             fields_only = {k: v for k, v in item.items() if k != "step_type"}
             steps.append(_STEP_TYPES[item["step_type"]].from_dict(fields_only))
         return cls(
-            _decode("UniformQuantizer", data["input_quantizer"], "IntegerProgram.input_quantizer"),
+            _decode("input encoding", data["input_quantizer"], "IntegerProgram.input_quantizer"),
             _decode("tuple[int, ...]", data["input_shape"], "IntegerProgram.input_shape"),
             tuple(steps),
         )
@@ -1402,6 +1402,17 @@ def _table_function(value: Any, where: str) -> TableFunction | TableRead:
     return TableFunction.from_dict(value)
 
 
+def _input_encoding(value: Any, where: str) -> UniformQuantizer | ThresholdGrid:
+    """A program's input encoding: a :class:`ThresholdGrid` (trees, ``kind``
+    ``"threshold_grid"``) or a :class:`UniformQuantizer`."""
+    try:
+        if isinstance(value, dict) and value.get("kind") == "threshold_grid":
+            return ThresholdGrid.from_dict(value)
+        return UniformQuantizer.from_dict(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: {exc}") from None
+
+
 #: How a field is read back, by its declared type.
 _DECODERS: dict[str, Callable[[Any, str], Any]] = {
     "str": _data_of(str),
@@ -1416,6 +1427,7 @@ _DECODERS: dict[str, Callable[[Any, str], Any]] = {
     "tuple[Node, ...]": lambda v, w: tuple(Node.from_dict(n) for n in _data_list(v, w)),
     "Mapping[str, Any]": lambda v, w: attrs_from_data(v),
     "UniformQuantizer": lambda v, w: UniformQuantizer.from_dict(v),
+    "input encoding": _input_encoding,
     "TableFunction": _table_function,
     "TableFunction | TableRead | Callable[[np.ndarray], np.ndarray]": _table_function,
     "float": _data_of(float),

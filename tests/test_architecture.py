@@ -53,10 +53,11 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
             "fhe_quant.search",
         ),
     ),
-    ("deploy", ("fhe_quant.deploy", "fhe_quant.signing")),
+    ("deploy", ("fhe_quant.deploy.artifact", "fhe_quant.signing")),
     (
         "serving",
         (
+            "fhe_quant.deploy",  # the package's face: its FHEModelServer.run_batch uses batch
             "fhe_quant.http",
             "fhe_quant.serve",
             "fhe_quant.cli",
@@ -97,11 +98,6 @@ ALLOWED: Mapping[tuple[str, str], str] = {
     ("fhe_quant.report", "fhe_quant.lower"): (
         "report's SQNR (0f6312e) runs the program step by step with lower's private "
         "_operands; part 3 (one step protocol) gives steps a public way to run"
-    ),
-    ("fhe_quant.deploy", "fhe_quant.batch"): (
-        "FHEModelServer.run_batch (issue 15's API) hands the batch to batch.py's Dask code, "
-        "imported only when called so deploy needs no dask; issue 13 part 6 removes the "
-        "cycle by making deploy a package (artifact, server, batch) with run_batch above it"
     ),
     ("fhe_quant.frontends.sklearn", "fhe_quant.frontends.sklearn.linear"): (
         "the package registers its converters lazily and the converters import the "

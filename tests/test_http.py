@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import select
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import torch
+from shared_helpers import raw_request, start_server, stop_server
 
 from fhe_quant.deploy import FHEModelClient, FHEModelDev
 from fhe_quant.http import Client, HTTPRequestError
@@ -43,29 +43,11 @@ def artifact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Any, np.nd
 
 def _start(server_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     command = [sys.executable, "-m", "fhe_quant.http", str(server_dir), "--port", "0"]
-    command += ["--host", "127.0.0.1", *extra]
-    with log.open("wb") as stderr:  # the child keeps its own copy of the handle
-        proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL
-        )
-    ready, _, _ = select.select([proc.stdout], [], [], TIMEOUT)
-    line = proc.stdout.readline().decode().strip() if ready else ""
-    if not line.startswith("http://127.0.0.1:"):
-        proc.kill()
-        proc.wait(10)
-        pytest.fail(f"The server did not start (stdout {line!r}): {log.read_text()}")
-    return proc, line
+    return start_server(command + ["--host", "127.0.0.1", *extra], log, TIMEOUT)
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
-    if proc.stdout is not None:
-        proc.stdout.close()
+    stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -112,19 +94,7 @@ def sessions(artifact, servers, tmp_path_factory: pytest.TempPathFactory) -> lis
 
 
 def _raw(url: str, method: str, path: str, headers: dict[str, str], body: bytes = b""):
-    """A request with hand-made headers; returns (status, decoded JSON body or None)."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT)
-    try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
-        for name, value in headers.items():
-            conn.putheader(name, value)
-        conn.endheaders(body or None)
-        response = conn.getresponse()
-        raw = response.read()
-        return response.status, json.loads(raw) if raw else None
-    finally:
-        conn.close()
+    return raw_request(url, method, path, headers, body, TIMEOUT)
 
 
 def _assert_alive(url: str, clients: int | None = None) -> None:

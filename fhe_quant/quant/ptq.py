@@ -30,13 +30,13 @@ from __future__ import annotations
 import dataclasses
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal, get_args
 
 import numpy as np
 
 from fhe_quant.errors import CalibrationWarning, InputError, UnsupportedOpError
-from fhe_quant.ir import OPS, ConvGeometry, Graph, Node, chain_source
+from fhe_quant.ir import OPS, ConvGeometry, Graph, Node, chain_source, plain_data
 from fhe_quant.quant import axe
 from fhe_quant.quant.calibrate import make_observer
 from fhe_quant.quant.config import QuantConfig
@@ -65,8 +65,30 @@ __all__ = [
 ]
 
 
+class _PlanData:
+    """The data form every class of the plan shares (:class:`QuantizedGraph` and what it
+    holds): its dataclass fields as JSON values and NumPy arrays (tuples as lists), read
+    back field by field by declared type (:data:`_LEAVES`; ``X | None``, ``tuple[X, ...]``
+    and ``Mapping[str, X]`` of them)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its fields as data; :meth:`from_dict` inverts it."""
+        return plain_data(asdict(self))  # type: ignore[call-overload]
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Any:
+        """Rebuild it from :meth:`to_dict` output, checking every field's type.
+
+        Raises:
+            InputError: unknown or missing keys, or a value of the wrong type (naming the
+                field, e.g. ``QuantizedGraph.dag.linears['fc'].weight_q``), or values the
+                constructors refuse.
+        """
+        return _plan_from_dict(cls, data, cls.__name__)
+
+
 @dataclass(frozen=True, eq=False)
-class QuantizedLinear:
+class QuantizedLinear(_PlanData):
     """A linear layer with integer weights.
 
     Attributes:
@@ -90,7 +112,7 @@ class QuantizedLinear:
 
 
 @dataclass(frozen=True, eq=False)
-class AddScaling:
+class AddScaling(_PlanData):
     """A linear layer whose raw accumulator enters a residual add (``mode="acc"``): its
     weight scales are integer ratios of the add's common scale ``s``, per output channel
     ``s / m`` or ``k * s``; the add multiplies the accumulator by ``accumulator`` (``k``,
@@ -103,7 +125,7 @@ class AddScaling:
 
 
 @dataclass(frozen=True, eq=False)
-class Segment:
+class Segment(_PlanData):
     """A linear layer and the elementwise/reshape chain after it.
 
     ``output_quantizer`` quantizes the chain's output for the next linear layer; it is
@@ -116,7 +138,7 @@ class Segment:
 
 
 @dataclass(frozen=True, eq=False)
-class QuantizedGraph:
+class QuantizedGraph(_PlanData):
     """The quantized model: client pre-processing, segments, client post-processing.
 
     A chain graph is described by its ``segments`` (a view of its plan, which
@@ -450,7 +472,7 @@ AddMode = Literal["codes", "acc"]
 
 
 @dataclass(frozen=True, eq=False)
-class AddOperand:
+class AddOperand(_PlanData):
     """One operand of a residual add.
 
     ``mode="codes"``: the operand enters as codes on the add's common quantizer (produced
@@ -465,7 +487,7 @@ class AddOperand:
 
 
 @dataclass(frozen=True, eq=False)
-class QuantizedDag:
+class QuantizedDag(_PlanData):
     """The quantization plan of a graph, chain or branching (residual adds,
     concatenations, max pooling): which tensors tables produce, on which quantizers, and
     the integer weights of every linear layer. It is all the lowering reads.
@@ -1066,3 +1088,118 @@ def _add_scaled_weights(
         axis=0,
     )
     return quantizer, scaling
+
+
+# --------------------------------------------------------------------------- as data
+# NOTE: a plan's data form is its fields (``asdict``); a field is read back by its
+# declared type, so a new field of a known type needs nothing here.
+
+
+def _plan_from_dict(cls: type, data: Any, where: str) -> Any:
+    """The plan object of dataclass ``cls`` whose ``asdict`` is ``data``."""
+    names = [f.name for f in fields(cls)]
+    if not isinstance(data, dict):
+        raise InputError(f"{where} must be a dict (a {cls.__name__}). Got {type(data).__name__}.")
+    unknown = sorted(str(key) for key in data if key not in names)
+    missing = [name for name in names if name not in data]
+    if unknown or missing:
+        raise InputError(
+            f"{where}: a {cls.__name__} has the keys {names}; got unknown keys {unknown} and "
+            f"missing keys {missing}."
+        )
+    values = {f.name: _read(str(f.type), data[f.name], f"{where}.{f.name}") for f in fields(cls)}
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{where}: not a valid {cls.__name__}: {exc}") from None
+
+
+def _read(kind: str, value: Any, where: str) -> Any:
+    """``value`` read back as the declared type ``kind`` (a type's text)."""
+    if kind.endswith(" | None"):
+        return None if value is None else _read(kind[: -len(" | None")], value, where)
+    if kind.startswith("tuple[") and kind.endswith(", ...]"):
+        return tuple(
+            _read(kind[6:-6], item, f"{where}[{i}]") for i, item in enumerate(_list(value, where))
+        )
+    if kind.startswith("Mapping[str, ") and kind.endswith("]"):
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise InputError(f"{where} must be a dict with str keys. Got {value!r:.60}.")
+        return {k: _read(kind[13:-1], v, f"{where}[{k!r}]") for k, v in value.items()}
+    reader = _LEAVES.get(kind)
+    if reader is None:
+        raise TypeError(f"{where}: a field of type {kind} has no data form (see _LEAVES).")
+    return reader(value, where)
+
+
+def _list(value: Any, where: str) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise InputError(f"{where} must be a list. Got {type(value).__name__}.")
+    return list(value)
+
+
+def _scalar(kinds: tuple[type, ...]) -> Any:
+    def read(value: Any, where: str) -> Any:
+        if isinstance(value, bool) != (bool in kinds) or not isinstance(value, kinds):
+            names = " or ".join(k.__name__ for k in kinds)
+            raise InputError(f"{where} must be a {names}. Got {value!r:.60}.")
+        return value
+
+    return read
+
+
+def _array(value: Any, where: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray) or value.dtype.kind not in "biuf":
+        raise InputError(f"{where} must be a numeric NumPy array. Got {type(value).__name__}.")
+    return value
+
+
+def _mode(value: Any, where: str) -> str:
+    if value not in get_args(AddMode):
+        raise InputError(f"{where} must be one of {list(get_args(AddMode))}. Got {value!r:.60}.")
+    return value
+
+
+def _by(reader: Any) -> Any:
+    """A reader calling ``reader(value)`` (another class's ``from_dict``), its errors
+    named by the field."""
+
+    def read(value: Any, where: str) -> Any:
+        try:
+            return reader(value)
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"{where}: {exc}") from None
+
+    return read
+
+
+def _exact_config(data: Any) -> QuantConfig:
+    """A :class:`QuantConfig` from all its fields (no default fills a missing one)."""
+    names = [f.name for f in fields(QuantConfig)]
+    missing = [name for name in names if not isinstance(data, dict) or name not in data]
+    if missing:
+        raise ValueError(f"a QuantConfig needs every field; missing {missing}")
+    return QuantConfig.from_dict(data)
+
+
+def _plan(cls: type) -> Any:
+    return lambda value, where: _plan_from_dict(cls, value, where)
+
+
+#: How a plan field is read back, by its declared type (the classes of the plan read
+#: their own fields the same way).
+_LEAVES: dict[str, Any] = {
+    "str": _scalar((str,)),
+    "int": _scalar((int,)),
+    "float": lambda value, where: float(_scalar((float, int))(value, where)),
+    "np.ndarray": _array,
+    "AddMode": _mode,
+    "Node": _by(Node.from_dict),
+    "Graph": _by(Graph.from_dict),
+    "UniformQuantizer": _by(UniformQuantizer.from_dict),
+    "QuantConfig": _by(_exact_config),
+    **{
+        cls.__name__: _plan(cls)
+        for cls in (QuantizedLinear, AddScaling, Segment, AddOperand, QuantizedDag, ProductPlan)
+    },
+}

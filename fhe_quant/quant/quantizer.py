@@ -530,7 +530,7 @@ class ThresholdGrid:
         >>> grid = ThresholdGrid(2, np.array([0.5, 1.5, 2.5, -1.0]), np.array([3, 1]))
         >>> grid.quantize(np.array([[0.5, -2.0], [0.6, 7.0], [9.0, -1.0]])).tolist()
         [[0, 0], [1, 1], [3, 0]]
-        >>> ThresholdGrid.from_dict(grid.to_dict(), grid.arrays()).thresholds(0).tolist()
+        >>> ThresholdGrid.from_dict(grid.to_dict()).thresholds(0).tolist()
         [0.5, 1.5, 2.5]
     """
 
@@ -602,23 +602,52 @@ class ThresholdGrid:
         return codes
 
     def to_dict(self) -> dict[str, Any]:
-        """The JSON fields; the thresholds go in :meth:`arrays` (saved as NumPy data)."""
-        return {"kind": "threshold_grid", "bits": self.bits, "float32_inputs": self.float32_inputs}
+        """The grid as data: its JSON fields (``kind``, ``bits``, ``float32_inputs``) and
+        its thresholds as the arrays ``values`` and ``counts`` (:meth:`arrays`, which an
+        artifact stores apart, as NumPy data). :meth:`from_dict` inverts it.
+
+        Examples:
+            >>> grid = ThresholdGrid(2, np.array([0.5, 1.5]), np.array([2]))
+            >>> sorted(grid.to_dict())
+            ['bits', 'counts', 'float32_inputs', 'kind', 'values']
+            >>> ThresholdGrid.from_dict(grid.to_dict()).thresholds(0).tolist()
+            [0.5, 1.5]
+        """
+        fields = {
+            "kind": "threshold_grid",
+            "bits": self.bits,
+            "float32_inputs": self.float32_inputs,
+        }
+        return {**fields, **self.arrays()}
 
     def arrays(self) -> dict[str, np.ndarray]:
         """``values`` and ``counts``, to store beside :meth:`to_dict`'s fields."""
         return {"values": self.values, "counts": self.counts}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], arrays: Mapping[str, Any]) -> ThresholdGrid:
-        """Rebuild a grid from :meth:`to_dict` and :meth:`arrays` (no code is run).
+    def from_dict(
+        cls, data: Mapping[str, Any], arrays: Mapping[str, Any] | None = None
+    ) -> ThresholdGrid:
+        """Rebuild a grid from :meth:`to_dict` (no code is run): its JSON fields and
+        arrays together, or the JSON fields alone with the arrays given apart (as
+        :meth:`arrays` gives them: an artifact's ``model.json`` and ``model.npz``).
 
         Raises:
-            ValueError: a wrong kind, unknown or missing keys, or invalid values.
+            ValueError: a wrong kind, unknown or missing keys, arrays that are not numeric
+                NumPy arrays, or invalid values.
         """
         if not isinstance(data, Mapping) or data.get("kind") != "threshold_grid":
             raise ValueError(f"{_GRID}.from_dict needs a dict of kind 'threshold_grid'.")
-        unknown = sorted(str(k) for k in data if k not in ("kind", "bits", "float32_inputs"))
-        if unknown or "bits" not in data or "float32_inputs" not in data:
-            raise ValueError(f"{_GRID}.from_dict needs exactly kind, bits and float32_inputs.")
-        return cls(data["bits"], arrays["values"], arrays["counts"], data["float32_inputs"])
+        names = ("kind", "bits", "float32_inputs") + (
+            ("values", "counts") if arrays is None else ()
+        )
+        if sorted(str(k) for k in data) != sorted(names):
+            raise ValueError(
+                f"{_GRID}.from_dict needs exactly the keys {list(names)}; got "
+                f"{sorted(str(k) for k in data)!r:.120}."
+            )
+        source = data if arrays is None else arrays
+        for name in ("values", "counts"):
+            if not isinstance(source[name], np.ndarray):
+                raise ValueError(f"The '{name}' of a {_GRID} must be a NumPy array.")
+        return cls(data["bits"], source["values"], source["counts"], data["float32_inputs"])

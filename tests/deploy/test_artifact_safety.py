@@ -355,7 +355,7 @@ def test_the_compiled_circuit_is_cached_by_digest(unsigned, tmp_path: Path, monk
     def no_compile(*args, **kwargs):
         raise AssertionError("compiled again")
 
-    monkeypatch.setattr(deploy.fhe.Server, "create", no_compile)
+    monkeypatch.setattr(deploy.artifact.fhe.Server, "create", no_compile)
     _predict(unsigned.root, unsigned, unsigned.x[:1], verify_key=None)
     os.chmod(cache, 0o777)
     with pytest.raises(DeploymentError, match="writable by no one else"):

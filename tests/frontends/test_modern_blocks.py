@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from shared_helpers import all_values, extreme_codes
 from torch import nn
 
 from fhe_quant.errors import UnsupportedOpError
 from fhe_quant.frontends.torch import ceil_mode_extra, trace_module
-from fhe_quant.lower import NUMPY, GatherStep, ProductStep, product_scale
+from fhe_quant.lower import GatherStep, ProductStep, product_scale
 from fhe_quant.passes import simplify
 from fhe_quant.torch import compile_torch_model
 
@@ -33,30 +34,8 @@ def _ops(model: nn.Module, x: np.ndarray) -> list[str]:
     return [n.op for n in simplify(trace_module(model, x)).nodes]
 
 
-def _all_values(program, q: np.ndarray) -> list[np.ndarray]:
-    values = [q]
-    for step in program.steps:
-        inputs = getattr(step, "inputs", ()) or (len(values) - 1,)
-        operand = (
-            tuple(values[i] for i in inputs)
-            if getattr(step, "multi_operand", False)
-            else values[inputs[0]]
-        )
-        values.append(np.asarray(step(operand, NUMPY)))
-    return values
-
-
 def _extreme_codes(qm, rng: np.random.Generator, n: int = 16) -> np.ndarray:
-    qmax = qm.program.input_quantizer.qmax
-    shape = (n,) + qm.program.input_shape
-    return np.concatenate(
-        [
-            rng.integers(0, qmax + 1, size=shape),
-            rng.choice([0, qmax], size=shape),
-            np.zeros((1,) + shape[1:], dtype=np.int64),
-            np.full((1,) + shape[1:], qmax),
-        ]
-    )
+    return extreme_codes(qm, rng, n)
 
 
 # --------------------------------------------------------------------------- models
@@ -298,7 +277,7 @@ def test_quarter_squares_are_within_one_unit_of_the_product() -> None:
         qm = compile_torch_model(model, x, n_bits=bits, compile=False)
         (index,) = [k for k, s in enumerate(qm.program.steps) if isinstance(s, ProductStep)]
         step = qm.program.steps[index]
-        values = _all_values(qm.program, _extreme_codes(qm, np.random.default_rng(1)))
+        values = all_values(qm.program, _extreme_codes(qm, np.random.default_rng(1)))
         a, b = (values[i] for i in step.inputs)
         za = qm.quantized.dag.tables["relu"].zero_point_array(4)
         zb = qm.quantized.dag.tables["sigmoid"].zero_point_array(4)
@@ -319,7 +298,7 @@ def test_quarter_squares_are_within_one_unit_of_the_product() -> None:
 def test_proven_bounds_hold_on_worst_case_inputs(name: str) -> None:
     model, x = _case(name)
     qm = compile_torch_model(model, x, n_bits=8, compile=False)
-    values = _all_values(qm.program, _extreme_codes(qm, np.random.default_rng(2)))
+    values = all_values(qm.program, _extreme_codes(qm, np.random.default_rng(2)))
     for step, value in zip(qm.program.steps, values[1:], strict=True):
         assert value.min() >= 0, step.name
         if hasattr(step, "acc_max"):

@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from shared_helpers import all_values, extreme_codes
 from torch import nn
 
 from fhe_quant.frontends.torch import trace_module
@@ -26,26 +27,8 @@ from fhe_quant.passes import simplify
 from fhe_quant.torch import compile_torch_model
 
 
-def _all_values(program: IntegerProgram, q: np.ndarray) -> list[np.ndarray]:
-    """Every value the program computes (index 0: the input), as the program runs it."""
-    values = [q]
-    for step in program.steps:
-        inputs = getattr(step, "inputs", ()) or (len(values) - 1,)
-        operand = (
-            tuple(values[i] for i in inputs)
-            if getattr(step, "multi_operand", False)
-            else values[inputs[0]]
-        )
-        values.append(np.asarray(step(operand, NUMPY)))
-    return values
-
-
 def _extreme_codes(qm, rng: np.random.Generator, n: int = 20) -> np.ndarray:
-    qmax = qm.program.input_quantizer.qmax
-    shape = (n,) + qm.program.input_shape
-    q = rng.integers(0, qmax + 1, size=shape)
-    corners = rng.choice([0, qmax], size=shape)
-    return np.concatenate([q, corners, np.zeros_like(q[:1]), np.full_like(q[:1], qmax)])
+    return extreme_codes(qm, rng, n)
 
 
 def _real(program: IntegerProgram, quantized, index: int, value: np.ndarray) -> np.ndarray:
@@ -186,7 +169,7 @@ def test_residual_add_is_the_sum_of_its_operands_and_bounds_hold(kind: str) -> N
     qm = compile_torch_model(model, x, n_bits=4, compile=False)
     program = qm.program
     q = _extreme_codes(qm, rng)
-    values = _all_values(program, q)
+    values = all_values(program, q)
     np.testing.assert_array_equal(values[-1], program(q))
     adds = [k for k, s in enumerate(program.steps) if isinstance(s, AddStep)]
     assert len(adds) == 1
@@ -312,7 +295,7 @@ def test_proven_bounds_hold_for_every_residual_kind(kind: str, bits: int, seed: 
     x = rng.normal(size=(40, 1, 4, 4))
     qm = compile_torch_model(model, x, n_bits=bits, compile=False)
     q = _extreme_codes(qm, rng)
-    values = _all_values(qm.program, q)
+    values = all_values(qm.program, q)
     for k, step in enumerate(qm.program.steps):
         if isinstance(step, (LinearStep, AddStep)):
             assert 0 <= values[k + 1].min() and values[k + 1].max() <= step.acc_max.max()

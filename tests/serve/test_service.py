@@ -5,10 +5,7 @@ Correct answers; tokens; bad keys, ciphertexts and batches refused by name; limi
 
 from __future__ import annotations
 
-import http.client
-import json
 import os
-import select
 import signal
 import socket
 import subprocess
@@ -21,6 +18,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+from shared_helpers import raw_request, start_server, stop_server
 
 from fhe_quant.deploy import FHEModelClient
 from fhe_quant.service_client import (
@@ -46,28 +44,11 @@ def _start(server_dir: Path, store: Path, log: Path) -> tuple[subprocess.Popen, 
     command = [sys.executable, "-m", "fhe_quant.cli", "serve", str(server_dir), "--port", "0"]
     command += ["--key-store", str(store), "--key-memory", KEY_MEMORY, "--workers", "1"]
     command += ["--max-concurrent", str(MAX_CONCURRENT), "--max-body-bytes", "64MiB"]
-    with log.open("ab") as stderr:
-        proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=stderr, stdin=subprocess.DEVNULL
-        )
-    ready, _, _ = select.select([proc.stdout], [], [], TIMEOUT)
-    line = proc.stdout.readline().decode().strip() if ready else ""
-    if not line.startswith("http://127.0.0.1:"):
-        proc.kill()
-        proc.wait(30)
-        pytest.fail(f"fhe-quant serve did not start (stdout {line!r}): {log.read_text()}")
-    return proc, line
+    return start_server(command, log, TIMEOUT, append=True, kill_wait=30)
 
 
 def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
-    proc.send_signal(sig)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(30)
-    if proc.stdout is not None:
-        proc.stdout.close()
+    stop_server(proc, sig, wait=60, kill_wait=30)
 
 
 @pytest.fixture(scope="module")
@@ -91,18 +72,7 @@ def alice(served, service) -> dict[str, Any]:
 
 
 def _raw(url: str, method: str, path: str, headers: dict[str, str], body: bytes = b""):
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=TIMEOUT)
-    try:
-        conn.putrequest(method, path, skip_accept_encoding=True)
-        for name, value in headers.items():
-            conn.putheader(name, value)
-        conn.endheaders(body or None)
-        response = conn.getresponse()
-        raw = response.read()
-        return response.status, json.loads(raw) if raw else None
-    finally:
-        conn.close()
+    return raw_request(url, method, path, headers, body, TIMEOUT)
 
 
 def _refused(status: int, call: Any, *args: Any) -> str:

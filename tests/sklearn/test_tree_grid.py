@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import fhe_quant.sklearn as fs
-from fhe_quant.deploy import FHEModelClient, FHEModelDev, _ClientProcessing
+from fhe_quant.deploy import FHEModelClient, FHEModelDev
+from fhe_quant.deploy.artifact import _ClientProcessing
 from fhe_quant.errors import DeploymentError
 from fhe_quant.quant.quantizer import ThresholdGrid
 

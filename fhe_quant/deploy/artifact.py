@@ -1,4 +1,8 @@
-"""Client/server deployment of a compiled model.
+"""Client/server deployment of a compiled model: the artifacts and both sides.
+
+:mod:`fhe_quant.deploy` re-exports everything public here; its
+:class:`~fhe_quant.deploy.FHEModelServer` adds ``run_batch`` (Dask batches, in
+:mod:`fhe_quant.batch`, which builds on this module's server).
 
 The model owner compiles once and saves two directories with :class:`FHEModelDev`:
 
@@ -378,7 +382,7 @@ def _encoding_to_json(
     ``model.npz`` as ``input.values`` and ``input.counts``."""
     if isinstance(encoding, ThresholdGrid):
         arrays.update({f"input.{k}": v for k, v in encoding.arrays().items()})
-    return dict(encoding.to_dict())
+    return {k: v for k, v in encoding.to_dict().items() if k not in ("values", "counts")}
 
 
 def _encoding_from_json(data: Any, arrays: dict[str, np.ndarray]) -> Any:
@@ -1187,14 +1191,46 @@ class FHEModelDev:
             directory.mkdir(parents=True, exist_ok=True)
         _write_manifest(server_dir, "server", _save_circuit(circuit.server, server_dir), key)
         circuit.client.save(client_dir / "client.zip")
+        _fix_zip_times(client_dir / "client.zip")
         files = ["client.zip", *processing.save(client_dir)]
         summary = {
-            "statistics": _jsonable(self.module.statistics),
+            "statistics": _untimed(_jsonable(self.module.statistics)),
             "program": self.module.program.source(),
         }
         (client_dir / "report.json").write_text(json.dumps(summary, indent=2))
         files.append("report.json")
         _write_manifest(client_dir, "client", files, key)
+
+
+#: The date every member of a saved zip archive gets (the earliest a zip can hold), so
+#: that saving the same model twice writes the same bytes and the same signatures.
+_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
+
+
+def _fix_zip_times(path: Path) -> None:
+    """Rewrite the zip archive at ``path`` with every member dated :data:`_ZIP_DATE`
+    (Concrete stamps the time of saving); names, contents, compression and
+    permissions are unchanged."""
+    with zipfile.ZipFile(path) as archive:
+        members = [(info, archive.read(info)) for info in archive.infolist()]
+    with zipfile.ZipFile(path, "w") as archive:
+        for info, data in members:
+            fixed = zipfile.ZipInfo(info.filename, date_time=_ZIP_DATE)
+            fixed.compress_type = info.compress_type
+            fixed.external_attr = info.external_attr
+            fixed.create_system = info.create_system
+            archive.writestr(fixed, data)
+
+
+def _untimed(statistics: dict[str, Any]) -> dict[str, Any]:
+    """The statistics without their timings (``compile_seconds``, ``keygen_seconds``):
+    they differ from one build to the next, and a signed artifact must not.
+
+    Examples:
+        >>> _untimed({"pbs_count": 3, "compile_seconds": 1.2, "keygen_seconds": None})
+        {'pbs_count': 3}
+    """
+    return {k: v for k, v in statistics.items() if not k.endswith("_seconds")}
 
 
 def _key_directory(key_dir: str | Path | None) -> Path | None:
@@ -1492,21 +1528,3 @@ class FHEModelServer:
         except Exception as exc:
             raise DeploymentError(f"The server could not run this input: {exc}") from None
         return _seal(key_id, result.serialize())
-
-    def run_batch(self, ciphertexts: list[bytes], keys: bytes, client: Any = None) -> list[bytes]:
-        """Run a batch of one client's serialized samples on a ``dask.distributed``
-        cluster; the results come back in input order (see :mod:`fhe_quant.batch`).
-
-        Args:
-            ciphertexts: serialized encrypted samples (``quantize_encrypt_serialize``).
-            keys: the client's evaluation-key message.
-            client: a :class:`distributed.Client`; ``None`` starts (once) an embedded
-                :class:`distributed.LocalCluster`, one single-threaded worker per core.
-
-        Raises:
-            DeploymentError: a bad batch (refused before any work) or a sample that
-                cannot be run.
-        """
-        from fhe_quant.batch import run_batch
-
-        return run_batch(self, ciphertexts, keys, client)
