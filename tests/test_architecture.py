@@ -94,10 +94,6 @@ ALLOWED: Mapping[tuple[str, str], str] = {
         "KNNModule subclasses QuantizedModule; part 3 (one step protocol)"
     ),
     ("fhe_quant.frontends.sklearn.neighbors", "fhe_quant.quant.quantizer"): "as above (part 3)",
-    ("fhe_quant.report", "fhe_quant.lower"): (
-        "report's SQNR (0f6312e) runs the program step by step with lower's private "
-        "_operands; part 3 (one step protocol) gives steps a public way to run"
-    ),
     ("fhe_quant.deploy", "fhe_quant.batch"): (
         "FHEModelServer.run_batch (issue 15's API) hands the batch to batch.py's Dask code, "
         "imported only when called so deploy needs no dask; issue 13 part 6 removes the "
