@@ -99,12 +99,6 @@ ALLOWED: Mapping[tuple[str, str], str] = {
         "imported only when called so deploy needs no dask; issue 13 part 6 removes the "
         "cycle by making deploy a package (artifact, server, batch) with run_batch above it"
     ),
-    ("fhe_quant.frontends.sklearn", "fhe_quant.frontends.sklearn.linear"): (
-        "the package registers its converters lazily and the converters import the "
-        "package's base types (Converter, SklearnGraph); part 3 splits the base types out"
-    ),
-    ("fhe_quant.frontends.sklearn", "fhe_quant.frontends.sklearn.neural"): "as above (part 3)",
-    ("fhe_quant.frontends.sklearn", "fhe_quant.frontends.sklearn.tree"): "as above (part 3)",
 }
 
 

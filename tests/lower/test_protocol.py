@@ -102,7 +102,9 @@ def test_values_run_the_steps_one_by_one(branching: QuantizedModule) -> None:
     assert len(values) == len(program.steps) + 1
     np.testing.assert_array_equal(values[-1], program(q))
     for k, step in enumerate(program.steps):
-        np.testing.assert_array_equal(values[k + 1], step.run(step.operands(values[: k + 1]), NUMPY))
+        np.testing.assert_array_equal(
+            values[k + 1], step.run(step.operands(values[: k + 1]), NUMPY)
+        )
     assert len(run_steps(program.steps[:2], [q], NUMPY)) == 3
 
 
@@ -116,9 +118,7 @@ def test_exact_run_differs_from_run_only_in_rounded_tables(chain: QuantizedModul
     for k, step in enumerate(program.steps):
         exact.append(step.run_exact(step.operands(exact)))
         if step not in rounded:  # the same step on the same operand: the same output
-            np.testing.assert_array_equal(
-                step.run_exact(values[k]), step.run(values[k], NUMPY)
-            )
+            np.testing.assert_array_equal(step.run_exact(values[k]), step.run(values[k], NUMPY))
     np.testing.assert_array_equal(program.run_without_rounding(q), exact[-1])
     table = rounded[0]
     acc = values[program.steps.index(table)]
@@ -129,8 +129,10 @@ def test_statistics_rows_merge_a_table_into_its_layer(chain: QuantizedModule) ->
     rows = chain.statistics["layers"]
     assert [row["layer"] for row in rows] == [s.name for s in chain.program.steps[::2]]
     linear, table = chain.program.steps[:2]
-    assert rows[0] == {**linear.statistics().row(), **{
-        k: v for k, v in table.statistics().row().items() if k != "layer"}}
+    assert rows[0] == {
+        **linear.statistics().row(),
+        **{k: v for k, v in table.statistics().row().items() if k != "layer"},
+    }
     # a table after a row that already has its lookups starts a row of its own
     alone = statistics_rows([table, table])
     assert len(alone) == 2 and alone[0] == table.statistics().row()
@@ -138,11 +140,16 @@ def test_statistics_rows_merge_a_table_into_its_layer(chain: QuantizedModule) ->
 
 def test_statistics_row_leaves_out_missing_figures() -> None:
     row = StepStatistics("pool", table_input_bits=5, lookups=12, lookups_per_output=3.0).row()
-    assert row == {"layer": "pool", "table_input_bits": 5, "lookups": 12,
-                   "lookups_per_output": 3.0}
+    assert row == {"layer": "pool", "table_input_bits": 5, "lookups": 12, "lookups_per_output": 3.0}
     assert list(StepStatistics("fc", 3, 7, 1, 2, 3, 4).row()) == [
-        "layer", "accumulator_bits", "accumulator_max", "truncated_bits", "table_input_bits",
-        "table_output_bits", "lookups"]
+        "layer",
+        "accumulator_bits",
+        "accumulator_max",
+        "truncated_bits",
+        "table_input_bits",
+        "table_output_bits",
+        "lookups",
+    ]
 
 
 @dataclass(frozen=True, eq=False)
@@ -178,8 +185,11 @@ def test_a_new_step_needs_no_change_to_the_program_or_the_module(
     assert grown.lookups_by_width()[9] == program.lookups_by_width().get(9, 0) + 7
     assert grown.source().splitlines()[-2].endswith(f"v{len(program.steps)} ** 2  # square")
     module = QuantizedModule(branching.graph, branching.quantized, grown)
-    assert module.statistics["layers"][-1] == {"layer": "square", "table_input_bits": 9,
-                                               "lookups": 7}
+    assert module.statistics["layers"][-1] == {
+        "layer": "square",
+        "table_input_bits": 9,
+        "lookups": 7,
+    }
 
 
 def test_report_sqnr_reads_the_accumulators_of_layers_and_adds(

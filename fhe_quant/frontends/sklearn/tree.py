@@ -536,7 +536,7 @@ def check_ensemble(model: Any, ensemble: TreeEnsemble, x: np.ndarray) -> None:
     Raises:
         TraceError: ``predict_proba``/``decision_function``/``predict`` differ.
     """
-    from fhe_quant.frontends.sklearn import OUTPUT_FUNCTIONS
+    from fhe_quant.frontends.sklearn.base import OUTPUT_FUNCTIONS
 
     x = np.asarray(x, dtype=np.float64)[:64]
     raw = ensemble.evaluate(x)
