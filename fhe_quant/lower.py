@@ -39,6 +39,14 @@ product of two encrypted tensors (:class:`ProductStep`, 2 lookups per element); 
 
 The bounds are handed to Concrete as bit-width hints, which also rule out the silent
 overflow of a value wider than the compile-time inputset showed.
+
+Every step implements one protocol (:class:`ProgramStep`, defaults in
+:class:`StepBase`): it picks its operands, runs (exactly too, without dropped bits),
+writes its line of :meth:`IntegerProgram.source`, counts its lookups by width and
+gives its row of the model's statistics (:class:`StepStatistics`). The program, the
+model's statistics, the report and the verifier call only these, so a new kind of step
+(the tree programs of :mod:`fhe_quant.lower_tree`, the k-NN stages of
+:mod:`fhe_quant.lower_knn`) needs no change here.
 """
 
 from __future__ import annotations
@@ -240,9 +248,18 @@ class ProgramStep(Protocol):
     name: str
     inputs: tuple[int, ...]
     produces: ClassVar[str]
+    #: Whether it reads several operands (a tuple of them) rather than one.
+    multi_operand: ClassVar[bool]
+    #: The names it reads and writes in the listing of a chain (``q``: codes, ``acc``: an
+    #: accumulator).
+    chain_names: ClassVar[tuple[str, str]]
 
     def operands(self, values: Sequence[Any]) -> Any:
         """What it reads of ``values``: one value, or a tuple for a multi-operand step."""
+        ...
+
+    def operand_names(self, names: Sequence[str]) -> list[str]:
+        """The names of the values it reads (:meth:`operands` on names, as a list)."""
         ...
 
     def run(self, operands: Any, backend: Backend) -> Any:
@@ -280,8 +297,6 @@ class StepBase:
     inputs: tuple[int, ...]
     multi_operand: ClassVar[bool] = False
     produces: ClassVar[str] = "codes"
-    #: The names it reads and writes in the listing of a chain (``q``: codes, ``acc``: an
-    #: accumulator).
     chain_names: ClassVar[tuple[str, str]] = ("q", "q")
 
     def operands(self, values: Sequence[Any]) -> Any:
