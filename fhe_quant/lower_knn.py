@@ -150,7 +150,14 @@ class KNNStep(StepBase):
         return self.program.run_stage(self.stage.name, operands, backend)
 
     def describe(self, names: Sequence[str]) -> str:
-        return f"{self.stage.name}({', '.join(self.operand_names(names))})  # see source()"
+        """Its stage, operands, lookups and widths (:meth:`KNNProgram.source` spells out
+        the arithmetic of every stage)."""
+        stage = self.stage
+        dropped = f", {stage.truncated_bits} bits dropped per point" if stage.truncated_bits else ""
+        return (
+            f"{stage.name}({', '.join(self.operand_names(names))})  # {stage.lookups} lookups "
+            f"of {stage.table_input_bits} bits{dropped} -> uint{stage.table_output_bits}"
+        )
 
     def lookups_by_width(self) -> dict[int, int]:
         counts = {self.stage.table_input_bits: self.stage.lookups}

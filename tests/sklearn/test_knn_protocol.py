@@ -75,6 +75,9 @@ def test_lookups_and_statistics_come_from_the_steps(fitted) -> None:
     top = next(s for s in program.steps if isinstance(s, KNNStep) and s.name == "top-k")
     assert top.stage.lookups == program.n_compares == 30 * 3 - 3 * 4 // 2
     assert top.statistics().row()["lookups"] == program.n_compares
+    names = ["q"] + [f"v{k + 1}" for k in range(len(program.steps))]
+    assert top.describe(names).startswith(f"top-k(v{program.steps.index(top)})  # ")
+    assert f"{program.n_compares} lookups of {program.value_bits} bits" in top.describe(names)
 
 
 def test_a_module_with_the_program_statistics_is_a_plain_quantized_module(fitted) -> None:
