@@ -39,13 +39,21 @@ product of two encrypted tensors (:class:`ProductStep`, 2 lookups per element); 
 
 The bounds are handed to Concrete as bit-width hints, which also rule out the silent
 overflow of a value wider than the compile-time inputset showed.
+
+Every step implements one protocol (:class:`ProgramStep`, defaults in
+:class:`StepBase`): it picks its operands, runs (exactly too, without dropped bits),
+writes its line of :meth:`IntegerProgram.source`, counts its lookups by width and
+gives its row of the model's statistics (:class:`StepStatistics`). The program, the
+model's statistics, the report and the verifier call only these, so a new kind of step
+(the tree programs of :mod:`fhe_quant.lower_tree`, the k-NN stages of
+:mod:`fhe_quant.lower_knn`) needs no change here.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
-from typing import Any, ClassVar, Protocol, get_args
+from typing import Any, ClassVar, Protocol, get_args, runtime_checkable
 
 import numpy as np
 
@@ -95,6 +103,12 @@ __all__ = [
     "GatherStep",
     "ProductStep",
     "product_scale",
+    "ProgramStep",
+    "StepBase",
+    "StepStatistics",
+    "statistics_rows",
+    "run_steps",
+    "add_counts",
 ]
 
 # NOTE: MAX_TABLE_BITS, MAX_AUTO_TABLE_BITS, bits_for and auto_table_bits live in
@@ -157,6 +171,182 @@ class _Data:
         return _step_from_dict(cls, data)
 
 
+@dataclass(frozen=True)
+class StepStatistics:
+    """One step's row of a model's per-layer statistics
+    (:attr:`~fhe_quant.model.QuantizedModule.statistics`): its widths and lookups, each
+    field ``None`` when the step has no such figure (it is then left out of the row).
+
+    A table that reads the accumulator of the layer before it (``extends_previous``)
+    completes that layer's row rather than starting one (:func:`statistics_rows`).
+
+    Examples:
+        >>> StepStatistics("fc", accumulator_bits=9, accumulator_max=300).row()
+        {'layer': 'fc', 'accumulator_bits': 9, 'accumulator_max': 300}
+    """
+
+    layer: str
+    accumulator_bits: int | None = None
+    accumulator_max: int | None = None
+    truncated_bits: int | None = None
+    table_input_bits: int | None = None
+    table_output_bits: int | None = None
+    lookups: int | None = None
+    lookups_per_output: float | None = None
+    extends_previous: bool = False
+
+    def row(self) -> dict[str, Any]:
+        """The figures it has, as a dict (``layer`` first; ``None`` fields left out)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "extends_previous" and getattr(self, f.name) is not None
+        }
+
+
+def statistics_rows(steps: Sequence[ProgramStep]) -> list[dict[str, Any]]:
+    """The per-layer rows of a program's steps: each step's :meth:`~ProgramStep.statistics`
+    row, a table's merged into the row of the layer it reads when that row has no lookups
+    yet (a linear layer and its table are one layer); steps without lookups or widths
+    (reshapes, concatenations, moves of values) have none.
+
+    Examples:
+        >>> class Fixed(StepBase):  # a step that only reports its row
+        ...     def __init__(self, stats): self.stats = stats
+        ...     def statistics(self): return self.stats
+        >>> rows = [StepStatistics("fc", 9, 300), StepStatistics("fc", truncated_bits=3,
+        ...         table_input_bits=6, table_output_bits=4, lookups=8, extends_previous=True)]
+        >>> [(row["layer"], row["accumulator_max"], row["lookups"])
+        ...  for row in statistics_rows([Fixed(r) for r in rows])]
+        [('fc', 300, 8)]
+    """
+    layers: list[dict[str, Any]] = []
+    for step in steps:
+        stats = step.statistics()
+        if stats is None:
+            continue
+        if stats.extends_previous and layers and "lookups" not in layers[-1]:
+            layers[-1].update({k: v for k, v in stats.row().items() if k != "layer"})
+        else:
+            layers.append(stats.row())
+    return layers
+
+
+@runtime_checkable
+class ProgramStep(Protocol):
+    """What every step of an integer program implements (the one step protocol): the
+    program runs, lists, counts and reports its steps through these calls only.
+
+    ``inputs`` names the operands: indices into the values computed so far (0 is the
+    program input, ``k + 1`` the output of ``steps[k]``); empty means the previous
+    value, as in a chain. ``produces`` says what the output is: ``"accumulator"`` (a
+    linear layer's or an add's sum, real value ``scale * (v - zero) + bias``),
+    ``"product"`` (a :class:`ProductStep`'s, likewise) or ``"codes"`` (a table's or a
+    move's output, the codes a later step reads).
+    """
+
+    name: str
+    inputs: tuple[int, ...]
+    produces: ClassVar[str]
+    #: Whether it reads several operands (a tuple of them) rather than one.
+    multi_operand: ClassVar[bool]
+    #: The names it reads and writes in the listing of a chain (``q``: codes, ``acc``: an
+    #: accumulator).
+    chain_names: ClassVar[tuple[str, str]]
+
+    def operands(self, values: Sequence[Any]) -> Any:
+        """What it reads of ``values``: one value, or a tuple for a multi-operand step."""
+        ...
+
+    def operand_names(self, names: Sequence[str]) -> list[str]:
+        """The names of the values it reads (:meth:`operands` on names, as a list)."""
+        ...
+
+    def run(self, operands: Any, backend: Backend) -> Any:
+        """Its output on :meth:`operands` (NumPy arrays or Concrete tracers)."""
+        ...
+
+    def run_exact(self, operands: Any) -> Any:
+        """Its output in NumPy with no accumulator bits dropped (a table applies its
+        exact function to the full accumulator; every other step runs as it is)."""
+        ...
+
+    def describe(self, names: Sequence[str]) -> str:
+        """Its line of :meth:`IntegerProgram.source` (the right-hand side), reading its
+        operands by name: ``names[i]`` is value ``i``, ``names[-1]`` the previous one."""
+        ...
+
+    def rounding_text(self, source: str) -> str | None:
+        """The line that drops accumulator bits before it (a rounded table), or ``None``."""
+        ...
+
+    def lookups_by_width(self) -> dict[int, int]:
+        """Table lookups per sample by input width (width 1: exactly dropped bits)."""
+        ...
+
+    def statistics(self) -> StepStatistics | None:
+        """Its statistics row, or ``None`` for a step with no lookups or widths to show."""
+        ...
+
+
+class StepBase:
+    """The defaults of :class:`ProgramStep`: one operand (or the previous value), no
+    lookups, no statistics, no rounding, the exact output is the output; a step's own
+    ``__call__(operands, backend)`` is :meth:`run`."""
+
+    inputs: tuple[int, ...]
+    multi_operand: ClassVar[bool] = False
+    produces: ClassVar[str] = "codes"
+    chain_names: ClassVar[tuple[str, str]] = ("q", "q")
+
+    def operands(self, values: Sequence[Any]) -> Any:
+        if self.multi_operand:
+            return tuple(values[i] for i in self.inputs)
+        return values[self.inputs[0]] if self.inputs else values[-1]
+
+    def run(self, operands: Any, backend: Backend) -> Any:
+        raise NotImplementedError(f"{type(self).__name__} does not define run")
+
+    def __call__(self, operands: Any, backend: Backend) -> Any:
+        return self.run(operands, backend)
+
+    def run_exact(self, operands: Any) -> Any:
+        return self.run(operands, NUMPY)
+
+    def describe(self, names: Sequence[str]) -> str:
+        return f"{type(self).__name__}({', '.join(self.operand_names(names))})"
+
+    def operand_names(self, names: Sequence[str]) -> list[str]:
+        """The names of the values it reads (:meth:`operands` on names)."""
+        picked = self.operands(names)
+        return list(picked) if self.multi_operand else [picked]
+
+    def rounding_text(self, source: str) -> str | None:
+        return None
+
+    def lookups_by_width(self) -> dict[int, int]:
+        return {}
+
+    def statistics(self) -> StepStatistics | None:
+        return None
+
+
+def add_counts(total: dict[int, int], counts: Mapping[int, int]) -> dict[int, int]:
+    """``total`` with ``counts`` added, width by width (lookups by width)."""
+    for width, n in counts.items():
+        total[width] = total.get(width, 0) + n
+    return total
+
+
+def run_steps(steps: Sequence[ProgramStep], values: list[Any], backend: Backend) -> list[Any]:
+    """Run ``steps`` in order, each on its :meth:`~ProgramStep.operands` among ``values``
+    (the program input first), appending each output; returns ``values``. The public way
+    to run a program step by step (:meth:`IntegerProgram.values`)."""
+    for step in steps:
+        values.append(step.run(step.operands(values), backend))
+    return values
+
+
 class _Dequantized:
     """A value whose real value is ``scale * (v - zero) + bias`` (dataclass fields
     ``scale``, ``zero``, ``bias``)."""
@@ -169,11 +359,16 @@ class _Dequantized:
         return self.scale * (np.asarray(acc, dtype=np.float64) - self.zero) + self.bias
 
 
-class _Accumulator(_Dequantized, _Data):
+class _Accumulator(_Dequantized, StepBase, _Data):
     """What the steps that produce an accumulator share (their dataclass field
     ``acc_max`` too): its proven width, its real value, its data form."""
 
     acc_max: np.ndarray
+    produces: ClassVar[str] = "accumulator"
+
+    def accumulator_statistics(self, **more: Any) -> StepStatistics:
+        """Its statistics row: its name, its proven width and maximum, and ``more``."""
+        return StepStatistics(self.name, self.acc_bits, int(self.acc_max.max()), **more)
 
     @property
     def acc_bits(self) -> int:
@@ -199,12 +394,19 @@ class LinearStep(_Accumulator):
     bias: np.ndarray
     attrs: Mapping[str, Any] = field(default_factory=dict)
     inputs: tuple[int, ...] = ()
+    chain_names: ClassVar[tuple[str, str]] = ("q", "acc")
 
-    def __call__(self, q: Any, backend: Backend) -> Any:
+    def run(self, q: Any, backend: Backend) -> Any:
         apply = OPS[self.op].linear_apply
         assert apply is not None
         acc = apply(q, self.weight, self.attrs, backend) + self.offset
         return backend.hint(acc, self.acc_bits)
+
+    def describe(self, names: Sequence[str]) -> str:
+        return _linear_text(self, self.operand_names(names)[0])
+
+    def statistics(self) -> StepStatistics:
+        return self.accumulator_statistics()
 
 
 @dataclass(frozen=True, eq=False)
@@ -242,7 +444,7 @@ class TableRead(_Data):
 
 
 @dataclass(frozen=True, eq=False)
-class TableStep(_Data):
+class TableStep(StepBase, _Data):
     """Drop ``lsbs`` low bits of the accumulator, then look up one table per element.
 
     ``table[j, i]`` is the output for element ``j`` (flat index within one sample) when
@@ -272,6 +474,7 @@ class TableStep(_Data):
     out_max: np.ndarray
     exact: TableFunction | TableRead | Callable[[np.ndarray], np.ndarray]
     inputs: tuple[int, ...] = ()
+    chain_names: ClassVar[tuple[str, str]] = ("acc", "q")
 
     @property
     def index_bits(self) -> int:
@@ -285,7 +488,7 @@ class TableStep(_Data):
         out = self.table[np.arange(flat.shape[1]), flat]
         return out.reshape(acc.shape)
 
-    def __call__(self, acc: Any, backend: Backend) -> Any:
+    def run(self, acc: Any, backend: Backend) -> Any:
         if self.lsbs:
             # NOTE: the hints matter: Concrete sizes the rounding and the table from these
             # widths, which it would otherwise take from the inputset, not from the proof;
@@ -294,6 +497,32 @@ class TableStep(_Data):
             acc = backend.hint(backend.round(acc, self.lsbs, self.exact_rounding), self.round_bits)
         out = backend.hint(backend.lookup(self.lookup, acc), self.out_bits)
         return out.reshape((out.shape[0],) + self.out_shape)
+
+    def run_exact(self, acc: Any) -> Any:
+        return self.exact(acc).reshape((acc.shape[0],) + self.out_shape)
+
+    def describe(self, names: Sequence[str]) -> str:
+        return _table_text(self, self.operand_names(names)[0])
+
+    def rounding_text(self, source: str) -> str | None:
+        return _round_text(self, source) if self.lsbs else None
+
+    def lookups_by_width(self) -> dict[int, int]:
+        n = int(self.table.shape[0])
+        counts = {self.index_bits: n}
+        if self.exact_rounding and self.lsbs:
+            add_counts(counts, {1: n * self.lsbs})
+        return counts
+
+    def statistics(self) -> StepStatistics:
+        return StepStatistics(
+            self.name,
+            truncated_bits=self.lsbs,
+            table_input_bits=self.index_bits,
+            table_output_bits=self.out_bits,
+            lookups=int(self.table.shape[0]),
+            extends_previous=True,
+        )
 
 
 def _positive_first(multipliers: tuple[np.ndarray, ...]) -> list[int]:
@@ -326,7 +555,7 @@ class AddStep(_Accumulator):
     bias: np.ndarray
     multi_operand = True
 
-    def __call__(self, operands: tuple[Any, ...], backend: Backend) -> Any:
+    def run(self, operands: tuple[Any, ...], backend: Backend) -> Any:
         order = _positive_first(self.multipliers)
         acc: Any = None
         for k in order:
@@ -340,7 +569,10 @@ class AddStep(_Accumulator):
             acc = backend.hint(acc, self.acc_bits)
         return acc
 
-    def describe(self, names: list[str]) -> str:
+    def statistics(self) -> StepStatistics:
+        return self.accumulator_statistics(lookups=0)
+
+    def describe(self, names: Sequence[str]) -> str:
         terms = " ".join(
             f"{'+' if m.flat[0] > 0 else '-'} {_multiplier_text(m)}{names[i]}"
             for i, m in zip(self.inputs, self.multipliers, strict=True)
@@ -363,7 +595,7 @@ def _multiplier_text(m: np.ndarray) -> str:
 
 
 @dataclass(frozen=True, eq=False)
-class MaxPoolStep(_Data):
+class MaxPoolStep(StepBase, _Data):
     """Max pooling of codes that share one scale and zero point per channel.
 
     The maximum is taken one spatial axis at a time (separably, in ``axes`` order), each
@@ -428,7 +660,15 @@ class MaxPoolStep(_Data):
         counts[self.bits] = counts.get(self.bits, 0) + n_out
         return counts
 
-    def __call__(self, x: Any, backend: Backend) -> Any:
+    def statistics(self) -> StepStatistics:
+        return StepStatistics(
+            self.name,
+            table_input_bits=self.index_bits,
+            lookups=self.lookups(self.in_shape),
+            lookups_per_output=self.lookups(self.in_shape) / int(np.prod(self.out_shape)),
+        )
+
+    def run(self, x: Any, backend: Backend) -> Any:
         for axis in self.axes:
             i = axis - 2
             k, s = self.kernel[i], self.stride[i]
@@ -456,9 +696,9 @@ class MaxPoolStep(_Data):
         # separates the narrow codes from the next layer's wide integers.
         return backend.lookup(_identity, x)
 
-    def describe(self, names: list[str]) -> str:
+    def describe(self, names: Sequence[str]) -> str:
         return (
-            f"max_pool({names[self.inputs[0]]}, kernel={self.kernel}, stride={self.stride}, "
+            f"max_pool({self.operand_names(names)[0]}, kernel={self.kernel}, stride={self.stride}, "
             f"padding={self.padding})  # separable over axes {self.axes}: "
             f"{self.lookups(self.in_shape)} lookups of {self.index_bits} bits "
             f"(max(a, b) = b + relu(a - b)) -> uint{self.bits}{list(self.out_shape)}"
@@ -466,7 +706,7 @@ class MaxPoolStep(_Data):
 
 
 @dataclass(frozen=True, eq=False)
-class ConcatStep(_Data):
+class ConcatStep(StepBase, _Data):
     """Concatenation of encrypted tensors along ``axis`` (batch axis included): no
     bootstrap; each part keeps its own scales (folded into the next linear layer)."""
 
@@ -476,31 +716,31 @@ class ConcatStep(_Data):
     bits: int
     multi_operand = True
 
-    def __call__(self, operands: tuple[Any, ...], backend: Backend) -> Any:
+    def run(self, operands: tuple[Any, ...], backend: Backend) -> Any:
         return backend.hint(np.concatenate(tuple(operands), axis=self.axis), self.bits)
 
-    def describe(self, names: list[str]) -> str:
-        parts = ", ".join(names[i] for i in self.inputs)
+    def describe(self, names: Sequence[str]) -> str:
+        parts = ", ".join(self.operand_names(names))
         return f"concatenate([{parts}], axis={self.axis})  # 0 lookups, uint{self.bits}"
 
 
 @dataclass(frozen=True, eq=False)
-class ReshapeStep(_Data):
+class ReshapeStep(StepBase, _Data):
     """A reshape of an encrypted tensor (row-major order kept): no bootstrap."""
 
     name: str
     inputs: tuple[int, ...]
     shape: tuple[int, ...]
 
-    def __call__(self, x: Any, backend: Backend) -> Any:
+    def run(self, x: Any, backend: Backend) -> Any:
         return x.reshape((x.shape[0],) + self.shape)
 
-    def describe(self, names: list[str]) -> str:
-        return f"{names[self.inputs[0]]}.reshape({list(self.shape)})  # 0 lookups"
+    def describe(self, names: Sequence[str]) -> str:
+        return f"{self.operand_names(names)[0]}.reshape({list(self.shape)})  # 0 lookups"
 
 
 @dataclass(frozen=True, eq=False)
-class GatherStep(_Data):
+class GatherStep(StepBase, _Data):
     """Values moved, none computed (transpose, permute, channel shuffle, slicing,
     nearest upsampling): output element ``j`` (flat, one sample) is input element
     ``index[j]``. No bootstrap; the output keeps the input's width."""
@@ -511,13 +751,13 @@ class GatherStep(_Data):
     shape: tuple[int, ...]
     bits: int
 
-    def __call__(self, x: Any, backend: Backend) -> Any:
+    def run(self, x: Any, backend: Backend) -> Any:
         flat = x.reshape((x.shape[0], -1))[:, self.index]
         return backend.hint(flat.reshape((x.shape[0],) + self.shape), self.bits)
 
-    def describe(self, names: list[str]) -> str:
+    def describe(self, names: Sequence[str]) -> str:
         return (
-            f"{names[self.inputs[0]]}.reshape(-1)[index_{self.name}].reshape("
+            f"{self.operand_names(names)[0]}.reshape(-1)[index_{self.name}].reshape("
             f"{list(self.shape)})  # gather, 0 lookups, uint{self.bits}"
         )
 
@@ -548,8 +788,9 @@ class ProductStep(_Accumulator):
     zero: np.ndarray
     bias: np.ndarray
     multi_operand = True
+    produces: ClassVar[str] = "product"
 
-    def __call__(self, operands: tuple[Any, ...], backend: Backend) -> Any:
+    def run(self, operands: tuple[Any, ...], backend: Backend) -> Any:
         a, b = operands
         total = backend.hint(a + b, self.sum_bits)
         difference = backend.hint((a + self.b_max) - b, self.sum_bits)
@@ -561,8 +802,13 @@ class ProductStep(_Accumulator):
     def lookups_by_width(self) -> dict[int, int]:
         return {self.sum_bits: 2 * int(self.squares[0].table.shape[0])}
 
-    def describe(self, names: list[str]) -> str:
-        a, b = (names[i] for i in self.inputs)
+    def statistics(self) -> StepStatistics:
+        return self.accumulator_statistics(
+            table_input_bits=self.sum_bits, lookups=sum(self.lookups_by_width().values())
+        )
+
+    def describe(self, names: Sequence[str]) -> str:
+        a, b = self.operand_names(names)
         return (
             f"sq1_{self.name}[{a} + {b}] + {self.offset} - sq2_{self.name}[{a} + "
             f"{self.b_max} - {b}]  # product by quarter squares, 2 lookups of "
@@ -643,15 +889,6 @@ Step = (
 ) | ProductStep
 
 
-def _operands(step: Any, values: list[Any]) -> Any:
-    """What ``step`` reads: ``values[i]`` for its one input, a tuple of them for a
-    multi-operand step, the last value when it names none (chain steps)."""
-    inputs = getattr(step, "inputs", ())
-    if getattr(step, "multi_operand", False):
-        return tuple(values[i] for i in inputs)
-    return values[inputs[0]] if inputs else values[-1]
-
-
 @dataclass(frozen=True, eq=False)
 class IntegerProgram:
     """The integer program: input quantizer, steps, and the last layer's dequantization.
@@ -676,46 +913,41 @@ class IntegerProgram:
 
     @property
     def output_step(self) -> LinearStep:
-        last = self.steps[-1]
-        assert isinstance(last, (LinearStep, AddStep))
-        return last  # type: ignore[return-value]
+        """The last step, whose accumulator the client dequantizes (a linear layer or an
+        add)."""
+        return self.steps[-1]  # type: ignore[return-value]
 
     @property
     def is_chain(self) -> bool:
         """Whether every step reads the previous value (no branches)."""
-        return all(not getattr(step, "inputs", ()) for step in self.steps)
+        return all(not step.inputs for step in self.steps)
 
     def __call__(self, q: Any, backend: Backend = NUMPY) -> Any:
-        values = [backend.hint(q, self.input_bits)]
-        for step in self.steps:
-            values.append(step(_operands(step, values), backend))
-        return values[-1]
+        return self.values(q, backend)[-1]
+
+    def values(self, q: Any, backend: Backend = NUMPY) -> list[Any]:
+        """Every value the program computes on ``q``: the input (hinted to its width),
+        then each step's output in order (:func:`run_steps`)."""
+        return run_steps(self.steps, [backend.hint(q, self.input_bits)], backend)
 
     def lookups_by_width(self) -> dict[int, int]:
         """Table lookups per sample by input width; width 1 counts the exactly dropped
         accumulator bits (Concrete drops each with a one-bit bootstrap)."""
         counts: dict[int, int] = {}
         for step in self.steps:
-            if isinstance(step, TableStep):
-                n = int(step.table.shape[0])
-                counts[step.index_bits] = counts.get(step.index_bits, 0) + n
-                if step.exact_rounding and step.lsbs:
-                    counts[1] = counts.get(1, 0) + n * step.lsbs
-            elif hasattr(step, "lookups_by_width"):
-                for width, n in step.lookups_by_width().items():
-                    counts[width] = counts.get(width, 0) + n
+            add_counts(counts, step.lookups_by_width())
         return counts
+
+    def statistics(self) -> dict[str, Any]:
+        """Its per-layer rows (:func:`statistics_rows`) and input width."""
+        return {"layers": statistics_rows(self.steps), "input_bits": self.input_bits}
 
     def run_without_rounding(self, q: np.ndarray) -> np.ndarray:
         """The program with every table applied to the full accumulator (no dropped
         bits); the difference to ``self(q)`` is the effect of the table width."""
         values = [q]
         for step in self.steps:
-            value = _operands(step, values)
-            if isinstance(step, TableStep):
-                values.append(step.exact(value).reshape((value.shape[0],) + step.out_shape))
-            else:
-                values.append(step(value, NUMPY))
+            values.append(step.run_exact(step.operands(values)))
         return values[-1]
 
     def source(self) -> str:
@@ -724,14 +956,11 @@ class IntegerProgram:
             return self._dag_source()
         lines = [f"def program(q):  # q: uint{self.input_bits}{list(self.input_shape)}"]
         for step in self.steps:
-            if isinstance(step, LinearStep):
-                lines.append(f"    acc = {_linear_text(step, 'q')}")
-            elif isinstance(step, TableStep):
-                if step.lsbs:
-                    lines.append(f"    acc = {_round_text(step, 'acc')}")
-                lines.append(f"    q = {_table_text(step, 'acc')}")
-            else:
-                lines.append(f"    q = {step.describe(['q'] * 2)}")  # type: ignore[union-attr]
+            read, write = step.chain_names
+            rounding = step.rounding_text(read)
+            if rounding is not None:
+                lines.append(f"    {read} = {rounding}")
+            lines.append(f"    {write} = {step.describe([read])}")
         lines.append("    return acc  # decrypted and dequantized by the client")
         return "\n".join(lines)
 
@@ -739,18 +968,15 @@ class IntegerProgram:
         names = ["v0"] + [f"v{k + 1}" for k in range(len(self.steps))]
         lines = [f"def program(v0):  # v0: uint{self.input_bits}{list(self.input_shape)}"]
         for k, step in enumerate(self.steps):
-            inputs = getattr(step, "inputs", ()) or (k,)
-            source = names[inputs[0]]
-            if isinstance(step, LinearStep):
-                text = _linear_text(step, source)
-            elif isinstance(step, TableStep):
-                if step.lsbs:
-                    lines.append(f"    {names[k + 1]} = {_round_text(step, source)}")
-                    source = names[k + 1]
-                text = _table_text(step, source)
-            else:
-                text = step.describe(names)  # type: ignore[union-attr]
-            lines.append(f"    {names[k + 1]} = {text}")
+            target = names[k + 1]
+            seen = names[: k + 1]
+            rounding = step.rounding_text(step.operand_names(seen)[0])
+            if rounding is not None:
+                # NOTE: the step then reads the rounded value, under its own name.
+                lines.append(f"    {target} = {rounding}")
+                read = step.inputs or (k,)
+                seen = [target if i in read else n for i, n in enumerate(seen)]
+            lines.append(f"    {target} = {step.describe(seen)}")
         lines.append(f"    return {names[-1]}  # decrypted and dequantized by the client")
         return "\n".join(lines)
 
@@ -955,8 +1181,8 @@ def _as_chain(program: IntegerProgram) -> IntegerProgram:
     previous value), and a table is named after the layer whose accumulator it reads."""
     steps: list[Step] = []
     for k, step in enumerate(program.steps):
-        assert step.inputs == (k,) and not getattr(step, "multi_operand", False)
-        if isinstance(step, TableStep):
+        assert step.inputs == (k,) and not step.multi_operand
+        if step.chain_names[0] == "acc":  # a table reading the layer before it
             step = replace(step, name=steps[-1].name, inputs=())
         else:
             step = replace(step, inputs=())

@@ -17,15 +17,7 @@ from tqdm.auto import tqdm
 from fhe_quant.errors import CompilationError, InputError, NotCompiledError, ParameterError
 from fhe_quant.fhe import FHECircuit, check_fhe_mode, compile_program
 from fhe_quant.ir import Graph, Node
-from fhe_quant.lower import (
-    AddStep,
-    IntegerProgram,
-    LinearStep,
-    MaxPoolStep,
-    ProductStep,
-    TableStep,
-    lower,
-)
+from fhe_quant.lower import IntegerProgram, lower
 from fhe_quant.passes import simplify
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.ptq import QuantizedGraph, check_calibration_data, quantize_graph
@@ -159,51 +151,10 @@ class QuantizedModule:
 
     @property
     def statistics(self) -> dict[str, Any]:
-        """PBS count, max bit width, and per-layer accumulator and table widths."""
-        layers: list[dict[str, Any]] = []
-        for step in self.program.steps:
-            if isinstance(step, (LinearStep, AddStep)):
-                layers.append(
-                    {
-                        "layer": step.name,
-                        "accumulator_bits": step.acc_bits,
-                        "accumulator_max": int(step.acc_max.max()),
-                    }
-                )
-                if isinstance(step, AddStep):
-                    layers[-1]["lookups"] = 0
-            elif isinstance(step, TableStep):
-                entry = {
-                    "truncated_bits": step.lsbs,
-                    "table_input_bits": step.index_bits,
-                    "table_output_bits": step.out_bits,
-                    "lookups": int(step.table.shape[0]),
-                }
-                if layers and "lookups" not in layers[-1]:
-                    layers[-1].update(entry)
-                else:  # a table after a max pool, a concatenation or an input
-                    layers.append({"layer": step.name, **entry})
-            elif isinstance(step, MaxPoolStep):
-                layers.append(
-                    {
-                        "layer": step.name,
-                        "table_input_bits": step.index_bits,
-                        "lookups": step.lookups(step.in_shape),
-                        "lookups_per_output": step.lookups(step.in_shape)
-                        / int(np.prod(step.out_shape)),
-                    }
-                )
-            elif isinstance(step, ProductStep):
-                layers.append(
-                    {
-                        "layer": step.name,
-                        "accumulator_bits": step.acc_bits,
-                        "accumulator_max": int(step.acc_max.max()),
-                        "table_input_bits": step.sum_bits,
-                        "lookups": sum(step.lookups_by_width().values()),
-                    }
-                )
-        stats: dict[str, Any] = {"layers": layers, "input_bits": self.program.input_bits}
+        """PBS count, max bit width, and per-layer accumulator and table widths: the
+        program's own figures (its ``statistics()``: the rows of its steps,
+        :func:`~fhe_quant.lower.statistics_rows`), then Concrete's."""
+        stats: dict[str, Any] = dict(self.program.statistics())
         stats.update(self._circuit_statistics())
         return stats
 

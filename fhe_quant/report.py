@@ -104,18 +104,14 @@ def layer_sqnr(model: QuantizedModule, x: np.ndarray) -> dict[str, float]:
     value there, on the float inputs ``x``: the layer where the SQNR falls is where the
     signal is lost.
     """
-    from fhe_quant.lower import NUMPY, AddStep, LinearStep, _operands
-
     floats = model.graph.run(np.asarray(x, dtype=np.float64))
-    q = model.quantize_input(x)
-    values = [q]
+    values = model.program.values(model.quantize_input(x))
     result: dict[str, float] = {}
-    for step in model.program.steps:
-        values.append(step(_operands(step, values), NUMPY))
-        if isinstance(step, (LinearStep, AddStep)) and step.name in floats:
+    for step, value in zip(model.program.steps, values[1:], strict=True):
+        if step.produces == "accumulator" and step.name in floats:
             reference = floats[step.name]
-            if reference.shape == values[-1].shape:
-                result[step.name] = sqnr_db(reference, step.dequantize(values[-1]))
+            if reference.shape == value.shape:
+                result[step.name] = sqnr_db(reference, step.dequantize(value))
     return result
 
 

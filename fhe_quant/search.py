@@ -381,7 +381,7 @@ def search_tree(
     verbose: bool = False,
 ) -> Any:
     """The tree counterpart of :func:`search_torch`: candidates are the input grid bits
-    and leaf-sum bits (:class:`~fhe_quant.frontends.sklearn.tree.TreeQuantConfig`), a
+    and leaf-sum bits (:class:`~fhe_quant.lower_tree.TreeQuantConfig`), a
     config with no more bits of either kind than a failing one is pruned.
 
     Args:
@@ -393,7 +393,7 @@ def search_tree(
         max_accuracy_drop: largest drop allowed.
         verbose: a progress bar.
     """
-    from fhe_quant.frontends.sklearn.tree import TreeQuantConfig
+    from fhe_quant.lower_tree import TreeQuantConfig
 
     budget = _check_budget(max_accuracy_drop)
     x_val, y_val = validation

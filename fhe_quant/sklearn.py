@@ -57,6 +57,7 @@ from sklearn.utils.validation import (
 )
 
 from fhe_quant import errors
+from fhe_quant import lower_knn as _knn
 from fhe_quant.fhe import check_fhe_mode
 from fhe_quant.frontends.sklearn import (
     OUTPUT_FUNCTIONS,
@@ -69,7 +70,14 @@ from fhe_quant.frontends.sklearn import boosting as _boosting
 from fhe_quant.frontends.sklearn import neighbors as _neighbors
 from fhe_quant.frontends.sklearn import tree as _trees
 from fhe_quant.lower import bits_for
+from fhe_quant.lower_tree import TreeQuantConfig
 from fhe_quant.model import QuantizedModule, build_quantized_module, make_config
+from fhe_quant.program_modules import (
+    KNNModule,
+    TreeModule,
+    build_knn_module,
+    build_tree_ensemble_module,
+)
 from fhe_quant.quant.config import MAX_ACCUMULATOR_BITS, MAX_ROUNDING_BITS, QuantConfig
 from fhe_quant.quant.quantizer import MAX_BITS
 from fhe_quant.report import Report
@@ -656,7 +664,8 @@ MLPRegressor = _make_estimator(
 
 # --------------------------------------------------------------------------- tree models
 # NOTE: trees do not go through the float graph and PTQ: fhe_quant.frontends.sklearn.tree
-# converts a fitted tree model straight to an integer program (compares as tables on the
+# reads a fitted tree model into its tensor form and fhe_quant.lower_tree lowers that
+# straight to an integer program (compares as tables on the
 # input grid, path matching as a clear matrix product plus one table per leaf, leaf values
 # summed). The estimators share everything else with the linear models and perceptrons.
 
@@ -686,18 +695,36 @@ Args:
 Attributes:
     sklearn_model_: the fitted scikit-learn model (float).
     quantized_module_: the quantized model
-        (:class:`fhe_quant.frontends.sklearn.tree.TreeModule`); its circuit exists after
+        (:class:`fhe_quant.program_modules.TreeModule`); its circuit exists after
         :meth:`compile`.{classes}
     n_features_in_: number of features seen during ``fit``.
 """
 
 
+def _tree_builder(read: Any, check: Any) -> Any:
+    """The builder of a tree family's module: ``read`` the fitted model into its
+    :class:`~fhe_quant.specs.TreeEnsemble` (the frontend), ``check`` it on the
+    calibration data, then :func:`~fhe_quant.program_modules.build_tree_ensemble_module`
+    (the lowering, at the model stage)."""
+
+    def build(
+        model: Any, config: Any, x: Any = None, *, low: Any = None, high: Any = None
+    ) -> TreeModule:
+        ensemble = read(model)
+        if x is not None:
+            check(model, ensemble, x)
+        return build_tree_ensemble_module(ensemble, config, x, low=low, high=high)
+
+    return build
+
+
 class _FHETreeEstimator(_FHEEstimator):
     """Tree models: fit, compile and predict as the other estimators; the quantized
-    module comes from :func:`fhe_quant.frontends.sklearn.tree.build_tree_module`."""
+    module comes from :func:`_tree_builder` (scikit-learn's trees read by
+    :mod:`fhe_quant.frontends.sklearn.tree`)."""
 
     #: Builds the quantized module from a fitted model (and its calibration data or range).
-    _build_module = staticmethod(_trees.build_tree_module)
+    _build_module = staticmethod(_tree_builder(_trees.ensemble_from_sklearn, _trees.check_ensemble))
 
     def _config(self) -> Any:  # type: ignore[override]
         try:
@@ -713,7 +740,7 @@ class _FHETreeEstimator(_FHEEstimator):
             )
         if isinstance(self.n_bits, str):  # "auto": chosen in _set_fitted
             return self.n_bits
-        return _trees.TreeQuantConfig.from_n_bits(self.n_bits)
+        return TreeQuantConfig.from_n_bits(self.n_bits)
 
     def fit(  # type: ignore[override]
         self,
@@ -892,7 +919,7 @@ Args:
 Attributes:
     sklearn_model_: the fitted library model (float).
     quantized_module_: the quantized model
-        (:class:`fhe_quant.frontends.sklearn.tree.TreeModule`); its circuit exists after
+        (:class:`fhe_quant.program_modules.TreeModule`); its circuit exists after
         :meth:`compile`.{classes}
     n_features_in_: number of features seen during ``fit``.
 """
@@ -902,7 +929,9 @@ class _FHEBoostingEstimator(_FHETreeEstimator):
     """XGBoost and LightGBM models: tree estimators whose trees are read from the
     library's dump."""
 
-    _build_module = staticmethod(_boosting.build_boosting_module)
+    _build_module = staticmethod(
+        _tree_builder(_boosting.ensemble_from_booster, _boosting.check_booster)
+    )
 
     def _make_sklearn_model(self) -> Any:
         params = {name: getattr(self, name) for name in self._sklearn_params}
@@ -1206,15 +1235,16 @@ def from_sklearn(
 
 
 # --------------------------------------------------------------------------- neighbours
-# NOTE: the k-NN program and module live in fhe_quant/frontends/sklearn/neighbors.py; the
-# estimator is built here so that the frontend never imports this module.
+# NOTE: the frontend (fhe_quant/frontends/sklearn/neighbors.py) reads the model into a
+# KNNSpec, fhe_quant/lower_knn.py builds its program, fhe_quant/program_modules.py its
+# module; the estimator is built here so that the frontend never imports this module.
 
 
 class _KNNMixin:
     """What the neighbours estimator changes in ``fhe_quant.sklearn``'s classifier."""
 
     sklearn_model_: Any
-    quantized_module_: _neighbors.KNNModule
+    quantized_module_: KNNModule
 
     @classmethod
     def _import_graph(cls, estimator: Any) -> None:
@@ -1233,7 +1263,7 @@ class _KNNMixin:
     def _level_bits(self, n_classes: int) -> int:
         rounding = self.rounding_bits  # type: ignore[attr-defined]
         if rounding is None:
-            return _neighbors.DEFAULT_LEVEL_BITS
+            return _knn.DEFAULT_LEVEL_BITS
         level = rounding - bits_for(n_classes - 1) - 1
         if level < 1:
             raise errors.ParameterError(
@@ -1244,10 +1274,9 @@ class _KNNMixin:
         return level
 
     def _set_fitted(self, model: Any, X: np.ndarray, config: Any, imported: Any = None) -> None:
-        _neighbors.check_knn_options(model)
-        module = _neighbors.knn_to_module(
+        module = build_knn_module(
             model,
-            X,
+            _neighbors.knn_spec(model, X),
             int(self.n_bits),
             self._level_bits(len(model.classes_)),  # type: ignore[attr-defined]
         )
@@ -1301,7 +1330,7 @@ Cost: about ``N * n_neighbors`` table lookups per sample for ``N`` stored points
 
 Attributes:
     sklearn_model_: the fitted scikit-learn model (float).
-    quantized_module_: the :class:`fhe_quant.frontends.sklearn.neighbors._neighbors.KNNModule`.
+    quantized_module_: the :class:`fhe_quant.program_modules.KNNModule`.
     classes_: the class labels.
     n_features_in_: number of features seen during ``fit``.
 """
@@ -1310,10 +1339,10 @@ Attributes:
 KNeighborsClassifier = _make_estimator(
     _neighbors_sklearn.KNeighborsClassifier,
     type("_FHEKNeighborsClassifier", (_KNNMixin, _FHEClassifier), {}),
-    _neighbors.DEFAULT_N_BITS,
+    _knn.DEFAULT_N_BITS,
 )
 KNeighborsClassifier.__doc__ = _KNN_DOC.format(
-    n_bits=_neighbors.DEFAULT_N_BITS, level=_neighbors.DEFAULT_LEVEL_BITS
+    n_bits=_knn.DEFAULT_N_BITS, level=_knn.DEFAULT_LEVEL_BITS
 )
 __all__.append("KNeighborsClassifier")
 _WRAPPERS[KNeighborsClassifier._sklearn_class] = KNeighborsClassifier

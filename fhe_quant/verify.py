@@ -537,7 +537,9 @@ def _program_of(model: Any, where: str) -> IntegerProgram:
             f"from compile_torch_model) or its IntegerProgram. Got {type(model).__name__}."
         )
     # NOTE: the checks follow the chain of linear layers and tables; a branching program
-    # (residual adds, concatenations, max pools) or a custom step has no such chain.
+    # (residual adds, concatenations, max pools) or a custom step has no such chain. This
+    # validates what the caller passed (the step types the checks below are written for);
+    # past it, a step producing an accumulator is a linear layer, any other a table.
     for index, step in enumerate(program.steps):
         inputs = getattr(step, "inputs", ())
         if not isinstance(step, (LinearStep, TableStep)) or tuple(inputs) not in ((), (index,)):
@@ -645,12 +647,10 @@ def field_bounds(model: Any) -> tuple[LayerFieldBounds, ...]:
     upper = np.full((1,) + program.input_shape, program.input_quantizer.qmax, dtype=np.int64)
     bounds = []
     for step in program.steps:
-        if isinstance(step, TableStep):
+        if step.produces != "accumulator":  # a table (the chain holds no other step)
             lower, upper = step.out_min, step.out_max
             continue
-        # NOTE: a convolution's geometry, once LinearStep carries it (dense layers need none)
-        attrs = getattr(step, "attrs", None)
-        lo, hi = linear_bounds(step.op, step.weight, lower, upper, attrs)
+        lo, hi = linear_bounds(step.op, step.weight, lower, upper, step.attrs)
         bounds.append(
             LayerFieldBounds(
                 name=step.name,
@@ -875,7 +875,7 @@ def prove_inference(model: Any, x: Any) -> Transcript:
     accumulators, activations = [], []
     for step in program.steps:
         value = np.asarray(step(value, NUMPY), dtype=np.int64)
-        (accumulators if isinstance(step, LinearStep) else activations).append(value)
+        (accumulators if step.produces == "accumulator" else activations).append(value)
     return Transcript(inputs, tuple(accumulators), tuple(activations))
 
 
@@ -970,8 +970,8 @@ def _verify(
     n = expected_inputs.shape[0]
     if not isinstance(transcript, Transcript):
         raise _RejectedError(None, f"Expected a Transcript; got {type(transcript).__name__}.")
-    linears = [s for s in program.steps if isinstance(s, LinearStep)]
-    tables = [s for s in program.steps if isinstance(s, TableStep)]
+    linears = [s for s in program.steps if s.produces == "accumulator"]
+    tables = [s for s in program.steps if s.produces != "accumulator"]
     counts = (len(transcript.accumulators), len(transcript.activations))
     if counts != (len(linears), len(tables)):
         raise _RejectedError(
@@ -984,7 +984,7 @@ def _verify(
         raise _RejectedError("input", _first_difference(value, expected_inputs, "input codes"))
     accumulators, activations = iter(transcript.accumulators), iter(transcript.activations)
     for step in program.steps:
-        if isinstance(step, LinearStep):
+        if step.produces == "accumulator":
             shape = (n,) + tuple(np.shape(step.acc_max))[1:]
             y = _claimed(next(accumulators), shape, f"accumulator of {step.name!r}", step.name)
             _check_linear(step, value, y, p, rng, rounds, dtype)
@@ -1067,7 +1067,7 @@ def verify_inference(
     generator = _make_rng(rng, "verify_inference")
     program = _module_of(model, "verify_inference")
     for step in program.steps:
-        if isinstance(step, LinearStep) and step.op != "linear":
+        if step.produces == "accumulator" and step.op != "linear":
             raise UnsupportedOpError(
                 step.op, step.name, "verify_inference checks dense 'linear' layers only."
             )

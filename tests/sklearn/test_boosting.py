@@ -12,7 +12,8 @@ import pytest
 import fhe_quant.sklearn as fs
 from fhe_quant import errors
 from fhe_quant.frontends.sklearn import boosting
-from fhe_quant.frontends.sklearn.tree import TreeQuantConfig
+from fhe_quant.lower_tree import TreeQuantConfig
+from fhe_quant.sklearn import _tree_builder
 
 xgb = pytest.importorskip("xgboost")
 lgb = pytest.importorskip("lightgbm")
@@ -254,4 +255,6 @@ def test_zero_as_missing_is_checked_per_node() -> None:
     else:
         boosting.check_booster(model, ensemble, x)
         config = TreeQuantConfig(5)
-        assert boosting.build_boosting_module(model, config, x).float_forward(x).shape == (300, 1)
+        assert _tree_builder(boosting.ensemble_from_booster, boosting.check_booster)(
+            model, config, x
+        ).float_forward(x).shape == (300, 1)

@@ -17,8 +17,8 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import fhe_quant.sklearn as fs
 from fhe_quant import errors
-from fhe_quant.frontends.sklearn.neighbors import KNNModule
 from fhe_quant.lower import NUMPY
+from fhe_quant.program_modules import KNNModule
 
 #: Tiny error probability: any difference between modes is a bug, not noise.
 P_ERROR = 1e-12

@@ -12,8 +12,8 @@ import pytest
 from sklearn.base import BaseEstimator, clone
 
 import fhe_quant.sklearn as fs
-from fhe_quant.frontends.sklearn.tree import TreeModule
 from fhe_quant.lower import TableRead, TableStep
+from fhe_quant.program_modules import TreeModule
 
 TINY_P_ERROR = 1e-12
 

@@ -10,7 +10,7 @@ import pytest
 
 import fhe_quant.sklearn as fs
 from fhe_quant.errors import InputError, ParameterError
-from fhe_quant.frontends.sklearn.tree import TreeQuantConfig
+from fhe_quant.lower_tree import TreeQuantConfig
 from fhe_quant.search import AccuracyBudgetError
 
 from .conftest import dataset

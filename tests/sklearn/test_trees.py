@@ -22,16 +22,13 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 import fhe_quant.sklearn as fs
 from fhe_quant import errors
 from fhe_quant.frontends.sklearn import OUTPUT_FUNCTIONS
-from fhe_quant.frontends.sklearn.tree import (
-    NARROWING_BUDGET,
-    TREE_CLASSES,
-    TreeQuantConfig,
-    build_tree_module,
-    check_ensemble,
-    ensemble_from_sklearn,
-    threshold_grid,
-)
+from fhe_quant.frontends.sklearn.tree import TREE_CLASSES, check_ensemble, ensemble_from_sklearn
 from fhe_quant.lower import TableStep
+from fhe_quant.lower_tree import NARROWING_BUDGET, TreeQuantConfig, threshold_grid
+from fhe_quant.sklearn import _tree_builder
+
+#: The module of a fitted scikit-learn tree model (what the estimators build).
+build_tree_module = _tree_builder(ensemble_from_sklearn, check_ensemble)
 
 #: Per-lookup error probability for exactness tests: any mismatch is then a real bug.
 TINY_P_ERROR = 1e-12
@@ -200,7 +197,7 @@ def test_merged_grid_decides_like_the_snapped_thresholds(load: Any) -> None:
 def test_the_default_grid_is_the_cheapest_that_keeps_the_decisions(load: Any) -> None:
     """``narrow`` takes the grid below what the thresholds need when the decisions on the
     calibration data stay within the budget, and never past it."""
-    from fhe_quant.frontends.sklearn import tree as trees
+    from fhe_quant import lower_tree as trees
 
     x_train, x_test, y_train, y_test = load("breast_cancer")
     model = fs.RandomForestClassifier(n_estimators=8, max_depth=4, random_state=0)

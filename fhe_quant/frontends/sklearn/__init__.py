@@ -27,16 +27,14 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.special import expit
 from sklearn.base import is_classifier
 
 from fhe_quant.errors import TraceError, UnsupportedOpError
-from fhe_quant.ir import Graph, describe_mismatch
+from fhe_quant.frontends.sklearn.base import OUTPUT_FUNCTIONS, Converter, SklearnGraph
+from fhe_quant.ir import describe_mismatch
 
 __all__ = [
     "SklearnGraph",
@@ -49,94 +47,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True, eq=False)
-class SklearnGraph:
-    """A fitted estimator, as the frontend hands it to the compiler and the client.
-
-    Attributes:
-        graph: the float graph of the raw outputs, shape ``(N, n_outputs)``.
-        output: the key in :data:`OUTPUT_FUNCTIONS` the client applies to the decrypted
-            raw outputs: the inverse link of a regressor (its predictions), or the
-            probability function of a classifier; ``None`` for a classifier without
-            probabilities (``LinearSVC``, ``SGDClassifier(loss="hinge")``).
-        ravel: scikit-learn returns the single output of this model as a 1-D array.
-    """
-
-    graph: Graph
-    output: str | None
-    ravel: bool
-
-    def __post_init__(self) -> None:
-        if self.output is not None and self.output not in OUTPUT_FUNCTIONS:
-            raise ValueError(
-                f"The 'output' of a SklearnGraph must be one of {sorted(OUTPUT_FUNCTIONS)} "
-                f"or None. Got {self.output!r} instead."
-            )
-
-
-# ------------------------------------------------------------------ client-side outputs
-
-
-def _binary(p: np.ndarray) -> np.ndarray:
-    p = p.reshape(-1)
-    return np.stack([1.0 - p, p], axis=1)
-
-
-def _normalize(p: np.ndarray) -> np.ndarray:
-    # NOTE: one-vs-rest scores are normalized to sum to one; a row of zeros (every class
-    # rejected) becomes uniform, as scikit-learn and LIBLINEAR do.
-    total = p.sum(axis=1, keepdims=True)
-    zero = total[:, 0] == 0
-    p = p.copy()
-    p[zero] = 1.0
-    total[zero] = p.shape[1]
-    return p / total
-
-
-def _sigmoid(raw: np.ndarray) -> np.ndarray:
-    p = expit(raw)
-    return _binary(p) if p.shape[1] == 1 else p
-
-
-def _ovr_sigmoid(raw: np.ndarray) -> np.ndarray:
-    p = expit(raw)
-    return _binary(p) if p.shape[1] == 1 else _normalize(p)
-
-
-def _softmax(raw: np.ndarray) -> np.ndarray:
-    shifted = np.exp(raw - raw.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
-
-
-def _modified_huber(raw: np.ndarray) -> np.ndarray:
-    p = (np.clip(raw, -1.0, 1.0) + 1.0) / 2.0
-    return _binary(p) if p.shape[1] == 1 else _normalize(p)
-
-
-#: What the client applies to the decrypted raw outputs ``(N, n_outputs)``, by name.
-#: Regressors: the inverse link (``identity``, ``exp``). Classifiers: the probabilities
-#: ``(N, n_classes)``; a single raw column is the positive class of a binary model.
-OUTPUT_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-    "identity": lambda raw: raw,
-    "exp": np.exp,
-    "sigmoid": _sigmoid,
-    "ovr_sigmoid": _ovr_sigmoid,
-    "softmax": _softmax,
-    "modified_huber": _modified_huber,
-    # Tree models: the decrypted class probabilities, renormalized to sum to one (their
-    # leaf values are quantized separately).
-    "normalize": lambda raw: _normalize(np.clip(raw, 0.0, None)),
-    # Binary tree classifiers: the one raw output is p(class 1) - 1/2 (so that the
-    # label is its sign, as for the other binary classifiers).
-    "centered_proba": lambda raw: _binary(np.clip(raw + 0.5, 0.0, 1.0)),
-}
-
-
 # ------------------------------------------------------------------ dispatch
-
-#: A converter reads a fitted estimator and returns its :class:`SklearnGraph`; it raises
-#: :class:`~fhe_quant.errors.UnsupportedOpError` naming any option it cannot compile.
-Converter = Callable[[Any], SklearnGraph]
 
 
 @functools.cache
@@ -148,8 +59,8 @@ def converters() -> dict[type, Converter]:
         >>> MLPRegressor in converters()
         True
     """
-    # NOTE: the family modules import SklearnGraph from this package, so the table is
-    # assembled on first use rather than at import time (no import cycle).
+    # NOTE: assembled on first use, so that importing the package (for its base types,
+    # re-exported from frontends/sklearn/base.py) does not import every family.
     from fhe_quant.frontends.sklearn import linear, neural
 
     return {**linear.CONVERTERS, **neural.CONVERTERS}

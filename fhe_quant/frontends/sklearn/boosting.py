@@ -4,8 +4,8 @@ A fitted ``xgboost.XGBClassifier``/``XGBRegressor`` or ``lightgbm.LGBMClassifier
 ``LGBMRegressor`` is read from its own dump (XGBoost's JSON model,
 ``Booster.save_raw("json")``, whose float32 arrays are exact, rather than the rounded
 text of ``get_dump``; LightGBM's ``Booster.dump_model()``, whose thresholds print with
-17 digits) into :class:`~fhe_quant.frontends.sklearn.tree.TreeEnsemble`, then quantized
-by :func:`~fhe_quant.frontends.sklearn.tree.quantize_ensemble`, unchanged. What is
+17 digits) into :class:`~fhe_quant.specs.TreeEnsemble`, then quantized
+by :func:`~fhe_quant.lower_tree.quantize_ensemble`, unchanged. What is
 read, and how each library's meaning is kept:
 
 * **Splits.** XGBoost sends ``x < t`` left, comparing float32 values; as ``float32(x) <=
@@ -42,6 +42,7 @@ tree and node (or the option).
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import warnings
@@ -54,10 +55,7 @@ import numpy as np
 from fhe_quant.errors import TraceError, UnsupportedOpError
 from fhe_quant.frontends.sklearn.tree import (
     TreeEnsemble,
-    TreeModule,
-    TreeQuantConfig,
     ensemble_from_leaves,
-    quantize_ensemble,
 )
 from fhe_quant.ir import describe_mismatch
 
@@ -440,34 +438,25 @@ def check_booster(model: Any, ensemble: TreeEnsemble, x: np.ndarray) -> None:
 
 def build_boosting_module(
     model: Any,
-    config: TreeQuantConfig,
+    config: Any,
     x: np.ndarray | None = None,
     *,
     low: np.ndarray | None = None,
     high: np.ndarray | None = None,
-) -> TreeModule:
-    """Convert, check and quantize a fitted XGBoost or LightGBM estimator, like
-    :func:`~fhe_quant.frontends.sklearn.tree.build_tree_module` for scikit-learn's.
-
-    Args:
-        model: a fitted ``XGBClassifier``, ``XGBRegressor``, ``LGBMClassifier`` or
-            ``LGBMRegressor``.
-        config: the grid and leaf value bits.
-        x: calibration data; the grid spans each feature's range over it, and the
-            tensor form is checked against the model on it.
-        low, high: the per-feature range instead of ``x`` (rebuilding a pickled model).
-
-    Raises:
-        UnsupportedOpError: an option, split or size that cannot be converted.
-        TraceError: the tensor form does not reproduce the model.
-    """
+) -> Any:
+    """Deprecated: :func:`ensemble_from_booster`, :func:`check_booster` on ``x``, then
+    :func:`fhe_quant.program_modules.build_tree_ensemble_module` (the same
+    :class:`~fhe_quant.program_modules.TreeModule`; issue 13 part 3 moved the module to
+    the model stage)."""
+    warnings.warn(
+        "fhe_quant.frontends.sklearn.boosting.build_boosting_module is deprecated: use "
+        "fhe_quant.program_modules.build_tree_ensemble_module(ensemble_from_booster(model), "
+        "config, x) after check_booster.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
     ensemble = ensemble_from_booster(model)
     if x is not None:
         check_booster(model, ensemble, x)
-        data = np.asarray(x, dtype=np.float64)
-    else:
-        assert low is not None and high is not None
-        # NOTE: the grid only depends on each feature's range: two rows give it.
-        data = np.stack([np.asarray(low, np.float64), np.asarray(high, np.float64)])
-    program, quantized = quantize_ensemble(ensemble, data, config)
-    return TreeModule(ensemble, quantized, program)
+    build = importlib.import_module("fhe_quant.program_modules").build_tree_ensemble_module
+    return build(ensemble, config, x, low=low, high=high)

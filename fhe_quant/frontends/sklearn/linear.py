@@ -37,7 +37,7 @@ from sklearn.linear_model import (
 from sklearn.svm import LinearSVC, LinearSVR
 
 from fhe_quant.errors import UnsupportedOpError
-from fhe_quant.frontends.sklearn import Converter, SklearnGraph
+from fhe_quant.frontends.sklearn.base import Converter, SklearnGraph
 from fhe_quant.ir import Graph, Node
 
 __all__ = ["classifier_output", "regressor_output", "linear_graph", "CONVERTERS"]

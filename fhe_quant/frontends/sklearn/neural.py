@@ -24,7 +24,7 @@ import numpy as np
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
 from fhe_quant.errors import UnsupportedOpError
-from fhe_quant.frontends.sklearn import Converter, SklearnGraph
+from fhe_quant.frontends.sklearn.base import Converter, SklearnGraph
 from fhe_quant.ir import Graph, Node
 
 __all__ = ["HIDDEN_ACTIVATIONS", "OUTPUT_ACTIVATIONS", "mlp_graph", "CONVERTERS"]
