@@ -60,6 +60,7 @@ MAX_KEY_BYTES = 1_200_000_000
 SIDE_BY_SIDE = RESULTS / "side_by_side.json"
 LATENCY_FEATURES = ("complexity", "pbs_count")
 KEYGEN_FEATURES = ("bootstrap_key_work", "keyswitch_key_bytes")
+CPUS = os.cpu_count() or 2
 N_LOOKUPS = 32
 
 
@@ -179,19 +180,40 @@ def side_by_side_runs(path: Path = SIDE_BY_SIDE) -> list[dict[str, Any]]:
         return []
     runs = []
     for r in json.loads(path.read_text())["rows"]:
-        if "execute_seconds_per_sample" not in r:
-            continue
         side = "fhe_quant " + r["label"] if r["side"] == "fhe_quant" else r["label"]
+        if "execute_seconds_per_sample" not in r:
+            why = r.get("keygen_skipped", "not keyed")
+            runs.append({**r, "circuit": f"{r['model']} ({side})", "skipped": why})
+            continue
         load = (r["load_average_before"] + r["load_average_after"]) / 2
         runs.append({**r, "circuit": f"{r['model']} ({side})", "load_average_1min": load})
     return runs
 
 
+def _load_exponent(model: CostModel, loaded: list[dict[str, Any]]) -> float:
+    """The exponent ``g`` of ``slowdown = (load / cpus) ** g`` that best fits (log least
+    squares) the loaded runs' measured / idle-estimated latency and key generation."""
+    xs, ys = [], []
+    for r in loaded:
+        ratio = max(1.0, r["load_average_1min"] / model.cpus)
+        if ratio <= 1.0:
+            continue
+        xs += [np.log(ratio)] * 2
+        ys += [
+            np.log(r["execute_seconds_per_sample"] / model.seconds_per_sample(r)),
+            np.log(r["keygen_seconds"] / model.keygen_seconds(r)),
+        ]
+    if not xs:
+        return 1.0
+    xs_, ys_ = np.array(xs), np.array(ys)
+    return round(max(0.0, float(np.sum(xs_ * ys_) / np.sum(xs_ * xs_))), 4)
+
+
 def calibrate(rows: list[dict[str, Any]], max_load: float) -> CostModel:
-    """The cost model fitted on the keyed rows measured at load <= ``max_load``."""
-    keyed = [
-        r for r in rows if "execute_seconds_per_sample" in r and r["load_average_1min"] <= max_load
-    ]
+    """The cost model fitted on the keyed rows measured at load <= ``max_load`` (and not
+    excluded), its load exponent on the keyed rows above it."""
+    usable = [r for r in rows if "execute_seconds_per_sample" in r and "excluded" not in r]
+    keyed = [r for r in usable if r["load_average_1min"] <= max_load]
     if not keyed:
         raise SystemExit(f"No keyed run at a load average <= {max_load}.")
     features = [cost_features(r) for r in keyed]
@@ -199,19 +221,23 @@ def calibrate(rows: list[dict[str, Any]], max_load: float) -> CostModel:
         features, [r["execute_seconds_per_sample"] for r in keyed], LATENCY_FEATURES
     )
     keygen = fit_linear(features, [r["keygen_seconds"] for r in keyed], KEYGEN_FEATURES)
-    load = float(np.mean([r["load_average_1min"] for r in keyed]))
+    load = round(float(np.mean([r["load_average_1min"] for r in keyed])), 2)
+    loaded = [r for r in usable if r["load_average_1min"] > max_load]
     measured = (
         f"benchmarks/cost_calibration.py, {len(keyed)} runs at load <= {max_load}, "
-        f"{datetime.now(UTC):%Y-%m-%d}, concrete-python {_concrete_version()}, "
-        f"{os.cpu_count()} cpus"
+        f"load exponent on {len(loaded)} runs above, {datetime.now(UTC):%Y-%m-%d}, "
+        f"concrete-python {_concrete_version()}, {CPUS} cpus"
     )
-    return CostModel(latency, keygen, _prices(rows), round(load, 2), measured)
+    idle = CostModel(latency, keygen, _prices(rows), load, measured, CPUS)
+    return CostModel(
+        latency, keygen, _prices(rows), load, measured, CPUS, _load_exponent(idle, loaded)
+    )
 
 
 def _markdown(rows: list[dict[str, Any]], model: CostModel, max_load: float) -> str:
     lines = [
         "| run | PBS | complexity | keys GB | keygen s (est, error) | s/sample (est, error) "
-        "| load | fitted |",
+        "| load | used for |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -219,13 +245,17 @@ def _markdown(rows: list[dict[str, Any]], model: CostModel, max_load: float) -> 
         head = f"| {r['circuit']} | {r['pbs_count']} | {r['complexity']:.3g} | "
         head += f"{r['key_bytes'] / 1e9:.2f} | "
         if "execute_seconds_per_sample" not in r:
-            why = r.get("skipped", "not keyed")
+            why = r.get("skipped") or r.get("keygen_skipped", "not keyed")
             lines.append(head + f"{why} | - ({est:.2f}) | - | no |")
             continue
-        kg_est = model.keygen_seconds(r)
+        load = r["load_average_1min"]
+        est = model.seconds_per_sample(r, load)
+        kg_est = model.keygen_seconds(r, load)
         kg_err = kg_est / r["keygen_seconds"] - 1
         error = est / r["execute_seconds_per_sample"] - 1
-        fitted = "yes" if r["load_average_1min"] <= max_load else "no (load)"
+        fitted = "yes" if load <= max_load else "load exponent"
+        if "excluded" in r:
+            fitted = f"no: {r['excluded']}"
         lines.append(
             head + f"{r['keygen_seconds']:.1f} ({kg_est:.1f}, {kg_err:+.0%}) | "
             f"{r['execute_seconds_per_sample']:.3f} ({est:.3f}, {error:+.0%}) | "
@@ -239,8 +269,10 @@ def _markdown(rows: list[dict[str, Any]], model: CostModel, max_load: float) -> 
         f"(worst residual {lat.max_relative_residual:.0%}, {lat.n_runs} runs)",
         f"keygen = {terms(kg)} + {kg.intercept:.2f} s "
         f"(worst residual {kg.max_relative_residual:.0%}, {kg.n_runs} runs)",
-        f"fitted on runs at load average <= {max_load} (mean {model.load_average}); "
-        "runs above it are shown, not fitted.",
+        f"fitted on runs at load average <= {max_load} (mean {model.load_average}); above "
+        f"it, estimates are multiplied by (load / {model.cpus}) ** {model.load_exponent} "
+        "(the exponent fitted on those runs): every estimate in the table is at its run's "
+        "load.",
         f"lookup price by width (4 bits = 1): {model.lookup_price}",
     ]
     return "\n".join(lines)

@@ -25,18 +25,22 @@ Every row has: the ``uptime`` line and load average before the model, PBS, the w
 integer, table lookups by input width (read from the concrete graph identically on both
 sides), Concrete's ``complexity``, evaluation key bytes, simulated accuracy on the whole
 test split, and with real keys (unless ``--skip-keygen``) key generation seconds and the
-mean encrypted seconds per sample over ``--samples`` samples.
+mean encrypted seconds per sample over ``--samples`` samples; circuits whose evaluation
+keys exceed ``--max-key-gb`` (default 2 GB: memory is shared) get no keys, and say so.
 
 Results merge into ``benchmarks/results/side_by_side.json`` (a row is replaced by a new
 one of the same side, label and model) and the table ``side_by_side.md``. After merging
 other work, ``--side ours --label after`` re-measures fhe_quant only and keeps the
 Concrete ML rows.
 
+``--side none --import-rows A.json B.json`` merges the rows of runs written elsewhere
+(``--out``), e.g. the two sides measured at the same time.
+
 Usage::
 
-    python benchmarks/side_by_side.py [--side both|ours|cml] [--label before]
+    python benchmarks/side_by_side.py [--side both|ours|cml|none] [--label before]
         [--checkout DIR] [--cml-python /work/cmlvenv/bin/python] [--models ...]
-        [--samples 2] [--skip-keygen] [--work /tmp/side_by_side]
+        [--samples 2] [--skip-keygen] [--max-key-gb 2] [--work /tmp/side_by_side]
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ from side_by_side_cml import (
     MODELS,
     SKLEARN_PARAMS,
     TITLES,
+    accuracy,
     circuit_columns,
     fit_sklearn,
     float_torch_model,
@@ -182,7 +187,14 @@ def _commit() -> str:
     return f"{root} @ {done.stdout.strip() or '?'}"
 
 
-def measure_ours(name: str, work: Path, label: str, samples: int, keygen: bool) -> dict:
+def measure_ours(
+    name: str,
+    work: Path,
+    label: str,
+    samples: int,
+    keygen: bool,
+    max_key_bytes: float = float("inf"),
+) -> dict:
     """fhe_quant's row for model ``name`` (the fhe_quant first on the path)."""
     from importlib.metadata import version
 
@@ -207,10 +219,12 @@ def measure_ours(name: str, work: Path, label: str, samples: int, keygen: bool) 
     row["accumulator_bits"] = [layer.get("accumulator_bits") for layer in layers]
     row["table_input_bits"] = [layer.get("table_input_bits") for layer in layers]
     x_test, y_test = saved["x_test"], saved["y_test"]
-    row["accuracy_simulate"] = float(np.mean(predict(x_test, "simulate") == y_test))
-    row["accuracy_disable"] = float(np.mean(predict(x_test, "disable") == y_test))
+    row["accuracy_simulate"] = accuracy(predict, x_test, y_test, "simulate")
+    row["accuracy_disable"] = accuracy(predict, x_test, y_test, "disable")
     row["float_accuracy"] = float(saved["float_accuracy"])
-    if keygen:
+    if keygen and row["key_bytes"] > max_key_bytes:
+        row["keygen_skipped"] = f"evaluation keys {row['key_bytes'] / 1e9:.1f} GB > --max-key-gb"
+    elif keygen:
         row.update(timed_runs(qm.keygen, run_one, x_test, samples))
     return row
 
@@ -226,7 +240,14 @@ def ours_rows(args: argparse.Namespace) -> list[dict]:
         rows = []
         for name in args.models:
             rows.append(
-                measure_ours(name, args.work, args.label, args.samples, not args.skip_keygen)
+                measure_ours(
+                    name,
+                    args.work,
+                    args.label,
+                    args.samples,
+                    not args.skip_keygen,
+                    args.max_key_gb * 1e9,
+                )
             )
             print(json.dumps(rows[-1]), flush=True)
         return rows
@@ -250,7 +271,7 @@ def ours_rows(args: argparse.Namespace) -> list[dict]:
         "--models",
         *args.models,
     ]
-    return _json_lines(command + (["--skip-keygen"] if args.skip_keygen else []), env)
+    return _json_lines(command + _cost_options(args), env)
 
 
 def cml_rows(args: argparse.Namespace) -> list[dict]:
@@ -264,7 +285,12 @@ def cml_rows(args: argparse.Namespace) -> list[dict]:
         "--models",
         *args.models,
     ]
-    return _json_lines(command + (["--skip-keygen"] if args.skip_keygen else []))
+    return _json_lines(command + _cost_options(args))
+
+
+def _cost_options(args: argparse.Namespace) -> list[str]:
+    """The options that limit key generation, passed on to a subprocess."""
+    return ["--max-key-gb", str(args.max_key_gb)] + (["--skip-keygen"] if args.skip_keygen else [])
 
 
 # ---------------------------------------------------------------- results
@@ -313,13 +339,19 @@ def markdown(rows: list[dict]) -> str:
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", choices=("both", "ours", "cml"), default="both")
+    parser.add_argument("--side", choices=("both", "ours", "cml", "none"), default="both")
+    parser.add_argument(
+        "--import-rows", nargs="*", type=Path, default=[], help="merge the rows of these JSONs"
+    )
     parser.add_argument("--label", default="before", help="the fhe_quant rows' label")
     parser.add_argument("--checkout", default=None, help="measure the fhe_quant of this dir")
     parser.add_argument("--cml-python", default="/work/cmlvenv/bin/python")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--samples", type=int, default=2, help="encrypted samples per model")
     parser.add_argument("--skip-keygen", action="store_true", help="no keys, no latency")
+    parser.add_argument(
+        "--max-key-gb", type=float, default=2.0, help="no keys for circuits whose keys are larger"
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/side_by_side"))
     parser.add_argument("--retrain", action="store_true", help="train the float models again")
     parser.add_argument("--rows-only", action="store_true", help=argparse.SUPPRESS)
@@ -334,7 +366,7 @@ def main() -> None:
         ours_rows(args)
         return
     prepare(args.work, args.models, args.retrain)
-    new = []
+    new = [row for path in args.import_rows for row in json.loads(path.read_text())["rows"]]
     if args.side in ("both", "cml"):
         new += cml_rows(args)
     if args.side in ("both", "ours"):

@@ -16,7 +16,7 @@ encrypted latency of ``--samples`` samples. One JSON row per model is printed on
 Usage (normally called by side_by_side.py)::
 
     /work/cmlvenv/bin/python benchmarks/side_by_side_cml.py --work DIR \
-        [--models mlp_ptq ...] [--samples 2] [--skip-keygen]
+        [--models mlp_ptq ...] [--samples 2] [--skip-keygen] [--max-key-gb 2]
 """
 
 from __future__ import annotations
@@ -176,6 +176,16 @@ def circuit_columns(circuit: Any) -> dict[str, Any]:
     }
 
 
+def accuracy(predict: Callable, x: np.ndarray, y: np.ndarray, fhe: str, chunk: int = 32) -> float:
+    """Accuracy of ``predict(x, fhe)`` on the whole split, ``chunk`` samples at a time
+    (a whole test split simulated at once can take gigabytes)."""
+    hits = sum(
+        int(np.sum(predict(x[i : i + chunk], fhe) == y[i : i + chunk]))
+        for i in range(0, len(x), chunk)
+    )
+    return hits / len(x)
+
+
 def timed_runs(
     keygen: Callable[[], Any], run_one: Callable[[np.ndarray], Any], x: np.ndarray, samples: int
 ) -> dict[str, Any]:
@@ -261,7 +271,9 @@ def _cml_sklearn(name: str, saved: Any) -> tuple[Any, Any, Callable, Callable]:
     return model, model.fhe_circuit, predict, lambda x: model.predict(x, fhe="execute")
 
 
-def measure_cml(name: str, work: Path, samples: int, keygen: bool) -> dict[str, Any]:
+def measure_cml(
+    name: str, work: Path, samples: int, keygen: bool, max_key_bytes: float = float("inf")
+) -> dict[str, Any]:
     """Concrete ML's row for model ``name``."""
     from importlib.metadata import version
 
@@ -282,10 +294,12 @@ def measure_cml(name: str, work: Path, samples: int, keygen: bool) -> dict[str, 
     row["compile_seconds"] = time.perf_counter() - start
     row.update(circuit_columns(circuit))
     x_test, y_test = saved["x_test"], saved["y_test"]
-    row["accuracy_simulate"] = float(np.mean(predict(x_test, "simulate") == y_test))
-    row["accuracy_disable"] = float(np.mean(predict(x_test, "disable") == y_test))
+    row["accuracy_simulate"] = accuracy(predict, x_test, y_test, "simulate")
+    row["accuracy_disable"] = accuracy(predict, x_test, y_test, "disable")
     row["float_accuracy"] = float(saved["float_accuracy"])
-    if keygen:
+    if keygen and row["key_bytes"] > max_key_bytes:
+        row["keygen_skipped"] = f"evaluation keys {row['key_bytes'] / 1e9:.1f} GB > --max-key-gb"
+    elif keygen:
         row.update(timed_runs(lambda: circuit.keygen(force=True), run_one, x_test, samples))
     return row
 
@@ -296,9 +310,12 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--samples", type=int, default=2)
     parser.add_argument("--skip-keygen", action="store_true")
+    parser.add_argument("--max-key-gb", type=float, default=2.0)
     args = parser.parse_args()
     for name in args.models:
-        row = measure_cml(name, args.work, args.samples, not args.skip_keygen)
+        row = measure_cml(
+            name, args.work, args.samples, not args.skip_keygen, args.max_key_gb * 1e9
+        )
         print(json.dumps(row), flush=True)
         print(f"{name}: done", file=sys.stderr, flush=True)
 

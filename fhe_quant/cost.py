@@ -207,6 +207,10 @@ class CostModel:
             layers, never to compute it.
         load_average: the 1-minute load average while it was measured.
         measured: where and with what it was measured (free text).
+        cpus: cores of the machine it was measured on.
+        load_exponent: on a busy machine (load average ``L`` above ``cpus``) every
+            estimate is multiplied by ``(L / cpus) ** load_exponent``: the circuit gets
+            its fair share of the cores (fitted on loaded runs; 1 is a fair share).
     """
 
     latency: LinearFit
@@ -214,6 +218,8 @@ class CostModel:
     lookup_price: Mapping[int, float]
     load_average: float = 0.0
     measured: str = ""
+    cpus: int = 2
+    load_exponent: float = 1.0
 
     def __post_init__(self) -> None:
         prices = {int(k): float(v) for k, v in dict(self.lookup_price).items()}
@@ -223,17 +229,46 @@ class CostModel:
                 f"prices. Got {dict(self.lookup_price)!r}."
             )
         object.__setattr__(self, "lookup_price", dict(sorted(prices.items())))
+        if not isinstance(self.cpus, int) or self.cpus < 1:
+            raise ParameterError(
+                f"The 'cpus' of a CostModel must be an int >= 1. Got {self.cpus!r}."
+            )
+        exponent = self.load_exponent
+        if not isinstance(exponent, int | float) or not np.isfinite(exponent) or exponent < 0:
+            raise ParameterError(
+                f"The 'load_exponent' of a CostModel must be finite and >= 0. Got {exponent!r}."
+            )
 
-    def seconds_per_sample(self, figures: float | Mapping[str, Any]) -> float:
+    def slowdown(self, load_average: float | None) -> float:
+        """How much slower runs are at ``load_average`` than on an idle machine (1 when
+        ``None`` or at most ``cpus``).
+
+        Examples:
+            >>> model = CostModel.default()
+            >>> model.slowdown(None), model.slowdown(1.0), model.slowdown(8.0) > 2
+            (1.0, 1.0, True)
+        """
+        if load_average is None:
+            return 1.0
+        if not isinstance(load_average, int | float) or not np.isfinite(load_average):
+            raise ParameterError(f"A load average must be a finite number. Got {load_average!r}.")
+        return max(1.0, float(load_average) / self.cpus) ** self.load_exponent
+
+    def seconds_per_sample(
+        self, figures: float | Mapping[str, Any], load_average: float | None = None
+    ) -> float:
         """Estimated encrypted seconds for one sample, from :func:`circuit_figures` (or
-        :func:`cost_features`), or from a ``complexity`` alone (other features 0)."""
-        return self.latency(_features(figures, "complexity"))
+        :func:`cost_features`), or from a ``complexity`` alone (other features 0); on an
+        idle machine, or at ``load_average`` (:meth:`slowdown`)."""
+        return self.latency(_features(figures, "complexity")) * self.slowdown(load_average)
 
-    def keygen_seconds(self, figures: float | Mapping[str, Any]) -> float:
+    def keygen_seconds(
+        self, figures: float | Mapping[str, Any], load_average: float | None = None
+    ) -> float:
         """Estimated key generation seconds, from :func:`circuit_figures` (or
         :func:`cost_features`); a number is read as evaluation key bytes, which only a
-        fit on key bytes can use."""
-        return self.keygen(_features(figures, "key_bytes"))
+        fit on key bytes can use. Idle, or at ``load_average`` (:meth:`slowdown`)."""
+        return self.keygen(_features(figures, "key_bytes")) * self.slowdown(load_average)
 
     def price(self, width: int) -> float:
         """Relative price of one lookup reading ``width`` bits (widths past the widest
@@ -273,6 +308,8 @@ class CostModel:
                 {int(k): float(v) for k, v in data["lookup_price"].items()},
                 float(data.get("load_average", 0.0)),
                 str(data.get("measured", "")),
+                int(data.get("cpus", 2)),
+                float(data.get("load_exponent", 1.0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ParameterError(

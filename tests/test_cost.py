@@ -305,3 +305,27 @@ def test_shipped_fit_is_reproduced_from_the_recorded_runs(monkeypatch):
         assert got.n_runs == want.n_runs
     assert refit.lookup_price == shipped.lookup_price
     assert refit.load_average == shipped.load_average
+
+
+def test_estimates_at_a_load_are_a_fair_share_of_the_cores():
+    data = {**CostModel.default().to_dict(), "cpus": 2, "load_exponent": 1.0}
+    model = CostModel.from_dict(data)
+    idle = model.seconds_per_sample(1e10)
+    assert model.seconds_per_sample(1e10, 1.5) == idle  # not above the cores: idle
+    assert model.seconds_per_sample(1e10, 8.0) == pytest.approx(4 * idle)
+    figures = {
+        "complexity": 1e10,
+        "pbs_count": 10,
+        "pbs_per_parameter": (((1024, 2, 700, 2), 10),),
+        "bootstrap_key_bytes": 8 * 700 * 9 * 2 * 1024,
+        "keyswitch_key_bytes": 1e7,
+    }
+    assert model.keygen_seconds(figures, 8.0) == pytest.approx(4 * model.keygen_seconds(figures))
+    half = CostModel.from_dict({**data, "load_exponent": 0.5})
+    assert half.seconds_per_sample(1e10, 8.0) == pytest.approx(2 * idle)
+    with pytest.raises(ParameterError, match="'cpus'"):
+        CostModel.from_dict({**data, "cpus": 0})
+    with pytest.raises(ParameterError, match="'load_exponent'"):
+        CostModel.from_dict({**data, "load_exponent": -1.0})
+    with pytest.raises(ParameterError, match="load average must be a finite"):
+        model.seconds_per_sample(1e10, float("nan"))
