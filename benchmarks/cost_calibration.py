@@ -25,8 +25,10 @@ Usage::
     python benchmarks/cost_calibration.py [--samples 3] [--reuse] [--max-load 3] [--write]
 
 ``--reuse`` fits the runs already in ``results/cost_calibration.json`` instead of
-measuring again. Writes ``benchmarks/results/cost_calibration.json`` and ``.md``;
-``--write`` also rewrites the shipped model ``fhe_quant/data/cost_model.json``.
+measuring again; ``--refigure`` also recompiles their circuits (no keys) to read their
+figures again, e.g. the keys' decomposition levels that the first format lacked.
+Writes ``benchmarks/results/cost_calibration.json`` and ``.md``; ``--write`` also
+rewrites the shipped model ``fhe_quant/data/cost_model.json``.
 """
 
 from __future__ import annotations
@@ -147,6 +149,24 @@ def _measure(name: str, build: Callable, samples: int) -> dict[str, Any]:
     row["load_average_1min"] = (load_before + os.getloadavg()[0]) / 2
     circuit.cleanup()
     return row
+
+
+def refigure(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with their circuit figures read again from the recompiled circuits (no
+    keys): results of the first format lack the keys' decomposition levels. The circuits
+    are deterministic; a row whose complexity differs is refused."""
+    builds = dict(_cases())
+    out = []
+    for row in rows:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            circuit, _ = builds[row["circuit"]]()
+        figures = circuit_figures(circuit)
+        if figures["complexity"] != row["complexity"]:
+            raise SystemExit(f"{row['circuit']}: the circuit changed, measure it again.")
+        figures["pbs_per_parameter"] = [[list(k), n] for k, n in figures["pbs_per_parameter"]]
+        out.append({**row, **figures})
+    return out
 
 
 def _prices(rows: list[dict[str, Any]]) -> dict[int, float]:
@@ -282,12 +302,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=3, help="encrypted samples per circuit")
     parser.add_argument("--reuse", action="store_true", help="fit the runs of the JSON")
+    parser.add_argument(
+        "--refigure", action="store_true", help="--reuse, reading the circuit figures again"
+    )
     parser.add_argument("--max-load", type=float, default=3.0, help="fit runs below this")
     parser.add_argument("--write", action="store_true", help="rewrite the shipped model")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    if args.reuse:
+    if args.reuse or args.refigure:
         rows = json.loads((RESULTS / "cost_calibration.json").read_text())["rows"]
+        rows = refigure(rows) if args.refigure else rows
     else:
         rows = []
         for name, build in tqdm(_cases(), desc="calibration", disable=not args.verbose):

@@ -294,6 +294,14 @@ def _cost_options(args: argparse.Namespace) -> list[str]:
 
 
 # ---------------------------------------------------------------- results
+def _read_rows(path: Path) -> list[dict]:
+    """The rows of a results JSON, or of a file of JSON lines (a companion's stdout)."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        return json.loads(text)["rows"]
+    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
 def merge(old: list[dict], new: list[dict]) -> list[dict]:
     """``old`` with every row of the same (side, label, model) as a new one replaced.
 
@@ -313,6 +321,12 @@ def _cell(row: dict, name: str, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _keygen_cell(row: dict) -> str:
+    if "keygen_skipped" in row:
+        return "not keyed (keys > --max-key-gb)"
+    return _cell(row, "keygen_seconds", ".1f")
+
+
 def markdown(rows: list[dict]) -> str:
     lines = [
         "| model | side | PBS | widest int | lookups by input bits | complexity | keys MB "
@@ -328,12 +342,21 @@ def markdown(rows: list[dict]) -> str:
         lines.append(
             f"| {r['model']} | {side} | {r['pbs_count']} | {r['max_bit_width']} | {widths} "
             f"| {r['complexity']:.3g} | {r['key_bytes'] / 1e6:.0f} "
-            f"| {_cell(r, 'keygen_seconds', '.1f')} "
+            f"| {_keygen_cell(r)} "
             f"| {_cell(r, 'execute_seconds_per_sample', '.2f')} "
             f"| {r['accuracy_simulate']:.3f} / {r['float_accuracy']:.3f} "
             f"| {r['load_average_before']:.2f} |"
         )
-    lines += ["", "Models:"] + [f"- `{k}`: {v}" for k, v in TITLES.items()]
+    loads = [r["load_average_before"] for r in rows]
+    lines += [
+        "",
+        f"Load average (1 min) before each model: {min(loads):.1f} to {max(loads):.1f} on "
+        f"{os.cpu_count()} cores: latency and key generation are slower by about load / "
+        "cores than on an idle machine (see cost_calibration.md); PBS, widths, complexity, "
+        "key sizes and accuracy do not depend on the load.",
+        "",
+        "Models:",
+    ] + [f"- `{k}`: {v}" for k, v in TITLES.items()]
     return "\n".join(lines)
 
 
@@ -366,7 +389,7 @@ def main() -> None:
         ours_rows(args)
         return
     prepare(args.work, args.models, args.retrain)
-    new = [row for path in args.import_rows for row in json.loads(path.read_text())["rows"]]
+    new = [row for path in args.import_rows for row in _read_rows(path)]
     if args.side in ("both", "cml"):
         new += cml_rows(args)
     if args.side in ("both", "ours"):
