@@ -303,7 +303,8 @@ def _read_rows(path: Path) -> list[dict]:
 
 
 def merge(old: list[dict], new: list[dict]) -> list[dict]:
-    """``old`` with every row of the same (side, label, model) as a new one replaced.
+    """``old`` with every row of the same (side, label, model) as a new one replaced (and
+    of new rows alike, only the last).
 
     Examples:
         >>> old = [{"side": "a", "label": "x", "model": "m", "v": 1},
@@ -312,8 +313,8 @@ def merge(old: list[dict], new: list[dict]) -> list[dict]:
         [2, 3]
     """
     key = lambda r: (r["side"], r["label"], r["model"])  # noqa: E731
-    fresh = {key(r) for r in new}
-    return [r for r in old if key(r) not in fresh] + list(new)
+    latest = {key(r): r for r in new}  # of two new rows alike, the later one
+    return [r for r in old if key(r) not in latest] + list(latest.values())
 
 
 def _cell(row: dict, name: str, fmt: str) -> str:
