@@ -10,7 +10,7 @@ are not keyed. Key generations run one at a time.
 
 Fits (non-negative, relative least squares; fhe_quant/cost.py)::
 
-    seconds per sample = a * complexity + b * bootstraps + c
+    seconds per sample = a * complexity + b * bootstrap key traffic + c
     key generation     = d * bootstrap key work + e * keyswitch key bytes + f
 
 on these runs and on the encrypted runs of ``benchmarks/results/side_by_side.json`` (both
@@ -60,7 +60,7 @@ RESULTS = Path(__file__).parent / "results"
 SHIPPED = Path(__file__).parent.parent / "fhe_quant" / "data" / "cost_model.json"
 MAX_KEY_BYTES = 1_200_000_000
 SIDE_BY_SIDE = RESULTS / "side_by_side.json"
-LATENCY_FEATURES = ("complexity", "pbs_count")
+LATENCY_FEATURES = ("complexity", "bootstrap_key_traffic")
 KEYGEN_FEATURES = ("bootstrap_key_work", "keyswitch_key_bytes")
 CPUS = os.cpu_count() or 2
 N_LOOKUPS = 32

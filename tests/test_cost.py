@@ -59,12 +59,17 @@ def test_estimate_needs_no_keys_and_matches_circuit(small_model):
     assert estimate.key_bytes == circuit.size_of_bootstrap_keys + circuit.size_of_keyswitch_keys
     model = CostModel.default()
     latency = model.latency
+    figures = circuit_figures(circuit)
+    traffic = sum(
+        count * 8 * n * (k + 1) ** 2 * level * size
+        for (size, k, n, level), count in figures["pbs_per_parameter"]
+    )
     assert estimate.seconds_per_sample == pytest.approx(
         latency.coefficients["complexity"] * circuit.complexity
+        + latency.coefficients.get("bootstrap_key_traffic", 0.0) * traffic
         + latency.coefficients.get("pbs_count", 0.0) * circuit.programmable_bootstrap_count
         + latency.intercept
     )
-    figures = circuit_figures(circuit)
     assert estimate.keygen_seconds == pytest.approx(model.keygen_seconds(figures))
     # each bootstrap key's parameters, with its decomposition level, as in the key set
     keyset = circuit.client.specs.program_info.get_keyset_info().bootstrap_keys()
