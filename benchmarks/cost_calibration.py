@@ -8,15 +8,25 @@ two digits MLPs (64-32-10, PTQ 4 bits and rounding to 4 / 5 bits), a decision tr
 encrypted latency of a few samples. Circuits whose evaluation keys would exceed 1 GB
 are not keyed. Key generations run one at a time.
 
-Fits ``seconds = a * complexity + b`` and ``keygen = c * key bytes + d`` (relative
-least squares), the relative lookup price by width (complexity per lookup of the
-single-width circuits, normalised to a 4-bit lookup), and prints estimate against
-measurement for every run.
+Fits (non-negative, relative least squares; fhe_quant/cost.py)::
+
+    seconds per sample = a * complexity + b * bootstrap key traffic + c
+    key generation     = d * bootstrap key work + e * keyswitch key bytes + f
+
+on these runs and on the encrypted runs of ``benchmarks/results/side_by_side.json`` (both
+sides: Concrete ML's circuits use other parameters, which the fit must cover too), but
+only on runs measured at a load average <= ``--max-load``: under load (six helpers on 2
+cores) the same circuit runs 2-5x slower. It also fits the relative lookup price by
+width (complexity per lookup of the single-width circuits, normalised to a 4-bit
+lookup), and writes estimate against measurement for every run, with its load.
 
 Usage::
 
-    python benchmarks/cost_calibration.py [--samples 3] [--write]
+    python benchmarks/cost_calibration.py [--samples 3] [--reuse] [--max-load 3] [--write]
 
+``--reuse`` fits the runs already in ``results/cost_calibration.json`` instead of
+measuring again; ``--refigure`` also recompiles their circuits (no keys) to read their
+figures again, e.g. the keys' decomposition levels that the first format lacked.
 Writes ``benchmarks/results/cost_calibration.json`` and ``.md``; ``--write`` also
 rewrites the shipped model ``fhe_quant/data/cost_model.json``.
 """
@@ -42,13 +52,17 @@ from sklearn.model_selection import train_test_split
 from tqdm.auto import tqdm
 
 import fhe_quant.sklearn as fs
-from fhe_quant.cost import CostModel, circuit_figures, fit_line
+from fhe_quant.cost import CostModel, circuit_figures, cost_features, fit_linear
 from fhe_quant.torch import compile_torch_model
 from fhe_quant.training import fit
 
 RESULTS = Path(__file__).parent / "results"
 SHIPPED = Path(__file__).parent.parent / "fhe_quant" / "data" / "cost_model.json"
-MAX_KEY_BYTES = 1_000_000_000
+MAX_KEY_BYTES = 1_200_000_000
+SIDE_BY_SIDE = RESULTS / "side_by_side.json"
+LATENCY_FEATURES = ("complexity", "bootstrap_key_traffic")
+KEYGEN_FEATURES = ("bootstrap_key_work", "keyswitch_key_bytes")
+CPUS = os.cpu_count() or 2
 N_LOOKUPS = 32
 
 
@@ -121,6 +135,7 @@ def _measure(name: str, build: Callable, samples: int) -> dict[str, Any]:
     if row["key_bytes"] > MAX_KEY_BYTES:
         row["skipped"] = f"evaluation keys {row['key_bytes'] / 1e9:.2f} GB > 1 GB"
         return row
+    load_before = os.getloadavg()[0]
     start = time.perf_counter()
     circuit.keygen()
     row["keygen_seconds"] = time.perf_counter() - start
@@ -131,9 +146,31 @@ def _measure(name: str, build: Callable, samples: int) -> dict[str, Any]:
         circuit.decrypt(circuit.run(circuit.encrypt(sample)))
         latencies.append(time.perf_counter() - start)
     row["execute_seconds_per_sample"] = float(np.mean(latencies))
-    row["load_average_1min"] = os.getloadavg()[0]
+    row["load_average_1min"] = (load_before + os.getloadavg()[0]) / 2
     circuit.cleanup()
     return row
+
+
+def refigure(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``rows`` with their circuit figures read again from the recompiled circuits (no
+    keys): results of the first format lack the keys' decomposition levels. The circuits
+    are deterministic; a row whose complexity differs is kept, excluded from the fits."""
+    builds = dict(_cases())
+    out = []
+    for row in rows:
+        if row["circuit"] not in builds or "excluded" in row:
+            out.append(row)
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            circuit, _ = builds[row["circuit"]]()
+        figures = circuit_figures(circuit)
+        if figures["complexity"] != row["complexity"]:
+            out.append({**row, "excluded": "circuit changed since measured (no key levels)"})
+            continue
+        figures["pbs_per_parameter"] = [[list(k), n] for k, n in figures["pbs_per_parameter"]]
+        out.append({**row, **figures})
+    return out
 
 
 def _prices(rows: list[dict[str, Any]]) -> dict[int, float]:
@@ -160,50 +197,112 @@ def _concrete_version() -> str:
     return version("concrete-python")
 
 
-def calibrate(rows: list[dict[str, Any]]) -> CostModel:
-    """The cost model fitted on the measured rows."""
-    keyed = [r for r in rows if "execute_seconds_per_sample" in r]
-    latency = fit_line(
-        [r["complexity"] for r in keyed], [r["execute_seconds_per_sample"] for r in keyed]
+def side_by_side_runs(path: Path = SIDE_BY_SIDE) -> list[dict[str, Any]]:
+    """The rows of side_by_side.json, as calibration runs (load: the mean of the load
+    averages before and after the model; latency: the mean of the runs after the first,
+    which also pays for expanding the keys, when there are several)."""
+    if not path.exists():
+        return []
+    runs = []
+    for r in json.loads(path.read_text())["rows"]:
+        side = "fhe_quant " + r["label"] if r["side"] == "fhe_quant" else r["label"]
+        if "execute_seconds_per_sample" not in r:
+            why = r.get("keygen_skipped", "not keyed")
+            runs.append({**r, "circuit": f"{r['model']} ({side})", "skipped": why})
+            continue
+        load = (r["load_average_before"] + r["load_average_after"]) / 2
+        run = {**r, "circuit": f"{r['model']} ({side})", "load_average_1min": load}
+        times = r.get("execute_seconds", [])
+        if len(times) >= 2:  # the first run also expands the keys: the estimate is of the rest
+            run["execute_seconds_per_sample"] = float(np.mean(times[1:]))
+            run["first_run_seconds"] = times[0]
+        runs.append(run)
+    return runs
+
+
+def _load_exponent(model: CostModel, loaded: list[dict[str, Any]]) -> float:
+    """The exponent ``g`` of ``slowdown = (load / cpus) ** g`` that best fits (log least
+    squares) the loaded runs' measured / idle-estimated latency and key generation."""
+    xs, ys = [], []
+    for r in loaded:
+        ratio = max(1.0, r["load_average_1min"] / model.cpus)
+        if ratio <= 1.0:
+            continue
+        xs += [np.log(ratio)] * 2
+        ys += [
+            np.log(r["execute_seconds_per_sample"] / model.seconds_per_sample(r)),
+            np.log(r["keygen_seconds"] / model.keygen_seconds(r)),
+        ]
+    if not xs:
+        return 1.0
+    xs_, ys_ = np.array(xs), np.array(ys)
+    return round(max(0.0, float(np.sum(xs_ * ys_) / np.sum(xs_ * xs_))), 4)
+
+
+def calibrate(rows: list[dict[str, Any]], max_load: float) -> CostModel:
+    """The cost model fitted on the keyed rows measured at load <= ``max_load`` (and not
+    excluded), its load exponent on the keyed rows above it."""
+    usable = [r for r in rows if "execute_seconds_per_sample" in r and "excluded" not in r]
+    keyed = [r for r in usable if r["load_average_1min"] <= max_load]
+    if not keyed:
+        raise SystemExit(f"No keyed run at a load average <= {max_load}.")
+    features = [cost_features(r) for r in keyed]
+    latency = fit_linear(
+        features, [r["execute_seconds_per_sample"] for r in keyed], LATENCY_FEATURES
     )
-    keygen = fit_line([r["key_bytes"] for r in keyed], [r["keygen_seconds"] for r in keyed])
-    load = float(np.mean([r["load_average_1min"] for r in keyed]))
+    keygen = fit_linear(features, [r["keygen_seconds"] for r in keyed], KEYGEN_FEATURES)
+    load = round(float(np.mean([r["load_average_1min"] for r in keyed])), 2)
+    loaded = [r for r in usable if r["load_average_1min"] > max_load]
     measured = (
-        f"benchmarks/cost_calibration.py, {len(keyed)} circuits, "
-        f"{datetime.now(UTC):%Y-%m-%d}, concrete-python {_concrete_version()}, "
-        f"{os.cpu_count()} cpus"
+        f"benchmarks/cost_calibration.py, {len(keyed)} runs at load <= {max_load}, "
+        f"load exponent on {len(loaded)} runs above, {datetime.now(UTC):%Y-%m-%d}, "
+        f"concrete-python {_concrete_version()}, {CPUS} cpus"
     )
-    return CostModel(latency, keygen, _prices(rows), round(load, 2), measured)
+    idle = CostModel(latency, keygen, _prices(rows), load, measured, CPUS)
+    return CostModel(
+        latency, keygen, _prices(rows), load, measured, CPUS, _load_exponent(idle, loaded)
+    )
 
 
-def _markdown(rows: list[dict[str, Any]], model: CostModel) -> str:
+def _markdown(rows: list[dict[str, Any]], model: CostModel, max_load: float) -> str:
     lines = [
-        "| circuit | PBS | complexity | keys GB | keygen s (est) | s/sample (est) | error | load |",
+        "| run | PBS | complexity | keys GB | keygen s (est, error) | s/sample (est, error) "
+        "| load | used for |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        est = model.seconds_per_sample(r["complexity"])
-        if "skipped" in r:
-            lines.append(
-                f"| {r['circuit']} | {r['pbs_count']} | {r['complexity']:.3g} | "
-                f"{r['key_bytes'] / 1e9:.2f} | {r['skipped']} | - ({est:.2f}) | - | - |"
-            )
+        est = model.seconds_per_sample(r)
+        head = f"| {r['circuit']} | {r['pbs_count']} | {r['complexity']:.3g} | "
+        head += f"{r['key_bytes'] / 1e9:.2f} | "
+        if "execute_seconds_per_sample" not in r:
+            why = r.get("skipped") or r.get("keygen_skipped", "not keyed")
+            lines.append(head + f"{why} | - ({est:.2f}) | - | no |")
             continue
+        load = r["load_average_1min"]
+        est = model.seconds_per_sample(r, load)
+        kg_est = model.keygen_seconds(r, load)
+        kg_err = kg_est / r["keygen_seconds"] - 1
         error = est / r["execute_seconds_per_sample"] - 1
+        fitted = "yes" if load <= max_load else "load exponent"
+        if "excluded" in r:
+            fitted = f"no: {r['excluded']}"
         lines.append(
-            f"| {r['circuit']} | {r['pbs_count']} | {r['complexity']:.3g} | "
-            f"{r['key_bytes'] / 1e9:.2f} | {r['keygen_seconds']:.1f} "
-            f"({model.keygen_seconds(r['key_bytes']):.1f}) | "
-            f"{r['execute_seconds_per_sample']:.3f} ({est:.3f}) | {error:+.0%} | "
-            f"{r['load_average_1min']:.2f} |"
+            head + f"{r['keygen_seconds']:.1f} ({kg_est:.1f}, {kg_err:+.0%}) | "
+            f"{r['execute_seconds_per_sample']:.3f} ({est:.3f}, {error:+.0%}) | "
+            f"{r['load_average_1min']:.2f} | {fitted} |"
         )
     lat, kg = model.latency, model.keygen
+    terms = lambda fit: " + ".join(f"{v:.3e} * {k}" for k, v in fit.coefficients.items())  # noqa: E731
     lines += [
         "",
-        f"latency = {lat.slope:.3e} * complexity + {lat.intercept:.3f} s "
+        f"latency = {terms(lat)} + {lat.intercept:.3f} s "
         f"(worst residual {lat.max_relative_residual:.0%}, {lat.n_runs} runs)",
-        f"keygen = {kg.slope:.3e} * key bytes + {kg.intercept:.2f} s "
-        f"(worst residual {kg.max_relative_residual:.0%})",
+        f"keygen = {terms(kg)} + {kg.intercept:.2f} s "
+        f"(worst residual {kg.max_relative_residual:.0%}, {kg.n_runs} runs)",
+        f"fitted on runs at load average <= {max_load} (mean {model.load_average}); above "
+        f"it, estimates are multiplied by (load / {model.cpus}) ** {model.load_exponent} "
+        "(the exponent fitted on those runs): every estimate in the table is at its run's "
+        "load.",
         f"lookup price by width (4 bits = 1): {model.lookup_price}",
     ]
     return "\n".join(lines)
@@ -212,19 +311,29 @@ def _markdown(rows: list[dict[str, Any]], model: CostModel) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--samples", type=int, default=3, help="encrypted samples per circuit")
+    parser.add_argument("--reuse", action="store_true", help="fit the runs of the JSON")
+    parser.add_argument(
+        "--refigure", action="store_true", help="--reuse, reading the circuit figures again"
+    )
+    parser.add_argument("--max-load", type=float, default=3.0, help="fit runs below this")
     parser.add_argument("--write", action="store_true", help="rewrite the shipped model")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    rows = []
-    cases = _cases()
-    for name, build in tqdm(cases, desc="calibration", disable=not args.verbose):
-        rows.append(_measure(name, build, args.samples))
-        print(
-            json.dumps({k: v for k, v in rows[-1].items() if k != "pbs_per_parameter"}), flush=True
-        )
-    model = calibrate(rows)
+    if args.reuse or args.refigure:
+        rows = json.loads((RESULTS / "cost_calibration.json").read_text())["rows"]
+        rows = refigure(rows) if args.refigure else rows
+    else:
+        rows = []
+        for name, build in tqdm(_cases(), desc="calibration", disable=not args.verbose):
+            rows.append(_measure(name, build, args.samples))
+            print(
+                json.dumps({k: v for k, v in rows[-1].items() if k != "pbs_per_parameter"}),
+                flush=True,
+            )
+    runs = rows + side_by_side_runs()
+    model = calibrate(runs, args.max_load)
     write_results(RESULTS / "cost_calibration.json", rows)
-    table = _markdown(rows, model)
+    table = _markdown(runs, model, args.max_load)
     (RESULTS / "cost_calibration.md").write_text(table + "\n")
     if args.write:
         SHIPPED.write_text(json.dumps(model.to_dict(), indent=2) + "\n")

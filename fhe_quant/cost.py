@@ -2,14 +2,28 @@
 
 Concrete's optimizer chooses the cryptographic parameters at compile time, so a compiled
 circuit already knows its ``complexity`` (Concrete's deterministic cost estimate of one
-run), its bootstrap counts per parameter set, and the sizes of the evaluation keys it
-will need. Key generation is what takes minutes and gigabytes; nothing here needs it.
+run), its bootstraps per parameter set (polynomial size ``N``, GLWE dimension ``k``,
+input LWE dimension ``n``, decomposition level ``l``), and the sizes of the evaluation
+keys it will need. Key generation is what takes minutes and gigabytes; nothing here
+needs it.
 
-A :class:`CostModel` turns those figures into seconds with two straight lines fitted on
-runs measured on this kind of machine (2 cores, concrete-python 2.11)::
+A :class:`CostModel` turns those figures (:func:`cost_features`) into seconds with two
+non-negative linear fits on runs measured on this kind of machine (2 cores,
+concrete-python 2.11)::
 
-    seconds per sample = a * complexity + b
-    key generation     = c * evaluation key bytes + d
+    seconds per sample = a * complexity + b * bootstrap key traffic + c
+    key generation     = d * bootstrap key work + e * keyswitch key bytes + f
+
+The *bootstrap key traffic* is the bytes of bootstrap key that the run streams: every
+bootstrap reads its whole key, ``8 * n * (k + 1)**2 * l * N`` bytes. Concrete's
+complexity counts arithmetic; bootstraps with a large ``k`` and small ``N`` are slower
+than it says (measured: 1.7-2x for ``k`` of 4 to 6), and the traffic term accounts for
+them (worst residual 34% instead of 55% on the calibration runs).
+
+The *bootstrap key work* of a key is ``n * (k + 1) * l * k * N**2``: the key holds
+``n * (k + 1) * l`` GLWE encryptions, each ``k`` schoolbook products of polynomials of
+``N`` coefficients. Key bytes alone miss that a key of large ``N`` costs more per byte
+(measured: 10x between ``N = 256`` and ``N = 4096``).
 
 The fit ships as package data (``fhe_quant/data/cost_model.json``), with its residuals
 and the load average it was measured at; ``python benchmarks/cost_calibration.py
@@ -28,6 +42,7 @@ Examples:
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,79 +57,149 @@ from fhe_quant.errors import NotCompiledError, ParameterError
 __all__ = [
     "CostModel",
     "CostEstimate",
-    "Fit",
+    "LinearFit",
     "estimate_cost",
     "layer_costs",
-    "fit_line",
+    "fit_linear",
     "circuit_figures",
+    "cost_features",
 ]
+
+#: The features a fit may use (see :func:`cost_features`).
+FEATURES = (
+    "complexity",
+    "pbs_count",
+    "bootstrap_key_work",
+    "bootstrap_key_traffic",
+    "bootstrap_key_bytes",
+    "keyswitch_key_bytes",
+    "key_bytes",
+)
 
 
 @dataclass(frozen=True)
-class Fit:
-    """A least-squares line ``y = slope * x + intercept`` and how well it fits.
+class LinearFit:
+    """``y = sum(coefficients[f] * x[f]) + intercept``, every term >= 0, and how well it
+    fitted its runs.
 
     Attributes:
-        slope, intercept: the line.
+        coefficients: feature name (one of :data:`FEATURES`) -> coefficient >= 0.
+        intercept: constant seconds >= 0.
         max_relative_residual: largest ``|fit - measured| / measured`` over the runs.
         n_runs: how many measured runs it was fitted on.
 
     Examples:
-        >>> fit = fit_line([1.0, 2.0, 3.0], [2.0, 4.0, 6.0])
-        >>> round(fit.slope, 6), round(fit.intercept, 6), fit.n_runs
+        >>> fit = fit_linear([{"complexity": 1.0}, {"complexity": 2.0}, {"complexity": 3.0}],
+        ...                  [2.0, 4.0, 6.0], ["complexity"])
+        >>> round(fit.coefficients["complexity"], 6), round(fit.intercept, 6), fit.n_runs
         (2.0, 0.0, 3)
-        >>> fit(10.0)
+        >>> fit({"complexity": 10.0})
         20.0
     """
 
-    slope: float
+    coefficients: Mapping[str, float]
     intercept: float
     max_relative_residual: float
     n_runs: int
 
     def __post_init__(self) -> None:
-        for name in ("slope", "intercept", "max_relative_residual"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not np.isfinite(value):
+        coefficients = dict(self.coefficients) if isinstance(self.coefficients, Mapping) else None
+        if not coefficients:
+            raise ParameterError(
+                f"The 'coefficients' of a fit must map feature names to numbers. "
+                f"Got {self.coefficients!r}."
+            )
+        for name, value in [*coefficients.items(), ("intercept", self.intercept)]:
+            if name != "intercept" and name not in FEATURES:
+                raise ParameterError(f"Unknown cost feature {name!r}; known: {FEATURES}.")
+            if not isinstance(value, int | float) or not np.isfinite(value) or value < 0:
                 raise ParameterError(
-                    f"The {name!r} of a Fit must be a finite number. Got {value!r}."
+                    f"The {name!r} term of a fit must be a finite number >= 0. Got {value!r}."
                 )
-        if self.slope < 0:
-            raise ParameterError(f"The 'slope' of a Fit must be >= 0. Got {self.slope!r}.")
+        residual = self.max_relative_residual
+        if not isinstance(residual, int | float) or not np.isfinite(residual) or residual < 0:
+            raise ParameterError(
+                f"The 'max_relative_residual' of a fit must be finite and >= 0. Got {residual!r}."
+            )
         if not isinstance(self.n_runs, int) or self.n_runs < 1:
-            raise ParameterError(f"The 'n_runs' of a Fit must be an int >= 1. Got {self.n_runs!r}.")
+            raise ParameterError(f"The 'n_runs' of a fit must be an int >= 1. Got {self.n_runs!r}.")
+        object.__setattr__(self, "coefficients", {k: float(v) for k, v in coefficients.items()})
 
-    def __call__(self, x: float) -> float:
-        return max(0.0, round(self.slope * float(x) + self.intercept, 12))
+    def __call__(self, features: Mapping[str, float]) -> float:
+        missing = [name for name in self.coefficients if name not in features]
+        if missing:
+            raise ParameterError(
+                f"This fit needs the features {missing} (see fhe_quant.cost.cost_features)."
+            )
+        total = sum(c * float(features[name]) for name, c in self.coefficients.items())
+        return max(0.0, round(total + self.intercept, 12))
 
 
-def fit_line(x: Sequence[float], y: Sequence[float], *, relative: bool = True) -> Fit:
-    """Fit ``y = slope * x + intercept`` to measured runs.
+def _nonnegative_lstsq(design: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0: the best of the unconstrained solutions
+    on each subset of the columns that comes out non-negative (few columns)."""
+    best, best_error = np.zeros(design.shape[1]), float(np.sum(target**2))
+    columns = range(design.shape[1])
+    for size in range(1, design.shape[1] + 1):
+        for subset in itertools.combinations(columns, size):
+            sub = design[:, list(subset)]
+            scale = np.maximum(np.abs(sub).max(axis=0), 1e-300)
+            solution = np.linalg.lstsq(sub / scale, target, rcond=None)[0] / scale
+            if np.any(solution < 0):
+                continue
+            error = float(np.sum((sub @ solution - target) ** 2))
+            if error < best_error * (1 - 1e-12):
+                best_error = error
+                best = np.zeros(design.shape[1])
+                best[list(subset)] = solution
+    return best
 
-    With ``relative`` the squared *relative* errors are minimised (each run weighted by
-    ``1 / y``), so a fast circuit counts as much as a slow one; a negative intercept
-    or slope is refused and the fit falls back to a line through the origin.
+
+def fit_linear(
+    rows: Sequence[Mapping[str, float]],
+    y: Sequence[float],
+    features: Sequence[str],
+    *,
+    intercept: bool = True,
+) -> LinearFit:
+    """Fit ``y`` against ``features`` of measured runs (non-negative terms).
+
+    The squared *relative* errors are minimised (each run weighted by ``1 / y``), so a
+    fast circuit counts as much as a slow one; every coefficient and the intercept stay
+    >= 0, so an estimate never decreases when a feature grows.
 
     Raises:
-        ParameterError: fewer than one run, lengths differ, or a value that is not
-            finite and positive.
+        ParameterError: no run, lengths differ, an unknown or missing feature, or a
+            value that is not finite (measurements must be > 0).
     """
-    xs, ys = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    if xs.shape != ys.shape or xs.ndim != 1 or len(xs) == 0:
-        raise ParameterError(f"fit_line needs two equal 1-d sequences. Got {xs.shape}, {ys.shape}.")
+    ys = np.asarray(y, dtype=np.float64)
+    names = list(features)
+    if len(rows) != len(ys) or ys.ndim != 1 or len(ys) == 0 or not names:
+        raise ParameterError(
+            f"fit_linear needs as many runs as measurements and one feature or more. "
+            f"Got {len(rows)} runs, {ys.shape} measurements, features {names}."
+        )
+    try:
+        xs = np.array([[float(row[name]) for name in names] for row in rows], dtype=np.float64)
+    except KeyError as exc:
+        raise ParameterError(f"A run lacks the feature {exc}.") from None
     if not (np.all(np.isfinite(xs)) and np.all(np.isfinite(ys)) and np.all(ys > 0)):
-        raise ParameterError("fit_line needs finite values and positive measurements.")
-    w = 1.0 / ys if relative else np.ones_like(ys)
-    slope, intercept = 0.0, 0.0
-    if len(xs) >= 2 and np.ptp(xs) > 0:
-        design = np.stack([xs, np.ones_like(xs)], axis=1) * w[:, None]
-        slope, intercept = np.linalg.lstsq(design, ys * w, rcond=None)[0]
-    if len(xs) < 2 or np.ptp(xs) == 0 or slope < 0 or intercept < 0:
-        intercept = 0.0
-        slope = float(np.sum(w * w * xs * ys) / max(np.sum(w * w * xs * xs), 1e-300))
-    predicted = slope * xs + intercept
+        raise ParameterError("fit_linear needs finite values and positive measurements.")
+    design = np.concatenate([xs, np.ones((len(ys), 1))], axis=1) if intercept else xs
+    weights = 1.0 / ys
+    solution = _nonnegative_lstsq(design * weights[:, None], ys * weights)
+    predicted = design @ solution
     worst = float(np.max(np.abs(predicted - ys) / ys))
-    return Fit(float(slope), float(intercept), worst, len(xs))
+    coefficients = dict(zip(names, (float(v) for v in solution[: len(names)]), strict=True))
+    return LinearFit(coefficients, float(solution[-1]) if intercept else 0.0, worst, len(ys))
+
+
+def _old_fit(data: Mapping[str, Any], feature: str) -> dict[str, Any]:
+    """A fit of the first format (``slope`` on one feature) in the current format."""
+    if "slope" not in data:
+        return dict(data)
+    rest = {k: v for k, v in data.items() if k != "slope"}
+    return {**rest, "coefficients": {feature: data["slope"]}}
 
 
 @dataclass(frozen=True)
@@ -122,20 +207,26 @@ class CostModel:
     """Seconds from a compiled circuit's figures (see the module docstring).
 
     Attributes:
-        latency: seconds per sample against ``complexity``.
-        keygen: key generation seconds against evaluation key bytes.
+        latency: seconds per sample against :func:`cost_features`.
+        keygen: key generation seconds against :func:`cost_features`.
         lookup_price: relative price of one lookup by table input width (bits), width 1
             being one exactly dropped accumulator bit; used to share a total between
             layers, never to compute it.
         load_average: the 1-minute load average while it was measured.
         measured: where and with what it was measured (free text).
+        cpus: cores of the machine it was measured on.
+        load_exponent: on a busy machine (load average ``L`` above ``cpus``) every
+            estimate is multiplied by ``(L / cpus) ** load_exponent``: the circuit gets
+            its fair share of the cores (fitted on loaded runs; 1 is a fair share).
     """
 
-    latency: Fit
-    keygen: Fit
+    latency: LinearFit
+    keygen: LinearFit
     lookup_price: Mapping[int, float]
     load_average: float = 0.0
     measured: str = ""
+    cpus: int = 2
+    load_exponent: float = 1.0
 
     def __post_init__(self) -> None:
         prices = {int(k): float(v) for k, v in dict(self.lookup_price).items()}
@@ -145,14 +236,46 @@ class CostModel:
                 f"prices. Got {dict(self.lookup_price)!r}."
             )
         object.__setattr__(self, "lookup_price", dict(sorted(prices.items())))
+        if not isinstance(self.cpus, int) or self.cpus < 1:
+            raise ParameterError(
+                f"The 'cpus' of a CostModel must be an int >= 1. Got {self.cpus!r}."
+            )
+        exponent = self.load_exponent
+        if not isinstance(exponent, int | float) or not np.isfinite(exponent) or exponent < 0:
+            raise ParameterError(
+                f"The 'load_exponent' of a CostModel must be finite and >= 0. Got {exponent!r}."
+            )
 
-    def seconds_per_sample(self, complexity: float) -> float:
-        """Estimated encrypted seconds for one sample."""
-        return self.latency(complexity)
+    def slowdown(self, load_average: float | None) -> float:
+        """How much slower runs are at ``load_average`` than on an idle machine (1 when
+        ``None`` or at most ``cpus``).
 
-    def keygen_seconds(self, key_bytes: float) -> float:
-        """Estimated key generation seconds for evaluation keys of ``key_bytes``."""
-        return self.keygen(key_bytes)
+        Examples:
+            >>> model = CostModel.default()
+            >>> model.slowdown(None), model.slowdown(1.0), model.slowdown(8.0) > 2
+            (1.0, 1.0, True)
+        """
+        if load_average is None:
+            return 1.0
+        if not isinstance(load_average, int | float) or not np.isfinite(load_average):
+            raise ParameterError(f"A load average must be a finite number. Got {load_average!r}.")
+        return max(1.0, float(load_average) / self.cpus) ** self.load_exponent
+
+    def seconds_per_sample(
+        self, figures: float | Mapping[str, Any], load_average: float | None = None
+    ) -> float:
+        """Estimated encrypted seconds for one sample, from :func:`circuit_figures` (or
+        :func:`cost_features`), or from a ``complexity`` alone (other features 0); on an
+        idle machine, or at ``load_average`` (:meth:`slowdown`)."""
+        return self.latency(_features(figures, "complexity")) * self.slowdown(load_average)
+
+    def keygen_seconds(
+        self, figures: float | Mapping[str, Any], load_average: float | None = None
+    ) -> float:
+        """Estimated key generation seconds, from :func:`circuit_figures` (or
+        :func:`cost_features`); a number is read as evaluation key bytes, which only a
+        fit on key bytes can use. Idle, or at ``load_average`` (:meth:`slowdown`)."""
+        return self.keygen(_features(figures, "key_bytes")) * self.slowdown(load_average)
 
     def price(self, width: int) -> float:
         """Relative price of one lookup reading ``width`` bits (widths past the widest
@@ -179,25 +302,51 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CostModel:
-        """The model of :meth:`to_dict`'s output (JSON-compatible, no code).
+        """The model of :meth:`to_dict`'s output (JSON-compatible, no code); the first
+        format (one ``slope`` per fit, on complexity and on key bytes) is read too.
 
         Raises:
             ParameterError: a missing or malformed field.
         """
         try:
             return cls(
-                Fit(**data["latency"]),
-                Fit(**data["keygen"]),
+                LinearFit(**_old_fit(data["latency"], "complexity")),
+                LinearFit(**_old_fit(data["keygen"], "key_bytes")),
                 {int(k): float(v) for k, v in data["lookup_price"].items()},
                 float(data.get("load_average", 0.0)),
                 str(data.get("measured", "")),
+                int(data.get("cpus", 2)),
+                float(data.get("load_exponent", 1.0)),
             )
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            if isinstance(exc, ParameterError):
-                raise
             raise ParameterError(
-                f"A cost model needs latency, keygen and lookup_price: {exc}"
+                f"A cost model needs latency, keygen and lookup_price: {exc!r}"
             ) from None
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "the cost model") -> CostModel:
+        """The model of a JSON text (:meth:`from_dict`).
+
+        Raises:
+            ParameterError: the text is not JSON, or not a cost model (named with
+                ``where``).
+
+        Examples:
+            >>> CostModel.from_json("{]", "model.json")
+            Traceback (most recent call last):
+            ...
+            fhe_quant.errors.ParameterError: model.json is not JSON: ...
+        """
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ParameterError(f"{where} is not JSON: {exc}") from None
+        if not isinstance(data, Mapping):
+            raise ParameterError(f"{where} must hold a JSON object. Got {type(data).__name__}.")
+        try:
+            return cls.from_dict(data)
+        except ParameterError as exc:
+            raise ParameterError(f"{where}: {exc}") from None
 
     @classmethod
     def default(cls) -> CostModel:
@@ -205,10 +354,70 @@ class CostModel:
         return _shipped()
 
 
+def _features(figures: float | Mapping[str, Any], single: str) -> dict[str, float]:
+    if isinstance(figures, Mapping):
+        return cost_features(figures)
+    if not isinstance(figures, int | float) or not np.isfinite(figures) or figures < 0:
+        raise ParameterError(f"Expected circuit figures or a number >= 0. Got {figures!r}.")
+    return {name: 0.0 for name in FEATURES} | {single: float(figures)}
+
+
+def cost_features(figures: Mapping[str, Any]) -> dict[str, float]:
+    """The fit features of a circuit's :func:`circuit_figures`.
+
+    ``bootstrap_key_traffic`` sums ``count * 8 * n * (k + 1)**2 * l * N`` over the
+    bootstrap parameters (the key bytes that the bootstraps read);
+    ``bootstrap_key_work`` sums ``n * (k + 1) * l * k * N**2`` over the bootstrap keys
+    (``pbs_per_parameter`` entries ``((N, k, n, l), count)``; an entry without ``l``
+    takes the level that makes the key sizes add up, else 1).
+
+    Examples:
+        >>> f = cost_features({"complexity": 5.0, "pbs_count": 2,
+        ...                    "pbs_per_parameter": (((512, 2, 700, 3), 2),),
+        ...                    "bootstrap_key_bytes": 0, "keyswitch_key_bytes": 8})
+        >>> f["bootstrap_key_work"] == 700 * 3 * 3 * 2 * 512**2, f["key_bytes"]
+        (True, 8.0)
+    """
+    try:
+        params = [(tuple(int(v) for v in key), int(n)) for key, n in figures["pbs_per_parameter"]]
+        out = {name: float(figures[name]) for name in FEATURES if name in figures}
+        out.setdefault("pbs_count", float(sum(n for _, n in params)))
+        bsk, ksk = out["bootstrap_key_bytes"], out["keyswitch_key_bytes"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ParameterError(f"Circuit figures need {exc!r} (see circuit_figures).") from None
+    out["key_bytes"] = bsk + ksk
+    levels = _levels([key for key, _ in params], bsk)
+    out["bootstrap_key_traffic"] = float(
+        sum(
+            count * 8 * n * (k + 1) ** 2 * level * size
+            for ((size, k, n, *_), count), level in zip(params, levels, strict=True)
+        )
+    )
+    out["bootstrap_key_work"] = float(
+        sum(
+            n * (k + 1) * level * k * size**2
+            for (size, k, n, *_), level in zip([key for key, _ in params], levels, strict=True)
+        )
+    )
+    return out
+
+
+def _levels(keys: Sequence[tuple[int, ...]], bsk_bytes: float) -> list[int]:
+    """Each key's decomposition level: given, or the one that makes the sizes add up."""
+    if all(len(key) >= 4 for key in keys):
+        return [key[3] for key in keys]
+    sizes = [8 * key[2] * (key[1] + 1) ** 2 * key[0] for key in keys]
+    if len(keys) <= 4:
+        for levels in itertools.product(range(1, 16), repeat=len(keys)):
+            if sum(s * lv for s, lv in zip(sizes, levels, strict=True)) == bsk_bytes:
+                return list(levels)
+    return [1] * len(keys)
+
+
 @lru_cache(maxsize=1)
 def _shipped() -> CostModel:
     text = resources.files("fhe_quant").joinpath("data/cost_model.json").read_text()
-    return CostModel.from_dict(json.loads(text))
+    return CostModel.from_json(text, "fhe_quant/data/cost_model.json")
 
 
 @dataclass(frozen=True)
@@ -219,7 +428,7 @@ class CostEstimate:
         complexity: Concrete's cost estimate of one run.
         pbs_count: programmable bootstraps per sample.
         pbs_per_parameter: bootstraps per bootstrap key, as
-            ``((polynomial_size, glwe_dimension, input_lwe_dimension), count)``.
+            ``((polynomial_size, glwe_dimension, input_lwe_dimension, level), count)``.
         bootstrap_key_bytes, keyswitch_key_bytes: evaluation key sizes.
         seconds_per_sample: estimated encrypted latency.
         keygen_seconds: estimated key generation time.
@@ -254,7 +463,7 @@ def circuit_figures(circuit: Any) -> dict[str, Any]:
         # NOTE: the parameter's fields are methods in concrete-python 2.11.
         key = tuple(
             int(getattr(param, name)())
-            for name in ("polynomial_size", "glwe_dimension", "input_lwe_dimension")
+            for name in ("polynomial_size", "glwe_dimension", "input_lwe_dimension", "level")
         )
         per_parameter.append((key, int(count)))
     return {
@@ -303,7 +512,7 @@ def estimate_cost(target: Any, model: CostModel | None = None) -> CostEstimate:
     """
     model = model or CostModel.default()
     figures = circuit_figures(_concrete_circuit(target))
-    seconds = model.seconds_per_sample(figures["complexity"])
+    seconds = model.seconds_per_sample(figures)
     module = getattr(target, "quantized_module_", target)
     layers: tuple[tuple[str, float], ...] = ()
     if hasattr(module, "statistics") and hasattr(module, "program"):
@@ -312,9 +521,7 @@ def estimate_cost(target: Any, model: CostModel | None = None) -> CostEstimate:
     return CostEstimate(
         **figures,
         seconds_per_sample=seconds,
-        keygen_seconds=model.keygen_seconds(
-            figures["bootstrap_key_bytes"] + figures["keyswitch_key_bytes"]
-        ),
+        keygen_seconds=model.keygen_seconds(figures),
         layers=layers,
     )
 
