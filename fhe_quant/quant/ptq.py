@@ -432,10 +432,14 @@ def _budget_rows(
     q = np.zeros(flat.shape, dtype=np.int64)
     scale, error = np.ones(len(flat)), np.zeros(len(flat))
     for rows, x, x_q in columns:
+        # NOTE: a column 0 on every calibration row (a dead feature, clipped to 0) gets
+        # weight 0, so that its (tiny, folded) weight cannot move the row's budget scale.
+        dead = ~np.any(x, axis=0) & ~np.any(x_q, axis=0)
+        weight = np.where(dead, 0.0, flat[rows])
         # NOTE: the budget binds every output channel separately, so the scales are per
         # channel even with per_channel=False (they cost nothing in FHE).
-        q[rows], scale[rows] = axe.quantize_rows(flat[rows], x, x_q, qmax, budget, True, multipliers)
-        error[rows] = axe.layer_error(flat[rows], q[rows], scale[rows], x, x_q, lsbs)
+        q[rows], scale[rows] = axe.quantize_rows(weight, x, x_q, qmax, budget, True, multipliers)
+        error[rows] = axe.layer_error(weight, q[rows], scale[rows], x, x_q, lsbs)
     return q, scale, error
 
 
