@@ -405,6 +405,9 @@ def budgeted_weights(
 
 _Columns = list[tuple[slice, np.ndarray, np.ndarray]]
 
+#: :func:`auto_accumulator_bits` stops widening once the SQNR is this far below its best.
+AUTO_PAST_PEAK_DB = 6.0
+
 
 def _subsampled_columns(node: Node, layer: LayerInput) -> _Columns:
     """:func:`_calibration_columns`, each at most ``axe.MAX_CALIBRATION_ROWS`` rows
@@ -459,12 +462,17 @@ def auto_accumulator_bits(
     low = axe.smallest_accumulator_bits(layer.code_range, table_bits)
     local = [(rows, x_q, x_q) for rows, _, x_q in columns]
     signal = np.concatenate([np.var(x_q @ flat[rows].T, axis=0) for rows, _, x_q in columns])
-    sqnr = {}
+    sqnr: dict[int, float] = {}
     for bits in range(low, max(low, MAX_ACCUMULATOR_BITS) + 1):
         budget = axe.l1_budget(bits, layer.code_range, table_bits)
         lsbs = max(0, bits - table_bits) if table_bits is not None else 0
         error = _budget_rows(flat, local, qmax, budget, (1.0,), lsbs)[2]
         sqnr[bits] = float(10 * np.log10(max(signal.mean(), 1e-300) / max(error.mean(), 1e-300)))
+        if sqnr[bits] < max(sqnr.values()) - AUTO_PAST_PEAK_DB:
+            # NOTE: past the peak the budget no longer binds (the weights are as fine as
+            # their bits allow) and each wider bit only drops one more bit before the
+            # table: the SQNR falls ~6 dB per bit from there, so wider widths cannot win.
+            break
     return axe.smallest_within(sqnr)
 
 
