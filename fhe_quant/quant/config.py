@@ -26,6 +26,7 @@ __all__ = [
     "ROLES",
     "QuantConfig",
     "default_calibration",
+    "chain_default",
 ]
 
 #: Tensor roles that get their own bit width, in the order of the ``n_bits_*`` fields.
@@ -45,6 +46,25 @@ MAX_ACCUMULATOR_BITS = 16
 AUTO_TABLE_BITS = 4
 
 _OWNER = "QuantConfig"
+
+
+def chain_default(accumulator_bits: Any, chain: bool) -> Any:
+    """The frontends' ``accumulator_bits`` for a traced model: ``"auto"`` applies to
+    chain models (each layer's input is the previous table's codes); a branching model
+    (residual adds, concatenations, max pooling, products) keeps ``None``, the behaviour
+    before the default changed, which its result's ``quantized.config`` records (its
+    adds, pools and products would lose their accumulator shortcuts under a budget, and
+    "auto" was measured on chains only). Any other value is kept.
+
+    Examples:
+        >>> chain_default("auto", chain=False), chain_default("auto", chain=True)
+        (None, 'auto')
+        >>> chain_default(11, chain=False)
+        11
+    """
+    if isinstance(accumulator_bits, str) and accumulator_bits == "auto" and not chain:
+        return None
+    return accumulator_bits
 
 
 def default_calibration(calibration: str | None, accumulator_bits: Any) -> str:

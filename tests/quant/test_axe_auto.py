@@ -13,7 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fhe_quant.lower import NUMPY, LinearStep, TableStep
+from fhe_quant.frontends.torch import trace_module
+from fhe_quant.lower import NUMPY, LinearStep, TableStep, lower
+from fhe_quant.passes import simplify
 from fhe_quant.quant import axe, ptq
 from fhe_quant.quant.config import AUTO_TABLE_BITS, QuantConfig, default_calibration
 from fhe_quant.torch import compile_torch_model
@@ -229,26 +231,51 @@ def test_the_path_lowers_the_error_against_the_float_model() -> None:
 # ------------------------------------------------------------------------- branching models
 
 
-def test_auto_on_a_residual_cnn_fits_and_keeps_its_adds() -> None:
+def test_the_frontends_keep_none_on_a_branching_model_and_say_so() -> None:
     torch.manual_seed(0)
     x = _x((1, 8, 8), n=120)
-    qm = compile_torch_model(_ResidualCNN().eval(), x, n_bits=5, compile=False)
-    _assert_fits(qm)
-    kinds = [type(s).__name__ for s in qm.program.steps]
-    assert kinds.count("AddStep") == 1
+    model = _ResidualCNN().eval()
+    qm = compile_torch_model(model, x, n_bits=5, compile=False)
+    assert qm.quantized.config.accumulator_bits is None  # recorded: "auto" did not apply
+    before = compile_torch_model(
+        model, x, n_bits=5, accumulator_bits=None, calibration="minmax",
+        compile=False,
+    )
+    for a, b in zip(_linear_steps(qm), _linear_steps(before), strict=True):
+        np.testing.assert_array_equal(a.weight, b.weight)
+    chain = compile_torch_model(_mlp(0), _x((12,)), n_bits=5, compile=False)
+    assert chain.quantized.config.accumulator_bits == "auto"
 
 
-def test_auto_falls_back_on_a_max_pool_of_a_residual_sum_with_the_reason() -> None:
+def _quantize_auto(model: nn.Module, x: np.ndarray):
+    graph = simplify(trace_module(model, x))
+    return graph, ptq.quantize_graph(graph, x, QuantConfig.from_n_bits(5, accumulator_bits="auto"))
+
+
+def test_auto_config_on_a_residual_cnn_fits_and_keeps_its_adds() -> None:
+    torch.manual_seed(0)
+    x = _x((1, 8, 8), n=120)
+    _, quantized = _quantize_auto(_ResidualCNN().eval(), x)
+    program = lower(quantized)
+    linear = [s for s in program.steps if isinstance(s, LinearStep)]
+    widths = [s.acc_bits for s in linear if s.weight.size > 1]
+    assert max(widths) <= 16
+    steps = program.steps
+    for table in steps:
+        if isinstance(table, TableStep):
+            assert table.index_bits <= AUTO_TABLE_BITS
+    assert [type(s).__name__ for s in steps].count("AddStep") == 1
+
+
+def test_auto_config_falls_back_on_a_max_pool_of_a_residual_sum_with_the_reason() -> None:
     torch.manual_seed(0)
     x = _x((1, 4, 4), n=120)
-    model = _PooledSum().eval()
     with pytest.warns(ptq.AccumulatorFallbackWarning, match="head \\(Linear\\).*max pool"):
-        qm = compile_torch_model(model, x, n_bits=5, compile=False)
-    # the fallback layer's weights are rounded to nearest, over the 8-bit output range,
-    # not budgeted; the model still runs
-    head = _linear_steps(qm)[-1]
-    assert np.abs(head.weight).max() == 2 ** (qm.quantized.config.n_bits_outputs - 1) - 1
-    assert np.isfinite(qm.forward(x[:4])).all()
+        _, quantized = _quantize_auto(_PooledSum().eval(), x)
+    # the fallback layer's weights are rounded to nearest over the 8-bit output range,
+    # not budgeted; the program still runs
+    head = [s for s in lower(quantized).steps if isinstance(s, LinearStep)][-1]
+    assert np.abs(head.weight).max() == 2 ** (quantized.config.n_bits_outputs - 1) - 1
     with warnings.catch_warnings():  # no warning when nothing is bounded
         warnings.simplefilter("error")
-        compile_torch_model(model, x, n_bits=5, accumulator_bits=None, compile=False)
+        compile_torch_model(_PooledSum().eval(), x, n_bits=5, compile=False)
