@@ -496,9 +496,9 @@ Attributes:
 
 _ACCUMULATOR_DOC = """    accumulator_bits: bound every layer's proven accumulator to this many bits
         (2 to 16), the integer weights chosen under that budget on the training data
-        (:mod:`fhe_quant.quant.axe`); ``"auto"`` (default): the width, 4-bit tables and
-        ``"mse"`` calibration of :func:`fhe_quant.torch.compile_torch_model`'s default;
-        ``None``: no bound (min-max calibration, automatic table widths).
+        (:mod:`fhe_quant.quant.axe`); ``"auto"``: the width, 4-bit tables and ``"mse"``
+        calibration of :func:`fhe_quant.torch.compile_torch_model`'s default; ``None``
+        (default): no bound (min-max calibration, automatic table widths).
 """
 
 
@@ -572,7 +572,7 @@ def _fhe_parameters(
     """The keyword-only parameters every estimator adds to the wrapped class's."""
     names = {"n_bits": default_n_bits, "rounding_bits": None, "p_error": None}
     if accumulator:
-        names["accumulator_bits"] = "auto"
+        names["accumulator_bits"] = None
     if not has_verbose:
         names["verbose"] = False
     return [
@@ -1151,8 +1151,8 @@ def from_sklearn(
         p_error: error probability of each table lookup in FHE.
         verbose: show progress bars.
         accumulator_bits: for perceptrons, bound every proven accumulator to this many
-            bits, or ``"auto"`` (see :class:`MLPClassifier`); ``None``: the class
-            default (``"auto"``); other models have no such option.
+            bits, or ``"auto"`` (see :class:`MLPClassifier`); other models have no
+            such option.
 
     Returns:
         The matching fhe_quant estimator, fitted (not compiled yet), with the same
