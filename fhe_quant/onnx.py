@@ -26,8 +26,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from fhe_quant.frontends.onnx import MAX_OPSET, MIN_OPSET, load_onnx, onnx_to_graph
 from fhe_quant.model import QuantizedModule, post_training_module
+from fhe_quant.passes import simplify
+from fhe_quant.quant.config import chain_default, default_calibration
+from fhe_quant.quant.ptq import check_calibration_data, is_chain
 
 __all__ = ["compile_onnx_model", "load_onnx", "MIN_OPSET", "MAX_OPSET"]
 
@@ -40,8 +45,8 @@ def compile_onnx_model(
     rounding_bits: int | None = None,
     rounding: str = "exact",
     per_channel: bool = True,
-    calibration: str = "minmax",
-    accumulator_bits: int | None = None,
+    calibration: str | None = None,
+    accumulator_bits: int | str | None = "auto",
     p_error: float | None = None,
     global_p_error: float | None = None,
     compile: bool = True,
@@ -69,14 +74,18 @@ def compile_onnx_model(
         TraceError: the translated graph does not reproduce the ONNX model.
         ParameterError: ``n_bits`` or another parameter out of range.
     """
+    graph = None
+    if accumulator_bits == "auto":
+        graph = onnx_to_graph(model, check_calibration_data(np.asarray(X_calib), None))
+        accumulator_bits = chain_default(accumulator_bits, is_chain(simplify(graph)))
     return post_training_module(
-        lambda x: onnx_to_graph(model, x),
+        lambda x: graph if graph is not None else onnx_to_graph(model, x),
         X_calib,
         n_bits,
         rounding_bits=rounding_bits,
         rounding=rounding,
         per_channel=per_channel,
-        calibration=calibration,
+        calibration=default_calibration(calibration, accumulator_bits),
         accumulator_bits=accumulator_bits,
         p_error=p_error,
         global_p_error=global_p_error,

@@ -78,7 +78,12 @@ from fhe_quant.program_modules import (
     build_knn_module,
     build_tree_ensemble_module,
 )
-from fhe_quant.quant.config import MAX_ACCUMULATOR_BITS, MAX_ROUNDING_BITS, QuantConfig
+from fhe_quant.quant.config import (
+    MAX_ACCUMULATOR_BITS,
+    MAX_ROUNDING_BITS,
+    QuantConfig,
+    default_calibration,
+)
 from fhe_quant.quant.quantizer import MAX_BITS
 from fhe_quant.report import Report
 
@@ -192,10 +197,12 @@ class _FHEEstimator(BaseEstimator):
             self._validate_params()
         except InvalidParameterError as exc:
             raise EstimatorParameterError(str(exc)) from None
+        accumulator_bits = getattr(self, "accumulator_bits", None)
         return make_config(
             self.n_bits,
             rounding_bits=self.rounding_bits,
-            accumulator_bits=getattr(self, "accumulator_bits", None),
+            accumulator_bits=accumulator_bits,
+            calibration=default_calibration(None, accumulator_bits),
         )
 
     def _validate(self, X: Any, y: Any = "no_validation", *, reset: bool) -> Any:
@@ -497,7 +504,9 @@ Attributes:
 
 _ACCUMULATOR_DOC = """    accumulator_bits: bound every layer's proven accumulator to this many bits
         (2 to 16), the integer weights chosen under that budget on the training data
-        (:mod:`fhe_quant.quant.axe`); ``None``: no bound.
+        (:mod:`fhe_quant.quant.axe`); ``"auto"``: the width, 4-bit tables and ``"mse"``
+        calibration of :func:`fhe_quant.torch.compile_torch_model`'s default; ``None``
+        (default): no bound (min-max calibration, automatic table widths).
 """
 
 
@@ -604,6 +613,7 @@ def _constraints(sklearn_class: type, accumulator: bool, has_verbose: bool) -> d
     if accumulator:
         constraints["accumulator_bits"] = [
             Interval(Integral, 2, MAX_ACCUMULATOR_BITS, closed="both"),
+            StrOptions({"auto"}),
             None,
         ]
     if has_verbose:
@@ -1170,7 +1180,8 @@ def from_sklearn(
         p_error: error probability of each table lookup in FHE.
         verbose: show progress bars.
         accumulator_bits: for perceptrons, bound every proven accumulator to this many
-            bits (see :class:`MLPClassifier`); other models have no such option.
+            bits, or ``"auto"`` (see :class:`MLPClassifier`); other models have no
+            such option.
 
     Returns:
         The matching fhe_quant estimator, fitted (not compiled yet), with the same

@@ -98,7 +98,9 @@ def test_accumulator_wider_than_16_bits_compiles_with_narrow_tables() -> None:
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(256, 4), nn.ReLU(), nn.Linear(4, 2))
     x = np.random.default_rng(2).normal(size=(64, 256))
-    qm = compile_torch_model(model, x, n_bits=8, rounding_bits=4, p_error=TINY_P_ERROR)
+    qm = compile_torch_model(  # no budget: the default before accumulator_bits='auto'
+        model, x, n_bits=8, rounding_bits=4, p_error=TINY_P_ERROR, accumulator_bits=None
+    )
     assert qm.statistics["layers"][0]["accumulator_bits"] > 16
     assert max(qm.program.lookups_by_width()) <= 16
     assert qm.statistics["layers"][0]["table_input_bits"] == 4
@@ -132,8 +134,13 @@ def test_approximate_rounding_needs_no_extra_bootstrap_and_stays_accurate(
     digits, digits_mlp
 ) -> None:
     x_train, x_test, _, y_test = digits
-    exact = compile_torch_model(digits_mlp, x_train, n_bits=4, compile=False)
-    approx = compile_torch_model(digits_mlp, x_train, n_bits=4, rounding="approximate")
+    # NOTE: no budget, the default before accumulator_bits='auto'
+    exact = compile_torch_model(
+        digits_mlp, x_train, n_bits=4, accumulator_bits=None, compile=False
+    )
+    approx = compile_torch_model(
+        digits_mlp, x_train, n_bits=4, rounding="approximate", accumulator_bits=None
+    )
     lookups = sum(layer.get("lookups", 0) for layer in approx.statistics["layers"])
     assert approx.statistics["pbs_count"] == lookups == 128
     assert approx.statistics["pbs_per_precision"] == {5: 128}
@@ -235,7 +242,7 @@ def test_infeasible_circuit_is_a_clear_error_and_the_model_stays_usable() -> Non
     with pytest.raises(
         CompilationError, match=r"no cryptographic parameters.*rounding_bits"
     ) as info:
-        compile_torch_model(model, x, n_bits=8, rounding_bits=6)
+        compile_torch_model(model, x, n_bits=8, rounding_bits=6, accumulator_bits=None)
     qm = info.value.quantized_module
     assert qm.forward(x[:2]).shape == (2, 10)
     with pytest.raises(NotCompiledError):

@@ -32,7 +32,7 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -53,6 +53,10 @@ __all__ = [
     "quantize_rows",
     "im2col",
     "output_error",
+    "AUTO_MARGIN_DB",
+    "AUTO_ENOUGH_DB",
+    "layer_error",
+    "smallest_within",
 ]
 
 #: Multiples of the smallest budget-fitting scale tried for every row (the best on the
@@ -63,6 +67,14 @@ SCALE_MULTIPLIERS = (0.6, 0.7, 0.8, 0.9, 1.0, 1.15)
 #: Calibration rows (samples, or samples x positions of a convolution) used to choose
 #: the roundings; more are subsampled deterministically.
 MAX_CALIBRATION_ROWS = 4096
+
+#: ``accumulator_bits="auto"``: each layer gets the narrowest accumulator whose
+#: calibration SQNR (its output against its error, :func:`layer_error`) is within
+#: ``AUTO_MARGIN_DB`` of the best width's, or at least ``AUTO_ENOUGH_DB``
+#: (:func:`smallest_within`).
+AUTO_MARGIN_DB = 2.0
+#: See :data:`AUTO_MARGIN_DB`.
+AUTO_ENOUGH_DB = 12.0
 
 
 class AccumulatorBudgetError(RangeError):
@@ -332,3 +344,45 @@ def im2col(
     positions = windows.shape[2 : 2 + spatial]
     moved = np.moveaxis(windows, 1, 1 + spatial)  # (n, *positions, c, *kernel)
     return moved.reshape((n * int(np.prod(positions)), c) + tuple(kernel))
+
+
+def layer_error(
+    weight: np.ndarray,
+    q: np.ndarray,
+    scale: np.ndarray,
+    x: np.ndarray,
+    x_q: np.ndarray,
+    lsbs: int,
+) -> np.ndarray:
+    """Per row, :func:`output_error` plus the variance of the table's rounding, which
+    drops ``lsbs`` low bits of the accumulator (a uniform error over a cell of
+    ``scale * 2**lsbs``, variance ``cell**2 / 12``; 0 for a layer without a table).
+
+    The two terms trade against each other: a narrower accumulator coarsens the weights
+    but makes each dropped bit worth less; at a fixed table width the rounding term is
+    about the same whatever the budget (the weight scale grows as the cell shrinks).
+
+    Examples:
+        >>> one = np.ones((4, 1))
+        >>> layer_error(np.array([[1.0]]), np.array([[1]]), np.array([0.5]), one, 2 * one,
+        ...             lsbs=1).tolist()
+        [0.08333333333333333]
+    """
+    rounding = (np.asarray(scale, dtype=np.float64) * 2.0**lsbs) ** 2 / 12 if lsbs else 0.0
+    return output_error(weight, q, scale, x, x_q) + rounding
+
+
+def smallest_within(
+    sqnr: Mapping[int, float], margin_db: float = AUTO_MARGIN_DB, enough_db: float = AUTO_ENOUGH_DB
+) -> int:
+    """The smallest width whose signal-to-quantization-noise ratio (dB, width -> SQNR) is
+    within ``margin_db`` of the best one's, or at least ``enough_db``.
+
+    Examples:
+        >>> smallest_within({8: 1.0, 9: 4.1, 10: 5.5, 11: 5.9}, margin_db=2.0)
+        9
+        >>> smallest_within({8: 10.0, 9: 13.0, 10: 16.0, 11: 18.0}, enough_db=12.0)
+        9
+    """
+    target = min(max(sqnr.values()) - margin_db, enough_db)
+    return min(bits for bits, value in sqnr.items() if value >= target)

@@ -35,11 +35,11 @@ from typing import Any, Literal, get_args
 
 import numpy as np
 
-from fhe_quant.errors import CalibrationWarning, InputError, UnsupportedOpError
+from fhe_quant.errors import CalibrationWarning, FHEQuantWarning, InputError, UnsupportedOpError
 from fhe_quant.ir import OPS, ConvGeometry, Graph, Node, chain_source, plain_data
 from fhe_quant.quant import axe
 from fhe_quant.quant.calibrate import make_observer
-from fhe_quant.quant.config import QuantConfig
+from fhe_quant.quant.config import MAX_ACCUMULATOR_BITS, QuantConfig
 from fhe_quant.quant.quantizer import MIN_SCALE, UniformQuantizer
 from fhe_quant.quant.weights import fold_input_scale, unit_weight_quantizer, weight_quantizer
 from fhe_quant.quant.widths import ProductPlan, bits_for, table_bits
@@ -62,7 +62,15 @@ __all__ = [
     "chain_plan",
     "LayerInput",
     "budgeted_weights",
+    "auto_accumulator_bits",
+    "model_accumulator_bits",
+    "AccumulatorFallbackWarning",
 ]
+
+
+class AccumulatorFallbackWarning(FHEQuantWarning):
+    """``accumulator_bits="auto"`` could not bound a layer, whose weights are then
+    rounded to nearest (the warning names the layer and the reason)."""
 
 
 class _PlanData:
@@ -298,10 +306,14 @@ class LayerInput:
     code_range: int
 
     @staticmethod
-    def of(values: np.ndarray, quantizer: UniformQuantizer) -> LayerInput:
-        """The codes of one quantizer."""
+    def of(
+        values: np.ndarray, quantizer: UniformQuantizer, seen: np.ndarray | None = None
+    ) -> LayerInput:
+        """The codes of one quantizer; ``seen``: the values the quantized model computes
+        there (default: the float ``values``)."""
         ndim = values.ndim
-        x_q = quantizer.quantize(values) - quantizer.zero_point_array(ndim)
+        seen = values if seen is None else seen
+        x_q = quantizer.quantize(seen) - quantizer.zero_point_array(ndim)
         x = values / quantizer.scale_array(ndim)
         return LayerInput(x, x_q.astype(np.float64), quantizer.qmax)
 
@@ -338,8 +350,9 @@ def _calibration_columns(
 def _check_fixed_accumulator(
     node: Node, weight_q: np.ndarray, code_range: int, config: QuantConfig
 ) -> None:
-    """An average pooling's weights are fixed (all 1): its accumulator must fit as is."""
-    if config.accumulator_bits is None:
+    """An average pooling's weights are fixed (all 1): its accumulator must fit as is
+    (with ``accumulator_bits="auto"`` it is what it is)."""
+    if not isinstance(config.accumulator_bits, int):
         return
     widest = int(axe.proven_range(weight_q, code_range).max())
     if widest > 2**config.accumulator_bits - 1:
@@ -380,28 +393,27 @@ def budgeted_weights(
     bits: int,
     config: QuantConfig,
     table_bits: int | None = None,
+    width: int | None = None,
 ) -> tuple[np.ndarray, UniformQuantizer]:
-    """:func:`accumulator_aware_weights` of a layer reading ``layer``."""
+    """:func:`accumulator_aware_weights` of a layer reading ``layer``, at ``width`` bits
+    (default ``config.accumulator_bits``; for ``"auto"``, the width
+    :func:`auto_accumulator_bits` picks for this layer alone)."""
     assert config.accumulator_bits is not None
-    budget = axe.l1_budget(config.accumulator_bits, layer.code_range, table_bits)
+    qmax = 2 ** (bits - 1) - 1
+    flat = weight.reshape(len(weight), -1)
+    columns = _subsampled_columns(node, layer)
+    accumulator_bits = config.accumulator_bits if width is None else width
+    if accumulator_bits == "auto":
+        accumulator_bits = auto_accumulator_bits(flat, columns, layer, qmax, table_bits)
+    assert isinstance(accumulator_bits, int)
+    budget = axe.l1_budget(accumulator_bits, layer.code_range, table_bits)
     if budget < 1:
         raise axe.AccumulatorBudgetError(
             _where(node),
-            config.accumulator_bits,
+            accumulator_bits,
             axe.smallest_accumulator_bits(layer.code_range, table_bits),
         )
-    qmax = 2 ** (bits - 1) - 1
-    flat = weight.reshape(len(weight), -1)
-    q = np.zeros(flat.shape, dtype=np.int64)
-    scale = np.ones(len(weight))
-    rng = np.random.default_rng(0)
-    for rows, x, x_q in _calibration_columns(node, layer):
-        if len(x) > axe.MAX_CALIBRATION_ROWS:
-            keep = np.sort(rng.choice(len(x), axe.MAX_CALIBRATION_ROWS, replace=False))
-            x, x_q = x[keep], x_q[keep]
-        # NOTE: the budget binds every output channel separately, so the scales are per
-        # channel even with per_channel=False (they cost nothing in FHE).
-        q[rows], scale[rows] = axe.quantize_rows(flat[rows], x, x_q, qmax, budget)
+    q, scale, _ = _budget_rows(flat, columns, qmax, budget)
     quantizer = UniformQuantizer(
         bits=bits,
         scale=tuple(float(s) for s in scale),
@@ -411,6 +423,79 @@ def budgeted_weights(
         axis=0,
     )
     return q.reshape(weight.shape), quantizer
+
+
+_Columns = list[tuple[slice, np.ndarray, np.ndarray]]
+
+#: :func:`auto_accumulator_bits` stops widening once the SQNR is this far below its best.
+AUTO_PAST_PEAK_DB = 6.0
+
+
+def _subsampled_columns(node: Node, layer: LayerInput) -> _Columns:
+    """:func:`_calibration_columns`, each at most ``axe.MAX_CALIBRATION_ROWS`` rows
+    (subsampled deterministically)."""
+    rng = np.random.default_rng(0)
+    columns = []
+    for rows, x, x_q in _calibration_columns(node, layer):
+        if len(x) > axe.MAX_CALIBRATION_ROWS:
+            keep = np.sort(rng.choice(len(x), axe.MAX_CALIBRATION_ROWS, replace=False))
+            x, x_q = x[keep], x_q[keep]
+        columns.append((rows, x, x_q))
+    return columns
+
+
+def _budget_rows(
+    flat: np.ndarray,
+    columns: _Columns,
+    qmax: int,
+    budget: int,
+    multipliers: tuple[float, ...] = axe.SCALE_MULTIPLIERS,
+    lsbs: int = 0,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer weights, scales and :func:`~fhe_quant.quant.axe.layer_error` of every row
+    of ``flat`` under an l1 ``budget`` (``lsbs``: the bits dropped before the table)."""
+    q = np.zeros(flat.shape, dtype=np.int64)
+    scale, error = np.ones(len(flat)), np.zeros(len(flat))
+    for rows, x, x_q in columns:
+        # NOTE: a column 0 on every calibration row (a dead feature, clipped to 0) gets
+        # weight 0, so that its (tiny, folded) weight cannot move the row's budget scale.
+        dead = ~np.any(x, axis=0) & ~np.any(x_q, axis=0)
+        weight = np.where(dead, 0.0, flat[rows])
+        # NOTE: the budget binds every output channel separately, so the scales are per
+        # channel even with per_channel=False (they cost nothing in FHE).
+        q[rows], scale[rows] = axe.quantize_rows(weight, x, x_q, qmax, budget, True, multipliers)
+        error[rows] = axe.layer_error(weight, q[rows], scale[rows], x, x_q, lsbs)
+    return q, scale, error
+
+
+def auto_accumulator_bits(
+    flat: np.ndarray, columns: _Columns, layer: LayerInput, qmax: int, table_bits: int | None
+) -> int:
+    """``accumulator_bits="auto"`` for one layer: among the widths from the smallest that
+    fits one weight up to ``MAX_ACCUMULATOR_BITS``, the narrowest whose mean
+    :func:`~fhe_quant.quant.axe.layer_error` is within
+    :data:`~fhe_quant.quant.axe.AUTO_MARGIN` of the least
+    (:func:`~fhe_quant.quant.axe.smallest_within`).
+
+    The error is the layer's own, on the codes it reads (its float weights on the same
+    codes are the reference, so the upstream error it cannot remove does not hide its
+    own), and each width is tried with the plain budget scale only (the final weights
+    then try every multiple)."""
+    low = axe.smallest_accumulator_bits(layer.code_range, table_bits)
+    local = [(rows, x_q, x_q) for rows, _, x_q in columns]
+    signal = np.concatenate([np.var(x_q @ flat[rows].T, axis=0) for rows, _, x_q in columns])
+    sqnr: dict[int, float] = {}
+    for bits in range(low, max(low, MAX_ACCUMULATOR_BITS) + 1):
+        budget = axe.l1_budget(bits, layer.code_range, table_bits)
+        lsbs = max(0, bits - table_bits) if table_bits is not None else 0
+        error = _budget_rows(flat, local, qmax, budget, (1.0,), lsbs)[2]
+        sqnr[bits] = float(10 * np.log10(max(signal.mean(), 1e-300) / max(error.mean(), 1e-300)))
+        if sqnr[bits] < max(sqnr.values()) - AUTO_PAST_PEAK_DB:
+            # NOTE: past the peak the budget no longer binds (the weights are as fine as
+            # their bits allow) and each wider bit only drops one more bit before the
+            # table: the SQNR falls ~6 dB per bit from there, so wider widths cannot win.
+            break
+    return axe.smallest_within(sqnr)
 
 
 def quantize_graph(graph: Graph, x_calib: np.ndarray, config: QuantConfig) -> QuantizedGraph:
@@ -944,21 +1029,29 @@ class _Codes:
         zero_sum = np.broadcast_to(zero_a, shape) + np.broadcast_to(zero_b, shape)
         return ProductPlan.of(bound_a, bound_b, zero_sum, bits)
 
-    def layer_input(self, node: Node, values: Mapping[str, np.ndarray]) -> LayerInput | None:
+    def layer_input(
+        self,
+        node: Node,
+        values: Mapping[str, np.ndarray],
+        seen: Mapping[str, np.ndarray] | None = None,
+    ) -> LayerInput | None:
         """What ``node`` reads on the calibration data: the codes of its input quantizer,
         or a sum of codes (a residual add of codes only, all on the add's quantizer);
-        ``None`` for other sums (a max pool of a sum)."""
+        ``None`` for other sums (a max pool of a sum). The codes are those of ``seen``
+        (the quantized model's values, :class:`_QuantizedPath`) when given, else of the
+        float ``values``."""
         source = node.inputs[0]
+        seen = values if seen is None else seen
         quantizer = self.input_quantizer(node)
         if quantizer is not None:
-            return LayerInput.of(values[source], quantizer)
+            return LayerInput.of(values[source], quantizer, seen[source])
         if source not in self.dag.adds:
             return None
         common = self.dag.add_quantizers[source]
         operands = self.dag.adds[source]
         ndim = values[source].ndim
         z = common.zero_point_array(ndim)
-        x_q = sum(o.sign * (common.quantize(values[o.node]) - z) for o in operands)
+        x_q = sum(o.sign * (common.quantize(seen[o.node]) - z) for o in operands)
         x = values[source] / common.scale_array(ndim)
         return LayerInput(x, np.asarray(x_q, dtype=np.float64), len(operands) * common.qmax)
 
@@ -992,14 +1085,15 @@ def quantize_linears(
     config: QuantConfig,
 ) -> dict[str, QuantizedLinear]:
     """The integer weights of the linear layers ``nodes`` of a planned graph, their input
-    scales folded in (see the module docstring)."""
+    scales folded in (see the module docstring). Accumulator-aware weights are chosen in
+    graph order against the quantized model's own values (:class:`_QuantizedPath`); with
+    ``accumulator_bits="auto"`` at one width, :func:`model_accumulator_bits`."""
     codes = _Codes(graph, dag, values)
-    output = graph.node(dag.output_name)
-    if output.kind == "linear":
-        last = {output.name}
-    else:
-        last = {o.node for o in dag.adds[output.name] if o.mode == "acc"}
-    into_add = {o.node: add for add, ops in dag.adds.items() for o in ops if o.mode == "acc"}
+    path = _QuantizedPath(graph, dag, values, codes)
+    last, into_add = _last_and_into_add(dag, graph)
+    width = config.accumulator_bits
+    if width == "auto":
+        width = model_accumulator_bits(graph, dag, nodes, values, config)
     linears = {}
     for node in nodes:
         scale, _ = codes.arrays(node.inputs[0])
@@ -1014,10 +1108,113 @@ def quantize_linears(
             weight_q = w_quantizer.quantize(folded)
         else:
             table = None if node.name in last else _table_after(graph, dag, node, config)
-            layer = None if config.accumulator_bits is None else codes.layer_input(node, values)
-            weight_q, w_quantizer = _linear_weights(node, folded, layer, bits, config, table)
+            layer = None if width is None else codes.layer_input(node, values, path)
+            weight_q, w_quantizer = _linear_weights(
+                node, folded, layer, bits, config, table, width
+            )
         linears[node.name] = QuantizedLinear(node, weight_q, w_quantizer, input_quantizer, scaling)
+        path.linears[node.name] = linears[node.name]
     return linears
+
+
+def _last_and_into_add(dag: QuantizedDag, graph: Graph) -> tuple[set[str], dict[str, str]]:
+    """The layers whose accumulator is the program's output (no table after them), and
+    those whose accumulator enters a residual add (layer name -> add name)."""
+    output = graph.node(dag.output_name)
+    if output.kind == "linear":
+        last = {output.name}
+    else:
+        last = {o.node for o in dag.adds[output.name] if o.mode == "acc"}
+    into_add = {o.node: add for add, ops in dag.adds.items() for o in ops if o.mode == "acc"}
+    return last, into_add
+
+
+def model_accumulator_bits(
+    graph: Graph,
+    dag: QuantizedDag,
+    nodes: list[Node],
+    values: Mapping[str, np.ndarray],
+    config: QuantConfig,
+) -> int:
+    """``accumulator_bits="auto"``: the widest of the widths every accumulator-aware
+    layer picks for itself (:func:`auto_accumulator_bits`, on the codes of the float
+    model's values), at least 2.
+
+    One width for the whole model: the circuit's widest accumulator sets the cost of
+    every bootstrap, so a narrower layer saves only its own dropped-bit bootstraps while
+    its coarser weights cost accuracy (digits MLP, 4-bit tables: widths 11/9/11 gave
+    5.26e10 and 95.8%, 11/11/11 5.86e10 and 96.9%).
+    """
+    codes = _Codes(graph, dag, values)
+    last, into_add = _last_and_into_add(dag, graph)
+    widths = [2]
+    for node in nodes:
+        layer = codes.layer_input(node, values)
+        if node.name in into_add or layer is None or OPS[node.op].unit_weights:
+            continue
+        scale, _ = codes.arrays(node.inputs[0])
+        s_in = channel_vector(scale, OPS[node.op].channel_axis % scale.ndim, node, "scale")
+        flat = fold_input_scale(node, s_in).reshape(len(node.params["weight"]), -1)
+        bits = config.n_bits_outputs if node.name in last else config.n_bits_weights
+        table = None if node.name in last else _table_after(graph, dag, node, config)
+        columns = _subsampled_columns(node, layer)
+        widths.append(auto_accumulator_bits(flat, columns, layer, 2 ** (bits - 1) - 1, table))
+    return max(widths)
+
+
+class _QuantizedPath:
+    """The values the quantized model computes on the calibration data, as a read-only
+    mapping by node name, evaluated in graph order as the linear layers get their
+    integer weights (:func:`quantize_linears` quantizes them in that order).
+
+    Accumulator-aware weights are chosen against these (GPFQ, Lybrand and Saab, 2021):
+    each layer's roundings correct the error of the layers before it, not only its own.
+    A table's output (and the program input) is its quantizer's codes, dequantized; a
+    quantized linear layer computes with its integer weights on the codes it reads; the
+    other operations (and a layer not yet quantized, or feeding a residual add as an
+    accumulator) are evaluated in float. The dropped accumulator bits are not modelled.
+    """
+
+    def __init__(
+        self, graph: Graph, dag: QuantizedDag, values: Mapping[str, np.ndarray], codes: _Codes
+    ) -> None:
+        self.graph, self.dag, self.values, self.codes = graph, dag, values, codes
+        self.linears: dict[str, QuantizedLinear] = {}
+        self.seen: dict[str, np.ndarray] = {n.name: values[n.name] for n in dag.pre}
+        self.order = {n.name: i for i, n in enumerate(graph.nodes)}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        for node in self.graph.nodes[: self.order[name] + 1]:
+            if node.name not in self.seen:
+                self.seen[node.name] = self._evaluate(node)
+        return self.seen[name]
+
+    def _evaluate(self, node: Node) -> np.ndarray:
+        quantized = self.linears.get(node.name)
+        if node.name == self.dag.input_name or node.op == "input":
+            value = self.values[node.name]
+        elif quantized is not None and quantized.scaling is None:
+            value = self._linear(node, quantized)
+        else:
+            value = node.evaluate(*(self.seen[name] for name in node.inputs))
+        quantizer = self.dag.tables.get(node.name)
+        if node.name == self.dag.input_name:
+            quantizer = self.dag.input_quantizer
+        if quantizer is None:
+            return value
+        return quantizer.dequantize(quantizer.quantize(value))
+
+    def _linear(self, node: Node, quantized: QuantizedLinear) -> np.ndarray:
+        layer = self.codes.layer_input(node, self.values, self)
+        if layer is None:
+            return node.evaluate(*(self.seen[name] for name in node.inputs))
+        if OPS[node.op].unit_weights:
+            scale, _ = self.codes.arrays(node.inputs[0])
+            return node.evaluate(layer.x_q * scale)
+        scale = np.asarray(quantized.weight_quantizer.scale, dtype=np.float64)
+        weight = quantized.weight_q * scale.reshape((-1,) + (1,) * (quantized.weight_q.ndim - 1))
+        integer = dataclasses.replace(node, params={**node.params, "weight": weight})
+        return integer.evaluate(layer.x_q)
 
 
 def _table_after(graph: Graph, dag: QuantizedDag, node: Node, config: QuantConfig) -> int | None:
@@ -1037,16 +1234,26 @@ def _linear_weights(
     bits: int,
     config: QuantConfig,
     table: int | None,
+    width: int | None,
 ) -> tuple[np.ndarray, UniformQuantizer]:
-    """Integer weights and their quantizer: exact for pooling, accumulator-aware with
-    ``config.accumulator_bits`` (``layer``: what the layer reads), else from the weights'
-    own range."""
-    if config.accumulator_bits is not None and layer is None:
-        raise UnsupportedOpError(
-            "accumulator_bits on a layer that reads a max pool of a residual sum",
-            _where(node),
-            "Accumulator-aware quantization needs the codes a layer reads; apply an "
-            "activation after the add, or use accumulator_bits=None.",
+    """Integer weights and their quantizer: exact for pooling, accumulator-aware at
+    ``width`` bits (``layer``: what the layer reads), else from the weights' own range.
+    ``accumulator_bits="auto"`` falls back to the latter, with a warning, for a layer
+    whose codes are unknown (a max pool of a residual sum)."""
+    if width is not None and layer is None:
+        if config.accumulator_bits != "auto":
+            raise UnsupportedOpError(
+                "accumulator_bits on a layer that reads a max pool of a residual sum",
+                _where(node),
+                "Accumulator-aware quantization needs the codes a layer reads; apply an "
+                "activation after the add, or use accumulator_bits=None.",
+            )
+        warnings.warn(
+            f"accumulator_bits='auto' does not bound layer {_where(node)!r}: it reads a max "
+            "pool of a residual sum, whose codes accumulator-aware quantization needs; its "
+            "weights are rounded to nearest (as with accumulator_bits=None).",
+            AccumulatorFallbackWarning,
+            stacklevel=2,
         )
     if OPS[node.op].unit_weights:
         w_quantizer = unit_weight_quantizer(folded, _where(node))
@@ -1054,8 +1261,8 @@ def _linear_weights(
         if layer is not None:
             _check_fixed_accumulator(node, weight_q, layer.code_range, config)
         return weight_q, w_quantizer
-    if layer is not None:
-        return budgeted_weights(node, folded, layer, bits, config, table)
+    if layer is not None and width is not None:
+        return budgeted_weights(node, folded, layer, bits, config, table, width)
     w_quantizer = weight_quantizer(folded, bits, config.per_channel)
     return w_quantizer.quantize(folded), w_quantizer
 

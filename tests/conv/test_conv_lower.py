@@ -215,7 +215,9 @@ def test_wide_conv_accumulator_is_proven_truncated_and_reported() -> None:
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(16, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 2))
     x = np.random.default_rng(3).normal(size=(32, 16, 4, 4))
-    qm = compile_torch_model(model, x, n_bits=8, rounding_bits=6, compile=False)
+    qm = compile_torch_model(
+        model, x, n_bits=8, rounding_bits=6, accumulator_bits=None, compile=False
+    )
     conv, table = qm.program.steps[0], qm.program.steps[1]
     assert conv.acc_bits > 16
     w = np.abs(conv.weight).reshape(4, -1).sum(axis=1)
@@ -260,7 +262,9 @@ def test_conv_inputs_are_quantized_per_channel_and_weights_per_output_channel() 
     x = np.random.default_rng(5).normal(size=(40, 3, 5, 5)) * np.array([1, 5, 20])[:, None, None]
     lookups = {}
     for per_channel in (True, False):
-        qm = compile_torch_model(model, x, n_bits=5, per_channel=per_channel, compile=False)
+        qm = compile_torch_model(  # no budget (a budget makes every scale per channel)
+            model, x, n_bits=5, per_channel=per_channel, accumulator_bits=None, compile=False
+        )
         first, second, last = (s.linear for s in qm.quantized.segments)
         # one scale per channel (axis 1), shared by all spatial positions
         assert first.input_quantizer.axis == 1 and len(first.input_quantizer.scale) == 3

@@ -234,7 +234,8 @@ def test_ceil_mode_is_padding_at_the_end() -> None:
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_quantized_block_follows_the_float_model(name: str) -> None:
     model, x = _case(name)
-    qm = compile_torch_model(model, x, n_bits=8, compile=False)
+    # NOTE: no budget (the default before accumulator_bits='auto'): 8-bit tracking
+    qm = compile_torch_model(model, x, n_bits=8, accumulator_bits=None, compile=False)
     expected = _float(model, x)
     got = qm.forward(x)
     centred = np.corrcoef(expected.ravel() - expected.mean(), got.ravel() - got.mean())[0, 1]
@@ -297,7 +298,8 @@ def test_quarter_squares_are_within_one_unit_of_the_product() -> None:
 @pytest.mark.parametrize("name", ["se", "se_sigmoid", "shuffle_unit", "max_ceil_3x3", "avg_ceil"])
 def test_proven_bounds_hold_on_worst_case_inputs(name: str) -> None:
     model, x = _case(name)
-    qm = compile_torch_model(model, x, n_bits=8, compile=False)
+    # NOTE: no budget (the default before accumulator_bits='auto'): 8-bit tracking
+    qm = compile_torch_model(model, x, n_bits=8, accumulator_bits=None, compile=False)
     values = all_values(qm.program, _extreme_codes(qm, np.random.default_rng(2)))
     for step, value in zip(qm.program.steps, values[1:], strict=True):
         assert value.min() >= 0, step.name

@@ -223,7 +223,9 @@ def test_concatenation_keeps_each_part_on_its_own_scale() -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 2, 4, 4))
     model = Concat()
-    qm = compile_torch_model(model, x, n_bits=8, rounding_bits=16, compile=False)
+    qm = compile_torch_model(  # no budget: the default before accumulator_bits='auto'
+        model, x, n_bits=8, rounding_bits=16, accumulator_bits=None, compile=False
+    )
     concat = [s for s in qm.program.steps if isinstance(s, ConcatStep)]
     assert len(concat) == 1
     # Each part's table is its own activation; the concatenation costs nothing.
@@ -259,7 +261,9 @@ def test_channelwise_constant_multiplication_costs_nothing(where: str) -> None:
     graph = simplify(trace_module(model, x))
     muls = [n for n in graph.nodes if n.op == "mul_const"]
     assert len(muls) == (0 if where == "after-conv" else 1)  # folded into the conv
-    qm = compile_torch_model(model, x, n_bits=8, rounding_bits=16, compile=False)
+    qm = compile_torch_model(  # no budget: the default before accumulator_bits='auto'
+        model, x, n_bits=8, rounding_bits=16, accumulator_bits=None, compile=False
+    )
     tables = [s for s in qm.program.steps if isinstance(s, TableStep)]
     assert sum(t.table.shape[0] for t in tables) == 3 * 16  # the one table it had anyway
     expected = _float(model, x)

@@ -117,6 +117,9 @@ def _x(shape: tuple[int, ...], n: int = 120, seed: int = 0) -> np.ndarray:
 
 
 def _torch(make: Callable[[], nn.Module], shape: tuple[int, ...], **kwargs: Any) -> Any:
+    # NOTE: the PTQ defaults of the recording (issue 14 part 1 made accumulator_bits="auto"
+    # the default, with 4-bit tables and mse calibration)
+    kwargs = {"accumulator_bits": None, "calibration": "minmax", **kwargs}
     return compile_torch_model(make(), _x(shape), compile=False, **kwargs)
 
 
@@ -140,8 +143,9 @@ def _sklearn(kind: str) -> Any:
         if kind == "logistic":
             est = fq.LogisticRegression(n_bits=6).fit(x, y)
         else:
-            est = fq.MLPClassifier(
-                n_bits=4, hidden_layer_sizes=(8,), max_iter=60, random_state=0
+            est = fq.MLPClassifier(  # the default of the recording: no accumulator bound
+                n_bits=4, hidden_layer_sizes=(8,), max_iter=60, random_state=0,
+                accumulator_bits=None,
             ).fit(x, y)
     return est.quantized_module_
 

@@ -93,7 +93,9 @@ def test_wide_accumulator_is_truncated_to_the_table_width() -> None:
     # 8-bit inputs times 8-bit weights over 256 inputs: an accumulator of ~23 bits.
     model = _mlp([256, 4, 2], nn.ReLU, seed=2)
     x = np.random.default_rng(2).normal(size=(64, 256))
-    qm = compile_torch_model(model, x, n_bits=8, rounding_bits=6, compile=False)
+    qm = compile_torch_model(  # no budget: the default before accumulator_bits='auto'
+        model, x, n_bits=8, rounding_bits=6, accumulator_bits=None, compile=False
+    )
     first, table = qm.program.steps[0], qm.program.steps[1]
     assert first.acc_bits > MAX_TABLE_BITS
     assert table.index_bits <= 6

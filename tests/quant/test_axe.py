@@ -126,7 +126,9 @@ def _assert_accumulators_fit(qm, bits: int) -> None:
 
 def test_mlp_accumulators_fit_and_accuracy_holds(digits, digits_mlp) -> None:
     x_train, x_test, _, y_test = digits
-    free = compile_torch_model(digits_mlp, x_train, n_bits=6, compile=False)
+    free = compile_torch_model(
+        digits_mlp, x_train, n_bits=6, accumulator_bits=None, compile=False
+    )
     qm = compile_torch_model(digits_mlp, x_train, n_bits=6, accumulator_bits=12, compile=False)
     _assert_accumulators_fit(qm, 12)
     assert free.statistics["layers"][0]["accumulator_bits"] >= 15

@@ -117,7 +117,7 @@ def _assert_fits_and_proofs_hold(qm, bits: int) -> None:
 def test_branching_accumulators_fit(cls, shape, bits) -> None:
     x = _data(shape)
     model = _model(cls)
-    free = compile_torch_model(model, x, n_bits=5, compile=False)
+    free = compile_torch_model(model, x, n_bits=5, accumulator_bits=None, compile=False)
     qm = compile_torch_model(model, x, n_bits=5, accumulator_bits=bits, compile=False)
     assert max(s.acc_bits for s in free.program.steps if isinstance(s, LinearStep)) > bits
     _assert_fits_and_proofs_hold(qm, bits)
@@ -153,7 +153,7 @@ def test_too_small_a_budget_on_a_branching_model_names_the_layer() -> None:
 def test_a_max_pool_of_a_residual_sum_is_refused_with_a_budget_only() -> None:
     x = _data((1, 4, 4))
     model = _model(_PooledSum)
-    compile_torch_model(model, x, n_bits=5, compile=False)  # fine without a budget
+    compile_torch_model(model, x, n_bits=5, accumulator_bits=None, compile=False)  # no budget
     with pytest.raises(UnsupportedOpError, match="max pool of a residual sum") as info:
         compile_torch_model(model, x, n_bits=5, accumulator_bits=12, compile=False)
     assert "head (Linear)" in str(info.value)
