@@ -308,9 +308,10 @@ MAX_SIGNAL_SAMPLES = 256
 def signal_table_bits(program: IntegerProgram, x: np.ndarray) -> dict[str, int]:
     """The tables to widen so that each keeps the observed signal: per table source (the
     layer or add whose accumulator it reads), the width :func:`kept_table_bits` gives
-    from the median over elements of the accumulator's spread on ``x`` (float inputs of
-    the program, at most :data:`MAX_SIGNAL_SAMPLES`), for those where it is wider than
-    the table's. The accumulators and their proofs do not change."""
+    (as many bits kept as the table outputs, for a table keeping fewer than
+    ``MIN_KEPT_BITS``) from the median over elements of the accumulator's spread on
+    ``x`` (float inputs of the program, at most :data:`MAX_SIGNAL_SAMPLES`), where it
+    is wider than the table's. The accumulators and their proofs do not change."""
     values = [program.input_quantizer.quantize(x[:MAX_SIGNAL_SAMPLES]).astype(np.int64)]
     widths: dict[str, int] = {}
     for step in program.steps:
@@ -323,7 +324,7 @@ def signal_table_bits(program: IntegerProgram, x: np.ndarray) -> dict[str, int]:
             acc = np.asarray(operand).reshape(len(operand), -1)
             observed = bits_for(int(np.median(acc.max(axis=0) - acc.min(axis=0))))
             width = step.round_bits - step.lsbs
-            wanted = kept_table_bits(width, step.lsbs, observed)
+            wanted = kept_table_bits(width, step.lsbs, observed, step.out_bits)
             source = program.steps[step.inputs[0] - 1].name if step.inputs else step.name
             if wanted > width:
                 widths[source] = max(wanted, widths.get(source, 0))

@@ -18,7 +18,6 @@ __all__ = [
     "ProductPlan",
     "bits_for",
     "auto_table_bits",
-    "KEPT_BITS",
     "MIN_KEPT_BITS",
     "kept_table_bits",
     "product_scale",
@@ -73,22 +72,21 @@ def table_bits(configured: int | None, out_qmax: int) -> int:
 #: A table that keeps fewer bits than this of the spread of its accumulator's values on
 #: calibration data has lost the signal, and is widened (see :func:`kept_table_bits`).
 MIN_KEPT_BITS = 3
-#: How many bits of that spread a widened table keeps.
-KEPT_BITS = 6
 
 
 def kept_table_bits(
     table_bits: int,
     lsbs: int,
     observed_bits: int,
-    kept_bits: int = KEPT_BITS,
+    kept_bits: int,
     min_kept: int = MIN_KEPT_BITS,
 ) -> int:
     """The input width of a table that reads ``table_bits`` bits of its accumulator
     (rounding ``lsbs`` bits away), where the accumulator's values on calibration data
     spread over ``observed_bits`` bits (typically the median over elements): unchanged
     when the table keeps ``observed_bits - lsbs >= min_kept`` bits of that spread,
-    otherwise widened to keep ``kept_bits``.
+    otherwise widened to keep ``kept_bits`` (the lowering asks for the table's output
+    bits: as many bits of the signal in as out).
 
     The proven accumulator range is the worst case over every input; the values that
     occur span far less (a 3x3x256 convolution's 7-8 bits less: random signs cancel), so
@@ -100,11 +98,11 @@ def kept_table_bits(
     4x per bit from 6 bits up.
 
     Examples:
-        >>> kept_table_bits(7, lsbs=15, observed_bits=16)  # keeps 1 bit: widen by 5
+        >>> kept_table_bits(7, lsbs=15, observed_bits=16, kept_bits=6)  # keeps 1: +5
         12
-        >>> kept_table_bits(7, lsbs=7, observed_bits=10)  # keeps 3 bits: unchanged
+        >>> kept_table_bits(7, lsbs=7, observed_bits=10, kept_bits=8)  # keeps 3: as is
         7
-        >>> kept_table_bits(7, lsbs=2, observed_bits=3), kept_table_bits(7, 14, 10, 20)
+        >>> kept_table_bits(7, 2, 3, kept_bits=6), kept_table_bits(7, 14, 10, kept_bits=20)
         (9, 16)
     """
     if observed_bits - lsbs >= min_kept:
