@@ -30,7 +30,7 @@ from fhe_quant.lower import (
 from fhe_quant.passes import simplify
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.ptq import QuantizedGraph, check_calibration_data, quantize_graph
-from fhe_quant.quant.widths import bits_for, kept_table_bits
+from fhe_quant.quant.widths import MIN_WIDENED_ACCUMULATOR_BITS, bits_for, kept_table_bits
 
 __all__ = [
     "QuantizedModule",
@@ -311,7 +311,8 @@ def signal_table_bits(program: IntegerProgram, x: np.ndarray) -> dict[str, int]:
     (as many bits kept as the table outputs, for a table keeping fewer than
     ``MIN_KEPT_BITS``) from the median over elements of the accumulator's spread on
     ``x`` (float inputs of the program, at most :data:`MAX_SIGNAL_SAMPLES`), where it
-    is wider than the table's. The accumulators and their proofs do not change."""
+    is wider than the table's, for accumulators of ``MIN_WIDENED_ACCUMULATOR_BITS`` or
+    more. The accumulators and their proofs do not change."""
     values = [program.input_quantizer.quantize(x[:MAX_SIGNAL_SAMPLES]).astype(np.int64)]
     widths: dict[str, int] = {}
     for step in program.steps:
@@ -320,7 +321,12 @@ def signal_table_bits(program: IntegerProgram, x: np.ndarray) -> dict[str, int]:
             operand: Any = tuple(values[i] for i in inputs)
         else:
             operand = values[inputs[0]] if inputs else values[-1]
-        if isinstance(step, TableStep) and step.lsbs and (not step.inputs or step.inputs[0]):
+        if (
+            isinstance(step, TableStep)
+            and step.lsbs
+            and step.round_bits >= MIN_WIDENED_ACCUMULATOR_BITS
+            and (not step.inputs or step.inputs[0])
+        ):
             acc = np.asarray(operand).reshape(len(operand), -1)
             observed = bits_for(int(np.median(acc.max(axis=0) - acc.min(axis=0))))
             width = step.round_bits - step.lsbs

@@ -19,6 +19,7 @@ __all__ = [
     "bits_for",
     "auto_table_bits",
     "MIN_KEPT_BITS",
+    "MIN_WIDENED_ACCUMULATOR_BITS",
     "kept_table_bits",
     "product_scale",
     "table_bits",
@@ -72,6 +73,13 @@ def table_bits(configured: int | None, out_qmax: int) -> int:
 #: A table that keeps fewer bits than this of the spread of its accumulator's values on
 #: calibration data has lost the signal, and is widened (see :func:`kept_table_bits`).
 MIN_KEPT_BITS = 3
+#: Only tables after accumulators at least this wide are widened by default. Narrower
+#: circuits compile, and there a wider table is a latency trade-off left to
+#: ``rounding_bits`` (5 to 7 bits costs ~10x per lookup; the 4-bit digits MLP's first
+#: table keeps under 3 bits and would widen); Concrete 2.11 found no parameters for
+#: 8-bit tables after 18-bit accumulators (digits MLP), and deep networks' accumulators
+#: are 19-24 bits, far from compiling at any table width.
+MIN_WIDENED_ACCUMULATOR_BITS = 18
 
 
 def kept_table_bits(

@@ -17,6 +17,7 @@ from fhe_quant.model import QuantizedModule, signal_table_bits
 from fhe_quant.quant.widths import (
     MAX_TABLE_BITS,
     MIN_KEPT_BITS,
+    MIN_WIDENED_ACCUMULATOR_BITS,
     bits_for,
     kept_table_bits,
 )
@@ -155,14 +156,26 @@ def test_widths_are_given_per_source_layer(block) -> None:
     assert changed == [(7, 9)]
 
 
-@pytest.mark.slow
-def test_widened_block_runs_the_same_in_disable_and_simulate() -> None:
-    # 8 channels at 5 bits: 14-bit accumulators, the first table widened from 6 to 9 bits
-    # by default (Concrete 2.11 finds no parameters for the 21-bit accumulators of the
-    # 32-channel 8-bit block, even at the automatic 7-bit tables).
+def test_narrow_accumulators_are_not_widened() -> None:
+    # 8 channels at 5 bits: 14-bit accumulators, the first table keeps < 3 bits, but a
+    # circuit this narrow compiles, and the table width stays the user's trade-off.
     model, x = _block(channels=8)
     qm = compile_torch_model(model, x, n_bits=5, compile=False)
-    assert [t.index_bits for t in _tables(qm.program)][0] > 6
+    assert max(t.round_bits for t in _tables(qm.program)) < MIN_WIDENED_ACCUMULATOR_BITS
+    assert [t.index_bits for t in _tables(qm.program)] == [6, 6, 6]
+
+
+@pytest.mark.slow
+def test_widened_block_runs_the_same_in_disable_and_simulate() -> None:
+    # 8 channels at 6 bits (16-bit accumulators), the first table widened to 9 bits
+    # through the same per-source widths the default uses (Concrete 2.11 finds no
+    # parameters for the 21-bit accumulators of the 32-channel 8-bit block, even at the
+    # automatic 7-bit tables).
+    model, x = _block(channels=8)
+    qm = compile_torch_model(model, x, n_bits=6, compile=False)
+    first = next(s.name for s in qm.program.steps if isinstance(s, LinearStep))
+    qm = QuantizedModule(qm.graph, qm.quantized, lower(qm.quantized, {first: 9}))
+    assert [t.index_bits for t in _tables(qm.program)][0] == 9
     qm.compile(x[:16], p_error=1e-9)
     sample = np.random.default_rng(2).normal(size=(4, 8, 3, 3))
     np.testing.assert_array_equal(
