@@ -1159,14 +1159,18 @@ def _table(
     )
 
 
-def lower(quantized: QuantizedGraph, table_bits: int | None = None) -> IntegerProgram:
+def lower(
+    quantized: QuantizedGraph, table_bits: int | Mapping[str, int] | None = None
+) -> IntegerProgram:
     """Lower a quantized graph to an :class:`IntegerProgram`.
 
     Args:
         quantized: the output of :func:`fhe_quant.quant.ptq.quantize_graph` (or of QAT).
         table_bits: width of every table's input (the accumulator is rounded to it);
             ``None`` uses ``quantized.config.rounding_bits`` or, if that is ``None``
-            too, :func:`auto_table_bits` of each layer's output bits.
+            too, :func:`auto_table_bits` of each layer's output bits. A mapping gives
+            the width per source: the name of the layer (or add) whose accumulator the
+            table reads; sources it omits are lowered as with ``None``.
 
     Raises:
         RangeError: a table input would exceed Concrete's 16-bit limit.
@@ -1255,7 +1259,11 @@ class _DagLowering:
     RAW: ClassVar[dict[str, Callable[[_DagLowering, Node], _Value]]]
 
     def __init__(
-        self, graph: Graph, dag: QuantizedDag, config: QuantConfig, table_bits: int | None
+        self,
+        graph: Graph,
+        dag: QuantizedDag,
+        config: QuantConfig,
+        table_bits: int | Mapping[str, int] | None,
     ) -> None:
         self.graph = graph
         self.dag = dag
@@ -1388,7 +1396,10 @@ class _DagLowering:
         else:
             source = self.raw(source_name)
         out_q = self.dag.tables[node.name]
-        bits = table_width(self.table_bits, out_q.qmax)
+        configured = self.table_bits
+        if isinstance(configured, Mapping):
+            configured = configured.get(source_name, self.config.rounding_bits)
+        bits = table_width(configured, out_q.qmax)
         if bits > MAX_TABLE_BITS:
             raise RangeError(
                 f"The table producing {node.source or node.name!r} would read {bits} bits; "

@@ -17,10 +17,11 @@ from tqdm.auto import tqdm
 from fhe_quant.errors import CompilationError, InputError, NotCompiledError, ParameterError
 from fhe_quant.fhe import FHECircuit, check_fhe_mode, compile_program
 from fhe_quant.ir import Graph, Node
-from fhe_quant.lower import IntegerProgram, lower
+from fhe_quant.lower import IntegerProgram, TableStep, lower
 from fhe_quant.passes import simplify
 from fhe_quant.quant.config import QuantConfig
 from fhe_quant.quant.ptq import QuantizedGraph, check_calibration_data, quantize_graph
+from fhe_quant.quant.widths import MIN_WIDENED_ACCUMULATOR_BITS, bits_for, kept_table_bits
 
 __all__ = [
     "QuantizedModule",
@@ -250,6 +251,45 @@ class QuantizedModule:
         return build_report(self, x, y, fhe=fhe, metric=metric)
 
 
+#: Calibration samples run through the integer program to measure its accumulators.
+MAX_SIGNAL_SAMPLES = 256
+
+
+def signal_table_bits(program: IntegerProgram, x: np.ndarray) -> dict[str, int]:
+    """The tables to widen so that each keeps the observed signal: per table source (the
+    layer or add whose accumulator it reads), the width :func:`kept_table_bits` gives
+    (as many bits kept as the table outputs, for a table keeping fewer than
+    ``MIN_KEPT_BITS``) from the median over elements of the accumulator's spread on
+    ``x`` (float inputs of the program, at most :data:`MAX_SIGNAL_SAMPLES`), where it
+    is wider than the table's, for accumulators of ``MIN_WIDENED_ACCUMULATOR_BITS`` or
+    more. The accumulators and their proofs do not change; a program with no such
+    table is not run."""
+    wide = [
+        index
+        for index, step in enumerate(program.steps)
+        if isinstance(step, TableStep)
+        and step.lsbs
+        and step.round_bits >= MIN_WIDENED_ACCUMULATOR_BITS
+        and (not step.inputs or step.inputs[0])
+    ]
+    if not wide:
+        return {}
+    q = program.input_quantizer.quantize(x[:MAX_SIGNAL_SAMPLES]).astype(np.int64)
+    values = program.values(q)
+    widths: dict[str, int] = {}
+    for index in wide:
+        step = program.steps[index]
+        operand = np.asarray(step.operands(values[: index + 1]))
+        acc = operand.reshape(len(operand), -1)
+        observed = bits_for(int(np.median(acc.max(axis=0) - acc.min(axis=0))))
+        width = step.round_bits - step.lsbs
+        wanted = kept_table_bits(width, step.lsbs, observed, step.out_bits)
+        source = program.steps[step.inputs[0] - 1].name if step.inputs else step.name
+        if wanted > width:
+            widths[source] = max(wanted, widths.get(source, 0))
+    return widths
+
+
 def build_quantized_module(
     graph: Graph,
     x_calib: np.ndarray,
@@ -271,6 +311,9 @@ def build_quantized_module(
         bar.update(1)
         bar.set_postfix_str("lower")
         program = lower(quantized)
+        if config.rounding_bits is None:  # automatic widths keep the observed signal
+            widths = signal_table_bits(program, run_chain(quantized.pre, x_calib))
+            program = lower(quantized, widths) if widths else program
         bar.update(1)
         module = QuantizedModule(graph, quantized, program)
         if compile:

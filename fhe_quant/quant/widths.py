@@ -18,6 +18,9 @@ __all__ = [
     "ProductPlan",
     "bits_for",
     "auto_table_bits",
+    "MIN_KEPT_BITS",
+    "MIN_WIDENED_ACCUMULATOR_BITS",
+    "kept_table_bits",
     "product_scale",
     "table_bits",
 ]
@@ -65,6 +68,55 @@ def table_bits(configured: int | None, out_qmax: int) -> int:
         (5, 9)
     """
     return configured or auto_table_bits(bits_for(out_qmax))
+
+
+#: A table that keeps fewer bits than this of the spread of its accumulator's values on
+#: calibration data has lost the signal, and is widened (see :func:`kept_table_bits`).
+MIN_KEPT_BITS = 3
+#: Only tables after accumulators at least this wide are widened by default. Narrower
+#: circuits compile, and there a wider table is a latency trade-off left to
+#: ``rounding_bits`` (5 to 7 bits costs ~10x per lookup; the 4-bit digits MLP's first
+#: table keeps under 3 bits and would widen); Concrete 2.11 found no parameters for
+#: 8-bit tables after 18-bit accumulators (digits MLP), and deep networks' accumulators
+#: are 19-24 bits, far from compiling at any table width.
+MIN_WIDENED_ACCUMULATOR_BITS = 18
+
+
+def kept_table_bits(
+    table_bits: int,
+    lsbs: int,
+    observed_bits: int,
+    kept_bits: int,
+    min_kept: int = MIN_KEPT_BITS,
+) -> int:
+    """The input width of a table that reads ``table_bits`` bits of its accumulator
+    (rounding ``lsbs`` bits away), where the accumulator's values on calibration data
+    spread over ``observed_bits`` bits (typically the median over elements): unchanged
+    when the table keeps ``observed_bits - lsbs >= min_kept`` bits of that spread,
+    otherwise widened to keep ``kept_bits`` (the lowering asks for the table's output
+    bits: as many bits of the signal in as out).
+
+    The proven accumulator range is the worst case over every input; the values that
+    occur span far less (a 3x3x256 convolution's 7-8 bits less: random signs cancel), so
+    a table sized from the proof may read one or two bits of the signal. The table is
+    widened by the missing bits, never past the accumulator itself (``lsbs``) nor past
+    :data:`MAX_TABLE_BITS`; the accumulator and its proof are unchanged, only fewer bits
+    are dropped before the lookup. Tables keeping ``min_kept`` bits or more stay as they
+    are: small networks keep 3-6 bits at the automatic widths, and a wider table costs
+    4x per bit from 6 bits up.
+
+    Examples:
+        >>> kept_table_bits(7, lsbs=15, observed_bits=16, kept_bits=6)  # keeps 1: +5
+        12
+        >>> kept_table_bits(7, lsbs=7, observed_bits=10, kept_bits=8)  # keeps 3: as is
+        7
+        >>> kept_table_bits(7, 2, 3, kept_bits=6), kept_table_bits(7, 14, 10, kept_bits=20)
+        (9, 16)
+    """
+    if observed_bits - lsbs >= min_kept:
+        return table_bits
+    missing = kept_bits - (observed_bits - lsbs)
+    return min(table_bits + min(missing, lsbs), MAX_TABLE_BITS)
 
 
 def product_scale(span: int, bits: int) -> float:

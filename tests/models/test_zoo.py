@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from zoo import build
+from zoo import build, digits_images
 
 from fhe_quant.lower import GatherStep, MaxPoolStep, ProductStep
 from fhe_quant.torch import compile_torch_model
@@ -58,3 +58,51 @@ def test_zoo_model_runs_as_an_integer_program(name: str, record_property) -> Non
     for step in steps:
         if isinstance(step, ProductStep):
             assert step.lookups_by_width() == {9: 2 * step.squares[0].table.shape[0]}
+
+
+#: The deep networks of issue 14 at 16x16 (ResNet-18's last stage runs on 1x1 maps):
+#: centred correlation (per-class means removed) of the 8-bit program's logits with
+#: float at the default table widths, which widen the tables that would keep fewer than
+#: MIN_KEPT_BITS of the observed signal (benchmarks/deep_nets.py measures 32x32).
+#: Measured (before -> after widening): ResNet-18 0.18 -> 0.37, VGG 0.26 -> 0.95.
+DEEP_MIN_CORRELATION = {"resnet18": 0.3, "vgg_small_bn": 0.9}
+
+
+def _class_centred_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef((a - a.mean(0)).ravel(), (b - b.mean(0)).ravel())[0, 1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(DEEP_MIN_CORRELATION))
+def test_deep_model_keeps_its_signal_at_8_bits(name: str, record_property) -> None:
+    from fhe_quant.lower import TableStep, lower
+    from fhe_quant.model import QuantizedModule
+
+    model, x = build(name, n_data=24, size=16, data="digits")
+    held_out = digits_images(1000, 16, size=16)
+    with torch.no_grad():
+        expected = model(torch.as_tensor(held_out, dtype=torch.float32)).double().numpy()
+    qm = compile_torch_model(model, x, n_bits=8, compile=False)
+    before = QuantizedModule(qm.graph, qm.quantized, lower(qm.quantized))
+    after_corr = _class_centred_correlation(expected, qm.forward(held_out))
+    before_corr = _class_centred_correlation(expected, before.forward(held_out))
+    record_property("correlation", (before_corr, after_corr))
+    assert after_corr > DEEP_MIN_CORRELATION[name]
+    assert after_corr > before_corr
+    widths = [s.index_bits for s in qm.program.steps if isinstance(s, TableStep)]
+    assert max(widths) > 7 and max(widths) <= 16  # some tables widened, within Concrete's limit
+
+
+@pytest.mark.slow
+def test_mobilenet_v2_runs_as_an_integer_program() -> None:
+    """MobileNetV2 builds and runs at 8 bits with every table within Concrete's limit.
+    Its signal is NOT kept (centred correlation ~0, benchmarks/results/deep_nets.md):
+    the per-layer SQNR falls ~2 dB per layer from the first depthwise convolution, and
+    its tables already keep >= MIN_KEPT_BITS bits, so widening is not its cure."""
+    from fhe_quant.lower import TableStep
+
+    model, x = build("mobilenet_v2_x0_25", n_data=24, size=16, data="digits")
+    qm = compile_torch_model(model, x, n_bits=8, compile=False)
+    got = qm.forward(digits_images(1000, 4, size=16))
+    assert got.shape == (4, 10) and np.isfinite(got).all()
+    assert all(s.index_bits <= 16 for s in qm.program.steps if isinstance(s, TableStep))

@@ -15,6 +15,22 @@ from these classes traces to the same graph as torchvision's. The code is our ow
   ``shufflenet_v2_x0_5`` by default): units that split the channels in two (``chunk``),
   run one half through 1x1 -> depthwise 3x3 -> 1x1, concatenate and shuffle the channels
   (``view -> transpose -> view``), and a global mean.
+* :class:`ResNet18` (He et al., "Deep Residual Learning", 2016, table 1; torchvision
+  ``resnet18``): 7x7 stride-2 stem, 3x3 stride-2 max pool, four stages of two basic
+  blocks (64, 128, 256, 512 channels; 1x1 stride-2 projection shortcuts), global average
+  pooling and a linear classifier.
+* :class:`MobileNetV2` (Sandler et al., "MobileNetV2", 2018, table 2; torchvision
+  ``mobilenet_v2``, any ``width_mult``): ReLU6 inverted residuals with linear
+  bottlenecks, a 1280-channel 1x1 convolution, global average pooling.
+* :class:`VGGSmall`: the first two blocks of VGG-16 with batch norm (Simonyan and
+  Zisserman, 2015, configuration D; torchvision ``vgg16_bn``'s ``features[:14]``:
+  64, 64, max pool, 128, 128, max pool), then torchvision's adaptive average pool (to
+  2x2 here, not 7x7, for 32x32 inputs) and its three-layer classifier at 512 units.
+
+Initialization follows torchvision for the last three (Kaiming normal, fan-out, for
+convolutions; ``N(0, 0.01)`` for MobileNetV2's and VGG's linear layers) and for
+SqueezeNet; :func:`digits_images` gives them structured inputs (scikit-learn's 8x8
+digits, upscaled 4x to 32x32, three channels, standardized).
 
 Weights are random; :func:`gather_batch_norm_statistics` runs data through the model in
 training mode so that every batch norm holds real statistics, as a trained model's do.
@@ -30,8 +46,12 @@ __all__ = [
     "MobileNetV3Small",
     "SqueezeNet11",
     "ShuffleNetV2",
+    "ResNet18",
+    "MobileNetV2",
+    "VGGSmall",
     "ZOO",
     "build",
+    "digits_images",
     "gather_batch_norm_statistics",
 ]
 
@@ -278,11 +298,185 @@ class ShuffleNetV2(nn.Module):
         return self.fc(x.mean([2, 3]))
 
 
+# --------------------------------------------------------------------------- ResNet-18
+
+
+def _torchvision_init(model: nn.Module, linear_std: float | None) -> None:
+    """torchvision's initialization: Kaiming normal (fan-out, ReLU) convolutions with
+    zero biases, unit/zero batch norms, and ``N(0, linear_std)`` linear layers with zero
+    biases (``None``: torch's default, as torchvision's ResNet keeps)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0.0, linear_std)
+            nn.init.zeros_(m.bias)
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block: 3x3 conv-BN-ReLU, 3x3 conv-BN, plus the input (through a
+    1x1 stride-``stride`` conv-BN when the shape changes), then ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.downsample = None
+        if stride != 1 or c_in != c_out:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+        return self.relu(out + identity)
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 (torchvision's ``resnet18`` layer for layer, ``num_classes`` outputs)."""
+
+    def __init__(self, num_classes: int = 10, widths: tuple[int, ...] = (64, 128, 256, 512)):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, widths[0], 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        stages, c_in = [], widths[0]
+        for i, c_out in enumerate(widths):
+            stride = 1 if i == 0 else 2
+            stages.append(nn.Sequential(BasicBlock(c_in, c_out, stride), BasicBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+        _torchvision_init(self, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+# --------------------------------------------------------------------------- MobileNetV2
+
+#: MobileNetV2's bottleneck stages: expansion t, output channels c, repeats n, stride s.
+MOBILENET_V2 = (
+    (1, 16, 1, 1),
+    (6, 24, 2, 2),
+    (6, 32, 3, 2),
+    (6, 64, 4, 2),
+    (6, 96, 3, 1),
+    (6, 160, 3, 2),
+    (6, 320, 1, 1),
+)
+
+
+class InvertedResidualV2(nn.Module):
+    """[1x1 expand-BN-ReLU6] -> 3x3 depthwise-BN-ReLU6 -> 1x1 project-BN (linear), plus
+    the input when the stride is 1 and the channels agree."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = int(round(c_in * expand))
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers.append(_conv_bn(c_in, hidden, 1, 1, 1, nn.ReLU6))
+        layers.append(_conv_bn(hidden, hidden, 3, stride, hidden, nn.ReLU6))
+        layers.append(_conv_bn(hidden, c_out, 1, 1, 1, None))
+        self.conv = nn.Sequential(*layers)
+        self.use_res_connect = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x) if self.use_res_connect else self.conv(x)
+
+
+class MobileNetV2(nn.Module):
+    """MobileNetV2 (torchvision's ``mobilenet_v2(width_mult=...)``): 3x3 stride-2
+    ReLU6 stem, the stages of :data:`MOBILENET_V2`, a 1x1 convolution to
+    ``1280 * max(1, width_mult)`` channels, global average pooling, dropout, linear."""
+
+    def __init__(self, num_classes: int = 10, width_mult: float = 1.0) -> None:
+        super().__init__()
+        c_in = make_divisible(32 * width_mult, 8)
+        last = make_divisible(1280 * max(1.0, width_mult), 8)
+        layers: list[nn.Module] = [_conv_bn(3, c_in, 3, 2, 1, nn.ReLU6)]
+        for t, c, n, s in MOBILENET_V2:
+            c_out = make_divisible(c * width_mult, 8)
+            for i in range(n):
+                layers.append(InvertedResidualV2(c_in, c_out, s if i == 0 else 1, t))
+                c_in = c_out
+        layers.append(_conv_bn(c_in, last, 1, 1, 1, nn.ReLU6))
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(last, num_classes))
+        _torchvision_init(self, 0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class MobileNetV2Quarter(MobileNetV2):
+    """MobileNetV2 at ``width_mult=0.25``."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__(num_classes, width_mult=0.25)
+
+
+# --------------------------------------------------------------------------- VGG
+
+
+class VGGSmall(nn.Module):
+    """VGG-16-BN's first two blocks (3x3 conv-BN-ReLU x2, 2x2 max pool, at 64 and 128
+    channels), an adaptive average pool to ``pooled x pooled`` and torchvision's
+    classifier (linear-ReLU-dropout twice, then linear) at ``hidden`` units."""
+
+    def __init__(self, num_classes: int = 10, hidden: int = 512, pooled: int = 2) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = 3
+        for c_out in (64, 64, "M", 128, 128, "M"):
+            if c_out == "M":
+                layers.append(nn.MaxPool2d(2, 2))
+                continue
+            layers += [nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU()]
+            c_in = c_out
+        self.features = nn.Sequential(*layers)
+        self.avgpool = nn.AdaptiveAvgPool2d(pooled)
+        self.classifier = nn.Sequential(
+            nn.Linear(c_in * pooled * pooled, hidden),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(hidden, num_classes),
+        )
+        _torchvision_init(self, 0.01)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
 ZOO = {
     "mobilenet_v3_small": MobileNetV3Small,
     "squeezenet1_1": SqueezeNet11,
     "shufflenet_v2_x0_5": ShuffleNetV2,
+    "resnet18": ResNet18,
+    "mobilenet_v2": MobileNetV2,
+    "mobilenet_v2_x0_25": MobileNetV2Quarter,
+    "vgg_small_bn": VGGSmall,
 }
+#: The deep networks of issue 14 (``benchmarks/deep_nets.py``).
+DEEP = ("resnet18", "mobilenet_v2", "mobilenet_v2_x0_25", "vgg_small_bn")
 
 
 def gather_batch_norm_statistics(model: nn.Module, x: torch.Tensor, passes: int = 3) -> None:
@@ -302,13 +496,33 @@ def gather_batch_norm_statistics(model: nn.Module, x: torch.Tensor, passes: int 
     model.eval()
 
 
+def digits_images(start: int, count: int, size: int = 32) -> np.ndarray:
+    """scikit-learn's 8x8 digits ``start .. start + count``, upscaled to ``size x size``
+    (nearest neighbour), on three identical channels, standardized with the whole
+    set's mean and deviation: ``(count, 3, size, size)`` float64."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images
+    images = (images - images.mean()) / images.std()
+    chosen = images[start : start + count]
+    if len(chosen) < count:
+        raise ValueError(f"digits has {len(images)} images; asked for {start}..{start + count}")
+    index = np.arange(size) * 8 // size
+    upscaled = chosen[:, index][:, :, index]
+    return np.repeat(upscaled[:, None], 3, axis=1)
+
+
 def build(
-    name: str, seed: int = 0, n_data: int = 64, size: int = 32
+    name: str, seed: int = 0, n_data: int = 64, size: int = 32, data: str = "noise"
 ) -> tuple[nn.Module, np.ndarray]:
-    """A zoo model with random weights and batch-norm statistics from random images, and
-    those images (``(n_data, 3, size, size)`` float64)."""
+    """A zoo model with random weights and batch-norm statistics from ``n_data`` images,
+    and those images (``(n_data, 3, size, size)`` float64): seeded normal noise
+    (``data="noise"``) or the first digits (``data="digits"``, :func:`digits_images`)."""
     torch.manual_seed(seed)
     model = ZOO[name]()
-    x = np.random.default_rng(seed).normal(size=(n_data, 3, size, size))
+    if data == "digits":
+        x = digits_images(0, n_data, size)
+    else:
+        x = np.random.default_rng(seed).normal(size=(n_data, 3, size, size))
     gather_batch_norm_statistics(model, torch.as_tensor(x, dtype=torch.float32))
     return model, x
