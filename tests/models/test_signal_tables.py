@@ -133,7 +133,8 @@ def test_tables_keeping_enough_bits_are_not_widened() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
     x = np.random.default_rng(0).normal(size=(200, 8))
-    qm = compile_torch_model(model, x, n_bits=6, compile=False)
+    # no budget: the default table width of 6-bit activations (7 bits), not widened
+    qm = compile_torch_model(model, x, n_bits=6, accumulator_bits=None, compile=False)
     assert signal_table_bits(qm.program, x) == {}
     assert [t.index_bits for t in _tables(qm.program)] == [7]
 
