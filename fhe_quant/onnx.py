@@ -32,7 +32,7 @@ from fhe_quant.frontends.onnx import MAX_OPSET, MIN_OPSET, load_onnx, onnx_to_gr
 from fhe_quant.model import QuantizedModule, post_training_module
 from fhe_quant.passes import simplify
 from fhe_quant.quant.config import chain_default, default_calibration
-from fhe_quant.quant.ptq import check_calibration_data, is_chain
+from fhe_quant.quant.ptq import check_calibration_data, is_dense_chain
 
 __all__ = ["compile_onnx_model", "load_onnx", "MIN_OPSET", "MAX_OPSET"]
 
@@ -77,7 +77,7 @@ def compile_onnx_model(
     graph = None
     if accumulator_bits == "auto":
         graph = onnx_to_graph(model, check_calibration_data(np.asarray(X_calib), None))
-        accumulator_bits = chain_default(accumulator_bits, is_chain(simplify(graph)))
+        accumulator_bits = chain_default(accumulator_bits, is_dense_chain(simplify(graph)))
     return post_training_module(
         lambda x: graph if graph is not None else onnx_to_graph(model, x),
         X_calib,

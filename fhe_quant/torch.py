@@ -29,7 +29,7 @@ from fhe_quant.qat_module import QATModule
 from fhe_quant.qat_prepare import NotAQATModuleError, compile_qat_model, prepare_qat
 from fhe_quant.passes import simplify
 from fhe_quant.quant.config import chain_default, default_calibration
-from fhe_quant.quant.ptq import check_calibration_data, is_chain
+from fhe_quant.quant.ptq import check_calibration_data, is_dense_chain
 
 __all__ = [
     "compile_torch_model",
@@ -93,9 +93,10 @@ def compile_torch_model(
             unless ``rounding_bits`` is given and activation codes no wider than the
             tables (see :class:`~fhe_quant.quant.config.QuantConfig`); digits MLP at
             ``n_bits=6``: 11-bit accumulators, complexity 5.9e10 (10x less than
-            ``None``). Chain models only: a branching one (residual adds,
-            concatenations, max pooling, products) keeps ``None``, which
-            ``result.quantized.config`` records
+            ``None``). Dense chain models only: a branching one (residual adds,
+            concatenations, max pooling, products) or one with convolutions or average
+            pooling keeps ``None`` (:func:`~fhe_quant.quant.ptq.is_dense_chain` says
+            why), which ``result.quantized.config`` records
             (:func:`~fhe_quant.quant.config.chain_default`). ``None``: no bound (weights rounded to nearest; the behaviour
             before the default changed).
         p_error: error probability of each table lookup (``None``: Concrete's default).
@@ -142,7 +143,7 @@ def compile_torch_model(
     graph = None
     if accumulator_bits == "auto":
         graph = trace_module(module, check_calibration_data(np.asarray(X_calib), None))
-        accumulator_bits = chain_default(accumulator_bits, is_chain(simplify(graph)))
+        accumulator_bits = chain_default(accumulator_bits, is_dense_chain(simplify(graph)))
     return post_training_module(
         lambda x: graph if graph is not None else trace_module(module, x),
         X_calib,

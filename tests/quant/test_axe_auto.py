@@ -279,3 +279,29 @@ def test_auto_config_falls_back_on_a_max_pool_of_a_residual_sum_with_the_reason(
     with warnings.catch_warnings():  # no warning when nothing is bounded
         warnings.simplefilter("error")
         compile_torch_model(_PooledSum().eval(), x, n_bits=5, compile=False)
+
+
+def test_the_default_budget_is_for_dense_chains_only() -> None:
+    # A convolution reads all its pixels through one input quantizer; with outlier pixels
+    # (per-pixel standardized digits reach 36 standard deviations) the 4-bit tables of
+    # "auto" lost 46 points, so a convolutional chain keeps no budget by default.
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    dense = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 4))
+    conv = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(36, 4)
+    )
+    x_dense, x_conv = rng.normal(size=(200, 16)), rng.normal(size=(200, 1, 8, 8))
+    assert ptq.is_dense_chain(simplify(trace_module(dense, x_dense)))
+    assert not ptq.is_dense_chain(simplify(trace_module(conv, x_conv)))
+    by_default = compile_torch_model(dense, x_dense, n_bits=6, compile=False)
+    assert by_default.quantized.config.accumulator_bits == "auto"
+    conv_default = compile_torch_model(conv, x_conv, n_bits=6, compile=False)
+    assert conv_default.quantized.config.accumulator_bits is None
+    assert conv_default.quantized.config.calibration == "minmax"
+    # an explicit width still applies to a convolutional chain
+    asked = compile_torch_model(conv, x_conv, n_bits=6, accumulator_bits=12, compile=False)
+    assert asked.quantized.config.accumulator_bits == 12
+    assert max(s.acc_bits for s in asked.program.steps if isinstance(s, LinearStep)) <= 12
+    codes = asked.program.input_quantizer.quantize(x_conv[:32])
+    assert np.array_equal(asked.program(codes), asked.program(codes, NUMPY))
