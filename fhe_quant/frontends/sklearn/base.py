@@ -7,7 +7,9 @@ names, so no module of the frontend imports another that imports it back.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import warnings
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,7 +18,7 @@ from scipy.special import expit
 
 from fhe_quant.ir import Graph
 
-__all__ = ["SklearnGraph", "OUTPUT_FUNCTIONS", "Converter"]
+__all__ = ["SklearnGraph", "OUTPUT_FUNCTIONS", "Converter", "moved_names"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,3 +109,21 @@ OUTPUT_FUNCTIONS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
 #: A converter reads a fitted estimator and returns its :class:`SklearnGraph`; it raises
 #: :class:`~fhe_quant.errors.UnsupportedOpError` naming any option it cannot compile.
 Converter = Callable[[Any], SklearnGraph]
+
+
+def moved_names(module: str, moved: Mapping[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for names that moved out of ``module``: each name of
+    ``moved`` resolves on use from its new module (``importlib``, so the frontend does not
+    depend on the later stage that now holds it), with a ``DeprecationWarning``."""
+
+    def resolve(name: str) -> Any:
+        if name in moved:
+            warnings.warn(
+                f"{module}.{name} moved to {moved[name]}.{name}; import it from there.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return getattr(importlib.import_module(moved[name]), name)
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    return resolve

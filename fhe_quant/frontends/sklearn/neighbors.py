@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from fhe_quant import errors
+from fhe_quant.frontends.sklearn.base import moved_names
 from fhe_quant.specs import KNNSpec
 
 __all__ = ["check_knn_options", "knn_spec"]
@@ -33,18 +34,7 @@ MOVED: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    # NOTE: a deprecated alias resolved on use (importlib), so that this frontend module
-    # does not depend on the later stages it used to hold code of.
-    if name in MOVED:
-        warnings.warn(
-            f"fhe_quant.frontends.sklearn.neighbors.{name} moved to {MOVED[name]}.{name}; "
-            "import it from there.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_names(__name__, MOVED)
 
 
 def check_knn_options(model: Any) -> None:

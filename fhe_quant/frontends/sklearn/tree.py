@@ -37,6 +37,7 @@ from sklearn import tree as _tree
 from sklearn.base import is_classifier
 
 from fhe_quant.errors import TraceError, UnsupportedOpError
+from fhe_quant.frontends.sklearn.base import moved_names
 from fhe_quant.ir import describe_mismatch
 from fhe_quant.specs import TreeEnsemble
 
@@ -68,18 +69,7 @@ MOVED: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    # NOTE: a deprecated alias resolved on use (importlib), so that this frontend module
-    # does not depend on the later stages it used to hold code of.
-    if name in MOVED:
-        warnings.warn(
-            f"fhe_quant.frontends.sklearn.tree.{name} moved to {MOVED[name]}.{name}; "
-            "import it from there.",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(importlib.import_module(MOVED[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = moved_names(__name__, MOVED)
 
 
 #: The scikit-learn tree models this module converts.
