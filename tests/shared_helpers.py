@@ -14,24 +14,31 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
+import torch
+from torch import nn
 
-from fhe_quant.lower import NUMPY, IntegerProgram
+from fhe_quant.lower import IntegerProgram
 
 # --------------------------------------------------------------------------- programs
 
 
+class ProductShuffle(nn.Module):
+    """A product of two encrypted tensors and a channel shuffle (a ProductStep and a
+    GatherStep once lowered), from 4 features to 2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(t)) * torch.sigmoid(self.b(t))
+        shuffled = h.view(-1, 2, 3).transpose(1, 2).reshape(-1, 6)
+        return self.c(torch.relu(shuffled))
+
+
 def all_values(program: IntegerProgram, q: np.ndarray) -> list[np.ndarray]:
     """Every value the program computes (index 0: the input), as the program runs it."""
-    values = [q]
-    for step in program.steps:
-        inputs = getattr(step, "inputs", ()) or (len(values) - 1,)
-        operand = (
-            tuple(values[i] for i in inputs)
-            if getattr(step, "multi_operand", False)
-            else values[inputs[0]]
-        )
-        values.append(np.asarray(step(operand, NUMPY)))
-    return values
+    return [np.asarray(value) for value in program.values(q)]
 
 
 def extreme_codes(module: Any, rng: np.random.Generator, n: int) -> np.ndarray:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from shared_helpers import ProductShuffle
 from torch import nn
 
 from fhe_quant.errors import UnsupportedOpError
@@ -240,16 +241,6 @@ def _concat() -> nn.Module:
 
 
 def _product_and_shuffle() -> nn.Module:
-    class ProductShuffle(nn.Module):  # a ProductStep and a GatherStep
-        def __init__(self) -> None:
-            super().__init__()
-            self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
-
-        def forward(self, t: torch.Tensor) -> torch.Tensor:
-            h = torch.relu(self.a(t)) * torch.sigmoid(self.b(t))
-            shuffled = h.view(-1, 2, 3).transpose(1, 2).reshape(-1, 6)
-            return self.c(torch.relu(shuffled))
-
     torch.manual_seed(5)
     return ProductShuffle()
 

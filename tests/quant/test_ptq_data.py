@@ -12,7 +12,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from shared_helpers import assert_same_data, through_json
+from shared_helpers import ProductShuffle, assert_same_data, through_json
 from torch import nn
 
 from fhe_quant.errors import InputError, UnsupportedOpError
@@ -41,17 +41,6 @@ class _Concat(nn.Module):
         return self.c(torch.cat([torch.relu(self.a(t)), torch.tanh(self.b(t))], dim=1))
 
 
-class _ProductShuffle(nn.Module):  # a product and a gather
-    def __init__(self) -> None:
-        super().__init__()
-        self.a, self.b, self.c = nn.Linear(4, 6), nn.Linear(4, 6), nn.Linear(6, 2)
-
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        h = torch.relu(self.a(t)) * torch.sigmoid(self.b(t))
-        shuffled = h.view(-1, 2, 3).transpose(1, 2).reshape(-1, 6)
-        return self.c(torch.relu(shuffled))
-
-
 def _model(kind: str) -> tuple[nn.Module, np.ndarray]:
     torch.manual_seed(3)
     x = np.random.default_rng(0).normal(size=(120, 4))
@@ -68,7 +57,7 @@ def _model(kind: str) -> tuple[nn.Module, np.ndarray]:
         "concat": (_Concat(), x),
         "maxpool": (pool, images),
         "avgpool": (avg, images),
-        "product": (_ProductShuffle(), x),
+        "product": (ProductShuffle(), x),
     }[kind]
 
 
